@@ -1,0 +1,40 @@
+"""smd-dist: all-pairs soft matching distance between neural representations.
+
+Arrays are (stimuli, neurons): a neuron's tuning curve is a column.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("smd-dist")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+from smd_dist.metrics import (
+    linear_cka,
+    permutation_distance,
+    procrustes_distance,
+    soft_matching,
+    soft_matching_distance,
+    soft_matching_score,
+)
+from smd_dist.metrics.soft_matching import SoftMatchingResult
+from smd_dist.store import ActivationStore
+from smd_dist.extract import extract
+from smd_dist.engine import compute_distances
+from smd_dist.results import open_distances
+
+__all__ = [
+    "__version__",
+    "ActivationStore",
+    "SoftMatchingResult",
+    "compute_distances",
+    "extract",
+    "linear_cka",
+    "open_distances",
+    "permutation_distance",
+    "procrustes_distance",
+    "soft_matching",
+    "soft_matching_distance",
+    "soft_matching_score",
+]

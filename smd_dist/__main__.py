@@ -1,0 +1,3 @@
+from smd_dist.cli import main
+
+main()

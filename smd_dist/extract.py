@@ -1,0 +1,2 @@
+"""Placeholder: being written."""
+def extract(*a, **k): raise NotImplementedError

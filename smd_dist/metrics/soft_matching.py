@@ -1,0 +1,2 @@
+class SoftMatchingResult:  # placeholder
+    pass

@@ -1,0 +1,2 @@
+"""Placeholder: being written."""
+def open_distances(*a, **k): raise NotImplementedError

@@ -1,0 +1,3 @@
+"""Placeholder: being written."""
+class ActivationStore:  # replaced by the store developer
+    pass
