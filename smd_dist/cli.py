@@ -17,15 +17,324 @@ def main() -> None:
 
 
 # --- run / status / info / config (engine) ---------------------------------------------
+@main.command("run")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+def run(config_path: str, no_progress: bool) -> None:
+    """Compute every pair named by the run CONFIG (YAML) and write the labeled matrix.
+
+    Exits 0 when every pair succeeded, 1 when some pairs failed (they are recorded in the
+    output with their errors; a rerun retries only them), 2 on bad input or config.
+    """
+    from smd_dist.config import ConfigError, check_keys, load_run_config
+    from smd_dist.engine import RunReport, compute_distances
+
+    try:
+        cfg = load_run_config(config_path)
+        prep = cfg.get("preprocessing") or {}
+        check_keys(prep, ("center", "normalize"), where="preprocessing")
+        report = RunReport(0, 0, 0)
+        ds = compute_distances(
+            cfg["store"],
+            reps=cfg.get("reps"),
+            metrics=cfg.get("metrics") or ("soft_matching",),
+            output=cfg["output"],
+            resume=cfg.get("resume", True),
+            center=prep.get("center"),
+            normalize=prep.get("normalize", "default"),
+            device=cfg.get("device"),
+            cluster=cfg.get("cluster"),
+            progress=not no_progress,
+            run_config=cfg,
+            report=report,
+        )
+    except (ConfigError, ValueError, OSError) as err:
+        click.echo(f"smd-dist run: error: {err}", err=True)
+        sys.exit(2)
+    names = [str(v) for v in ds.data_vars if "kind" in ds[v].attrs]
+    click.echo(
+        f"{report.n_pairs} pairs of {report.n_reps} reps: {report.n_done_before} already done, "
+        f"{report.n_computed} computed in {report.seconds:.1f} s; metrics {', '.join(names)}; "
+        f"output {cfg['output']}"
+    )
+    if report.failed:
+        click.echo(f"{len(report.failed)} pair result(s) failed:", err=True)
+        for line in report.failed:
+            click.echo(f"  {line}", err=True)
+        sys.exit(1)
+
+
+@main.command("status")
+@click.argument("output", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(output: str, as_json: bool) -> None:
+    """How many pairs of OUTPUT are done, which failed, and whether a run holds it."""
+    import json
+
+    from smd_dist.engine import output_status
+
+    try:
+        info = output_status(output)
+    except ValueError as err:
+        click.echo(f"smd-dist status: error: {err}", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"output      {info['path']}")
+    click.echo(f"store       {info['store']}")
+    click.echo(f"metrics     {', '.join(info['metrics'] or [])}")
+    click.echo(f"pairs       {info['pairs_with_results']} of {info['pairs_total']} have results")
+    click.echo(f"failed      {len(info['failed'])}")
+    for line in info["failed"]:
+        click.echo(f"  {line}")
+    if info["incomplete_parts"]:
+        click.echo(f"incomplete  {len(info['incomplete_parts'])} ledger part(s) from an interrupted write")
+    running = info["running"]
+    click.echo(
+        "running     " + (f"pid {running['pid']} on {running['host']} since {running['since']}"
+                          if running else "no")
+    )
+    click.echo(f"assembled   {'yes' if info['assembled'] else 'no (run not finished)'}")
+
+
+@main.command("info")
+def info() -> None:
+    """Versions, devices, metrics and where configuration comes from."""
+    import platform
+
+    import torch
+
+    from smd_dist import __version__, metrics
+    from smd_dist.config import DEFAULTS_PATH
+
+    click.echo(f"smd-dist {__version__} on Python {platform.python_version()}")
+    click.echo(f"torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}")
+    click.echo(f"metrics: {', '.join(metrics.available())}")
+    click.echo(f"defaults: {DEFAULTS_PATH} (override in ~/.config/dask/*.yaml or DASK_SMD_DIST__*)")
+
+
+@main.command("config")
+def show_config() -> None:
+    """Print the effective ``smd-dist`` configuration (defaults, user files, environment)."""
+    import dask.config
+    import yaml
+
+    import smd_dist.config  # noqa: F401  (registers the package defaults)
+
+    click.echo(yaml.safe_dump({"smd-dist": dask.config.get("smd-dist")}, sort_keys=False))
+
 
 
 # --- extract / demo (store) ------------------------------------------------------------
 
 
+def _load_torch_model(spec: str):
+    """``package.module:factory`` (called with no arguments unless it is a module already)
+    or a file saved with ``torch.save(model)`` / ``torch.jit.save``."""
+    import importlib
+    import os
+    import warnings
+    import zipfile
+
+    import torch
+
+    if os.path.isfile(spec):
+        if zipfile.is_zipfile(spec) and any(
+            name.endswith("constants.pkl") for name in zipfile.ZipFile(spec).namelist()
+        ):
+            with warnings.catch_warnings():  # TorchScript is deprecated but still loads
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return torch.jit.load(spec, map_location="cpu")
+        # A pickled full module runs arbitrary code on load: only for the user's own files.
+        return torch.load(spec, map_location="cpu", weights_only=False)
+    if ":" not in spec:
+        raise click.BadParameter(
+            f"{spec!r} is neither a file nor 'package.module:factory'", param_hint="--model"
+        )
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise click.BadParameter(f"cannot load {spec!r}: {err}", param_hint="--model") from err
+    model = obj if isinstance(obj, torch.nn.Module) else obj()
+    if not isinstance(model, torch.nn.Module):
+        raise click.BadParameter(
+            f"{spec!r} gave a {type(model).__name__}, not a torch.nn.Module", param_hint="--model"
+        )
+    return model
+
+
+@main.command("extract")
+@click.argument("store", required=False, type=click.Path())
+@click.option("--model", "model_spec", required=True,
+              help="package.module:factory, or a file from torch.save / torch.jit.save.")
+@click.option("--inputs", type=click.Path(exists=True, dir_okay=False),
+              help="A .npy array of stimuli, first axis = stimuli.")
+@click.option("--layer", "-l", "layers", multiple=True,
+              help="Module path as in model.named_modules() (repeat, or comma-separate).")
+@click.option("--name", "model_name", help="Model name in the store.")
+@click.option("--pooling", type=click.Choice(["flatten", "mean"]), default="flatten",
+              show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: leave the model)")
+@click.option("--ids", "ids_file", type=click.Path(exists=True, dir_okay=False),
+              help="Text file with one stimulus id per line.")
+@click.option("--overwrite", is_flag=True, help="Replace reps that already exist.")
+@click.option("--list-layers", is_flag=True, help="Print the model's module paths and exit.")
+def extract_command(store, model_spec, inputs, layers, model_name, pooling, batch_size, device,
+                    ids_file, overwrite, list_layers):
+    """Extract activations of a torch model's layers on a .npy stimulus array into STORE."""
+    import numpy as np
+
+    from smd_dist.extract import ExtractionError, extract
+    from smd_dist.store import ActivationStore, StoreError
+
+    model = _load_torch_model(model_spec)
+    if list_layers:
+        for name, module in model.named_modules():
+            if name:
+                click.echo(f"{name}\t{type(module).__name__}")
+        return
+    missing = [opt for opt, val in (("STORE", store), ("--inputs", inputs), ("--layer", layers),
+                                    ("--name", model_name)) if not val]
+    if missing:
+        raise click.UsageError(f"missing {', '.join(missing)}")
+    layer_names = [part.strip() for item in layers for part in item.split(",") if part.strip()]
+    x = np.load(inputs, mmap_mode="r")
+    ids = None
+    if ids_file:
+        with open(ids_file, encoding="utf-8") as f:
+            ids = [line.rstrip("\n") for line in f if line.strip()]
+        if len(ids) != len(x):
+            raise click.UsageError(f"{ids_file} has {len(ids)} ids, {inputs} has {len(x)} stimuli")
+    batches = [
+        np.array(x[i : i + batch_size], dtype=np.float32) for i in range(0, len(x), batch_size)
+    ]
+    try:
+        records = extract(model, batches, layers=layer_names, store=ActivationStore(store),
+                          model_name=model_name, pooling=pooling, device=device,
+                          stimulus_ids=ids, overwrite=overwrite)
+    except (StoreError, ExtractionError) as err:
+        raise click.ClickException(str(err)) from err
+    for rec in records:
+        click.echo(f"{rec.rep_id}\t{rec.n_stimuli} x {rec.n_neurons}\t{rec.content_hash[:19]}")
+
+
+@main.group("demo")
+def demo_group() -> None:
+    """The offline demo stores (digits CNNs and MiniLM-L6)."""
+
+
+@demo_group.command("build")
+@click.argument("path", type=click.Path(file_okay=False))
+@click.option("--small", is_flag=True, help="Reduced build for tests (seconds, not minutes).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def demo_build_command(path, small, quiet):
+    """Build PATH/digits and PATH/minilm, two activation stores, offline and seeded."""
+    from smd_dist.demo import build_demo
+    from smd_dist.store import StoreError
+
+    try:
+        result = build_demo(path, small=small, progress=not quiet, log=click.echo)
+    except StoreError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(
+        f"built in {result.seconds:.0f} s: {result.digits} ({result.n_reps['digits']} reps), "
+        f"{result.minilm} ({result.n_reps['minilm']} reps)"
+    )
+
+
 # --- plot (analysis) -------------------------------------------------------------------
 
 
+@main.command("plot")
+@click.argument("results", type=click.Path(exists=True))
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option(
+    "--metric", default=None, help="Metric variable (default: the only one, else soft_matching)."
+)
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    type=click.Choice(["heatmap", "mds", "dendrogram"]),
+    help="Figures to draw (repeatable; default all three).",
+)
+@click.option("--reps", multiple=True, help="Glob on 'model/layer' (repeatable).")
+@click.option("--models", multiple=True, help="Glob on the model name (repeatable).")
+@click.option("--layers", multiple=True, help="Glob on the layer name (repeatable).")
+@click.option(
+    "--mds",
+    "mds_method",
+    type=click.Choice(["metric", "classical"]),
+    default="metric",
+    show_default=True,
+)
+@click.option("--linkage", default="average", show_default=True, help="scipy linkage method.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["png", "svg", "pdf"]), default="png", show_default=True
+)
+@click.option("--dpi", type=int, default=150, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Metric MDS seed.")
+def plot(
+    results, outdir, metric, kinds, reps, models, layers, mds_method, linkage, fmt, dpi, seed
+) -> None:
+    """Draw a heatmap, an MDS scatter and a dendrogram of a results store into OUTDIR."""
+    from pathlib import Path
+
+    from smd_dist import analysis
+    from smd_dist.results import open_distances
+
+    try:
+        ds = open_distances(results)
+        ds = analysis.select(ds, reps or None, models=models or None, layers=layers or None)
+        name = str(analysis.dissimilarity(ds, metric).name)
+        out = Path(outdir)
+        written = []
+        for kind in kinds or ("heatmap", "mds", "dendrogram"):
+            path = out / f"{name}_{kind}.{fmt}"
+            if kind == "heatmap":
+                analysis.plot_heatmap(ds, path, metric=name, dpi=dpi)
+            elif kind == "mds":
+                if mds_method == "metric":
+                    emb = analysis.metric_mds(ds, metric=name, random_state=seed)
+                else:
+                    emb = analysis.classical_mds(ds, metric=name)
+                analysis.plot_mds(emb, path, dpi=dpi)
+            else:
+                analysis.plot_dendrogram(
+                    analysis.cluster(ds, metric=name, method=linkage), path, dpi=dpi
+                )
+            written.append(path)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    for path in written:
+        click.echo(str(path))
+
+
 # --- cluster (slurm) -------------------------------------------------------------------
+@main.group("cluster")
+def cluster_group() -> None:
+    """The Dask cluster a run config describes (local, address or SLURM)."""
+
+
+@cluster_group.command("job-script")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+def cluster_job_script(config_path: str) -> None:
+    """Print the SLURM batch script that the run CONFIG (YAML) would submit per job.
+
+    Needs no SLURM: the scheduler's address, known only at run time, is a placeholder.
+    Exits 2 on a bad config or a cluster kind other than slurm.
+    """
+    from smd_dist.cluster import job_script, read_cluster_section
+    from smd_dist.config import ConfigError
+
+    try:
+        click.echo(job_script(read_cluster_section(config_path)), nl=False)
+    except (ConfigError, OSError) as err:
+        click.echo(f"smd-dist cluster job-script: error: {err}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,179 @@
+"""Benchmark the all-pairs engine against the loop a user would write, in one run.
+
+Workload: 16 reps (widths 256–2048, M = 2000 stimuli) in the three regimes of
+:mod:`smd_dist.synthetic`, written to a temporary store. Measured, in this process:
+
+(a) naive loop — for each pair: read both reps, centre, ``ot.dist``, ``ot.emd2`` with a cap
+    high enough to be exact, one pair after another;
+(b) this engine on a LocalCluster with 1 and with 2 single-threaded worker processes
+    (cluster start-up excluded, reading and preparing the reps included);
+(c) the limit — per pair, the fastest exact solve available for it (``ot.emd2``, scipy's
+    ``linear_sum_assignment`` where widths allow, this package's kernel), each timed alone
+    on a precomputed cost, plus one float32 cross product; summed and divided by the cores.
+
+Prints the times, the ratios (a)/(b), (b)/(c), the 2-worker parallel efficiency, the
+per-pair scheduling overhead, the values' agreement with (a), and peak worker memory.
+
+Usage: ``python scripts/bench_engine.py [--quick] [--skip-naive]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import numpy as np
+import ot
+import torch
+from scipy.optimize import linear_sum_assignment
+
+import smd_dist
+from smd_dist import synthetic
+from smd_dist.store import ActivationStore
+
+torch.set_num_threads(1)
+
+FULL = [
+    ("latent", 256), ("latent", 512), ("latent", 1024), ("latent", 2048),
+    ("permuted", 256), ("permuted", 512), ("permuted", 1024), ("permuted", 256),
+    ("redundant", 256), ("redundant", 512), ("redundant", 1024), ("redundant", 2048),
+    ("latent", 256), ("permuted", 512), ("redundant", 256), ("latent", 512),
+]
+QUICK = [("latent", 128), ("permuted", 128), ("redundant", 256), ("latent", 256),
+         ("permuted", 256), ("redundant", 128)]
+
+
+def build_store(path: Path, spec, n_stimuli: int) -> ActivationStore:
+    """One family of reps per regime (shared structure within a regime)."""
+    store = ActivationStore(path, mode="w")
+    for regime in synthetic.REGIMES:
+        members = [(k, w) for k, (r, w) in enumerate(spec) if r == regime]
+        arrays = synthetic.family(regime, [w for _, w in members], n_stimuli=n_stimuli, seed=7)
+        for (k, width), x in zip(members, arrays, strict=True):
+            store.write(f"{regime}-{k}", f"w{width}", x.astype(np.float32))
+    return store
+
+
+def naive_loop(store: ActivationStore) -> tuple[dict, float]:
+    records = store.list()
+    values = {}
+    start = time.perf_counter()
+    for i, a in enumerate(records):
+        for b in records[i + 1:]:
+            x = store.read(a.model, a.layer).astype(np.float64)
+            y = store.read(b.model, b.layer).astype(np.float64)
+            x -= x.mean(0)
+            y -= y.mean(0)
+            cost = ot.dist(x.T, y.T)
+            wa = np.full(x.shape[1], 1 / x.shape[1])
+            wb = np.full(y.shape[1], 1 / y.shape[1])
+            values[(a.rep_id, b.rep_id)] = math.sqrt(max(ot.emd2(wa, wb, cost, numItermax=10**9), 0))
+    return values, time.perf_counter() - start
+
+
+def limit(store: ActivationStore, cores: int) -> tuple[float, int]:
+    """Σ over pairs of (fastest exact solve + one float32 product) / cores."""
+    records = store.list()
+    arrays = {}
+    for r in records:
+        x = store.read(r.model, r.layer).astype(np.float64)
+        arrays[r.rep_id] = x - x.mean(0)
+    total = 0.0
+    wins = {}
+    for i, a in enumerate(records):
+        for b in records[i + 1:]:
+            x, y = arrays[a.rep_id], arrays[b.rep_id]
+            t0 = time.perf_counter()
+            torch.from_numpy(x.astype(np.float32)).T @ torch.from_numpy(y.astype(np.float32))
+            product = time.perf_counter() - t0
+            cost = ot.dist(x.T, y.T)
+            times = {}
+            t0 = time.perf_counter()
+            ot.emd2(np.full(x.shape[1], 1 / x.shape[1]), np.full(y.shape[1], 1 / y.shape[1]),
+                    cost, numItermax=10**9)
+            times["emd2"] = time.perf_counter() - t0
+            if x.shape[1] == y.shape[1]:
+                t0 = time.perf_counter()
+                linear_sum_assignment(cost)
+                times["lsa"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            smd_dist.soft_matching(x, y, center=False)
+            times["kernel"] = time.perf_counter() - t0 - product
+            best = min(times, key=times.get)
+            wins[best] = wins.get(best, 0) + 1
+            total += max(times[best], 0.0) + product
+    return total / cores, wins
+
+
+def run_engine(store: ActivationStore, n_workers: int, output: Path):
+    from distributed import Client, LocalCluster
+
+    from smd_dist.cluster import SINGLE_THREAD_ENV
+
+    os.environ.update(SINGLE_THREAD_ENV)
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                      dashboard_address=":0", memory_limit="8GB") as cluster, Client(cluster) as client:
+        client.run(lambda: torch.set_num_threads(1))
+        start = time.perf_counter()
+        ds = smd_dist.compute_distances(store, output=output, client=client, progress=False)
+        seconds = time.perf_counter() - start
+        peak = max(client.run(_peak_rss).values())
+    return ds, seconds, peak
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small workload (about a minute)")
+    parser.add_argument("--skip-naive", action="store_true", help="skip (a)")
+    args = parser.parse_args(argv)
+    spec = QUICK if args.quick else FULL
+    n_stimuli = 500 if args.quick else 2000
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        store = build_store(tmp / "store", spec, n_stimuli)
+        n_pairs = len(spec) * (len(spec) - 1) // 2
+        print(f"workload: {len(spec)} reps, widths {sorted({w for _, w in spec})}, "
+              f"M = {n_stimuli}, {n_pairs} pairs, {cores} cores")
+        ds1, t1, peak1 = run_engine(store, 1, tmp / "out1")
+        ds2, t2, peak2 = run_engine(store, 2, tmp / "out2")
+        lim, wins = limit(store, cores)
+        seconds = ds2["soft_matching_seconds"].values
+        kernel_total = float(np.nansum(np.triu(seconds, 1)))
+        print(f"(b) engine, 1 worker : {t1:8.2f} s   peak worker RSS {peak1 / 2**20:7.0f} MiB")
+        print(f"(b) engine, 2 workers: {t2:8.2f} s   peak worker RSS {peak2 / 2**20:7.0f} MiB")
+        print(f"(c) limit            : {lim:8.2f} s   fastest solver per pair: {wins}")
+        print(f"parallel efficiency (2 workers): {t1 / (2 * t2):.2f}")
+        overhead = (2 * t2 - kernel_total) / n_pairs
+        print(f"scheduling + I/O overhead per pair: {overhead * 1e3:.1f} ms "
+              f"({100 * (2 * t2 - kernel_total) / (2 * t2):.1f} % of worker time)")
+        print(f"(b, 2 workers) / (c): {t2 / lim:.2f}")
+        assert ds1["soft_matching"].values.tobytes() == ds2["soft_matching"].values.tobytes()
+        if not args.skip_naive:
+            values, tn = naive_loop(store)
+            worst = max(
+                abs(ds2["soft_matching"].sel(rep_a=a, rep_b=b).item() - v) / max(v, 1e-300)
+                for (a, b), v in values.items()
+            )
+            print(f"(a) naive loop       : {tn:8.2f} s")
+            print(f"speed-up (a)/(b, 2 workers): {tn / t2:.2f}x   (a)/(b, 1 worker): {tn / t1:.2f}x")
+            print(f"max relative difference engine vs naive: {worst:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

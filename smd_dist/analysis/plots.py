@@ -1,0 +1,224 @@
+"""Figures: distance heatmap, MDS scatter, dendrogram (matplotlib, Agg, no pyplot state).
+
+Every function returns the :class:`matplotlib.figure.Figure` and, given a path ending in
+``.png``, ``.svg`` or ``.pdf``, writes it there at ``figsize * dpi`` pixels (no tight bbox,
+so the size is what was asked for).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from smd_dist.analysis._matrix import dissimilarity, rep_coords
+from smd_dist.analysis.clustering import Clustering
+from smd_dist.analysis.embedding import Embedding
+
+_FORMATS = (".png", ".svg", ".pdf")
+
+
+def plot_heatmap(
+    ds: xr.Dataset | xr.DataArray,
+    path: str | Path | None = None,
+    *,
+    metric: str | None = None,
+    order: Sequence[str] | None = None,
+    cmap: str = "viridis",
+    figsize: tuple[float, float] | None = None,
+    dpi: int = 150,
+    max_labels: int = 80,
+    title: str | None = None,
+):
+    """Heatmap of one metric with layer tick labels, model names and lines between models.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset or xarray.DataArray
+        Results Dataset (or one metric) with dims ``(rep_a, rep_b)``. The matrix is checked
+        as in :func:`smd_dist.analysis.dissimilarity` but drawn in its own units (a score is
+        drawn as a score).
+    path : str or Path, optional
+        Write the figure here (``.png``, ``.svg`` or ``.pdf``).
+    metric : str, optional
+        Metric variable of the Dataset.
+    order : sequence of str, optional
+        Rep ids in the order to draw (e.g. ``Clustering.leaves``). Default: Dataset order,
+        models in blocks and layers in depth order.
+    max_labels : int, default 80
+        Above this many reps the per-layer tick labels are left out.
+    """
+    D = dissimilarity(ds, metric)
+    name = str(D.name)
+    da = ds[name] if isinstance(ds, xr.Dataset) else ds
+    if order is not None:
+        order = [str(r) for r in order]
+        missing = sorted(set(order) ^ set(str(r) for r in D["rep_a"].values))
+        if missing:
+            raise ValueError(f"order must list every rep exactly once; differs at {missing[:5]}")
+        da = da.sel(rep_a=order, rep_b=order)
+        D = D.sel(rep_a=order, rep_b=order)
+    coords = rep_coords(D)
+    models, layers = coords["model"][1], coords["layer"][1]
+    n = len(models)
+    if figsize is None:
+        side = float(np.clip(3.0 + 0.22 * n, 5.0, 20.0))
+        figsize = (side + 1.2, side)
+    fig, ax = _figure(figsize)
+    image = ax.imshow(np.asarray(da.values, dtype=float), cmap=cmap, interpolation="nearest")
+    cbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    cbar.set_label(name)
+    if n <= max_labels:
+        ticks = np.arange(n)
+        ax.set_xticks(ticks, layers, rotation=90, fontsize=7)
+        ax.set_yticks(ticks, layers, fontsize=7)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    spans = _runs(models)
+    for start, _, _ in spans[1:]:
+        ax.axhline(start - 0.5, color="white", linewidth=1.2)
+        ax.axvline(start - 0.5, color="white", linewidth=1.2)
+    centres = [(a + b - 1) / 2 for a, b, _ in spans]
+    names = [m for _, _, m in spans]
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(centres, names, rotation=90, fontsize=8)
+    right = ax.secondary_yaxis("right")
+    right.set_yticks(centres, names, fontsize=8)
+    ax.set_title(title or f"{name} ({n} representations)", pad=40)
+    return _finish(fig, path, dpi)
+
+
+def plot_mds(
+    embedding: Embedding,
+    path: str | Path | None = None,
+    *,
+    components: tuple[int, int] = (1, 2),
+    figsize: tuple[float, float] = (7.0, 6.0),
+    dpi: int = 150,
+    annotate: bool = True,
+    title: str | None = None,
+):
+    """MDS scatter, one colour per model, each model's layers joined in depth order.
+
+    Depth order is the order the reps appear in the results (the store's order). The first
+    layer of each model is drawn as a hollow square; with ``annotate`` the first and last
+    layers are named.
+    """
+    Z = embedding.coords
+    comps = [int(c) for c in Z["component"].values]
+    for c in components:
+        if c not in comps:
+            raise ValueError(f"component {c} not in the embedding (has {comps})")
+    x = Z.sel(component=components[0]).values
+    y = Z.sel(component=components[1]).values
+    models = [str(m) for m in Z["model"].values]
+    layers = [str(v) for v in Z["layer"].values]
+    fig, ax = _figure(figsize)
+    colours = _colours(_unique(models))
+    for model, colour in colours.items():
+        idx = [i for i, m in enumerate(models) if m == model]
+        ax.plot(x[idx], y[idx], "-", color=colour, alpha=0.6, linewidth=1.2)
+        ax.scatter(x[idx], y[idx], color=colour, s=28, label=model, zorder=3)
+        ax.scatter(
+            x[idx[0]], y[idx[0]], s=90, marker="s", facecolors="none", edgecolors=colour, zorder=3
+        )
+        if annotate:
+            for i in {idx[0], idx[-1]}:
+                ax.annotate(
+                    layers[i], (x[i], y[i]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
+    if len(colours) <= 20:
+        ax.legend(fontsize=7, loc="best", frameon=False)
+    ax.set_xlabel(f"MDS {components[0]}")
+    ax.set_ylabel(f"MDS {components[1]}")
+    ax.set_aspect("equal", adjustable="datalim")
+    what = _distance_label(embedding.metric, embedding.coords.attrs.get("source_kind"))
+    ax.set_title(title or f"{embedding.method} MDS of {what} (stress {embedding.stress:.3f})")
+    return _finish(fig, path, dpi)
+
+
+def plot_dendrogram(
+    clustering: Clustering,
+    path: str | Path | None = None,
+    *,
+    figsize: tuple[float, float] | None = None,
+    dpi: int = 150,
+    title: str | None = None,
+):
+    """Dendrogram with leaf labels ``model/layer`` coloured by model."""
+    from scipy.cluster import hierarchy
+
+    n = len(clustering.labels)
+    if figsize is None:
+        figsize = (float(np.clip(2.0 + 0.25 * n, 6.0, 24.0)), 5.0)
+    fig, ax = _figure(figsize)
+    hierarchy.dendrogram(
+        clustering.linkage,
+        labels=list(clustering.labels),
+        ax=ax,
+        leaf_rotation=90,
+        leaf_font_size=7 if n <= 80 else 4,
+        color_threshold=0,
+        above_threshold_color="0.3",
+    )
+    models = dict(zip(clustering.labels, clustering.clusters["model"].values, strict=True))
+    colours = _colours(_unique([str(models[r]) for r in clustering.labels]))
+    for label in ax.get_xticklabels():
+        label.set_color(colours.get(str(models.get(label.get_text(), "")), "black"))
+    ax.set_ylabel(_distance_label(clustering.metric, clustering.clusters.attrs.get("source_kind")))
+    ax.set_title(
+        title
+        or f"{clustering.method} linkage, cophenetic r = {clustering.cophenetic_correlation:.3f}"
+    )
+    return _finish(fig, path, dpi)
+
+
+def _distance_label(metric: str, source_kind: str | None) -> str:
+    # Similarities were turned into sqrt(2 - 2 s) before embedding or clustering.
+    return f"sqrt(2 - 2 {metric})" if source_kind == "similarity" else metric
+
+
+def _figure(figsize):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _finish(fig, path, dpi):
+    if path is not None:
+        path = Path(path)
+        if path.suffix.lower() not in _FORMATS:
+            raise ValueError(f"figure path {str(path)!r} must end in one of {list(_FORMATS)}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def _runs(values: Sequence[str]) -> list[tuple[int, int, str]]:
+    """Maximal runs of equal consecutive values as (start, stop, value)."""
+    runs: list[tuple[int, int, str]] = []
+    for i, v in enumerate(values):
+        if runs and runs[-1][2] == v:
+            runs[-1] = (runs[-1][0], i + 1, v)
+        else:
+            runs.append((i, i + 1, v))
+    return runs
+
+
+def _unique(values: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def _colours(names: Sequence[str]) -> dict[str, tuple]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20" if len(names) <= 20 else "turbo"]
+    if cmap.N < 256:
+        return {m: cmap(i % cmap.N) for i, m in enumerate(names)}
+    return {m: cmap(i / max(len(names) - 1, 1)) for i, m in enumerate(names)}

@@ -1,0 +1,737 @@
+"""Dask clusters from config: a local machine, an existing scheduler, or SLURM.
+
+The run config's ``cluster:`` mapping chooses the kind; package defaults live in dask.config
+under ``smd-dist.cluster`` (see ``smd_dist.yaml``). Keys may be spelt with ``-`` or ``_``.
+
+``kind: local`` (default)
+    A :class:`distributed.LocalCluster` sized to the machine: ``n-workers`` worker processes
+    (default one per core), one thread each, ``memory-limit`` each (default ``auto``: the
+    machine's memory divided among the workers).
+``kind: address``
+    A :class:`distributed.Client` connected to the scheduler at ``address``.
+``kind: slurm``
+    A :class:`dask_jobqueue.SLURMCluster`. Resources come from dask-jobqueue's own
+    ``jobqueue.slurm`` config section, so a site's ``jobqueue.yaml`` applies unchanged; any
+    of ``cores``, ``memory``, ``processes``, ``walltime``, ``queue`` (or ``partition``),
+    ``account``, ``job-extra-directives``, ``job-script-prologue``, ``worker-extra-args``,
+    ``interface``, ``local-directory``, ``log-directory``, ``python``, ``death-timeout``,
+    ``job-cpu``, ``job-mem`` given here replaces the jobqueue value. ``lifetime``,
+    ``lifetime-stagger`` and ``lifetime-restart`` add the worker options of the same names,
+    so workers retire before the walltime, one at a time. Size: ``jobs: N`` (fixed) or
+    ``adapt: {minimum: A, maximum: B}`` (in jobs).
+
+Every worker runs its numerical libraries single-threaded (BLAS, OpenMP, torch): one worker
+process per core is the unit of parallelism, and results must not depend on thread counts.
+
+A fixed-size SLURM cluster stays at its size: a job that leaves SLURM's queue (walltime,
+pre-emption, ``scancel``, a worker retiring at the end of its lifetime) is replaced. When
+the cluster closes, every job it ever submitted is cancelled, and closing waits (bounded)
+until none is listed by ``squeue`` any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import dask.config
+from dask.utils import parse_bytes, parse_timedelta
+from distributed import Client
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from smd_dist.config import ConfigError, check_keys, suggest
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("local", "address", "slurm")
+
+#: Environment that keeps BLAS, OpenMP and friends to one thread in every worker process.
+SINGLE_THREAD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "VECLIB_MAXIMUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+}
+
+# Keys of the run config's ``cluster:`` mapping, by the kind that reads them. A config may
+# carry keys of other kinds (the same file serves a laptop and SLURM by changing ``kind``);
+# keys of no kind are refused.
+LOCAL_KEYS = {
+    "n-workers": "worker processes (default: one per core)",
+    "threads-per-worker": "threads per worker process (default 1)",
+    "memory-limit": "memory per worker: auto, bytes ('4GB'), or a fraction of the machine",
+    "dashboard-address": "dashboard address (':8787'; ':0' picks a free port; null: none)",
+    "local-directory": "workers' scratch folder",
+}
+ADDRESS_KEYS = {"address": "scheduler address, e.g. tcp://10.0.0.5:8786"}
+# Keys passed to dask-jobqueue as they are; unset ones come from ``jobqueue.slurm``.
+SLURM_JOBQUEUE_KEYS = {
+    "cores": "cores per job",
+    "memory": "memory per job, e.g. '16GB'",
+    "processes": "worker processes per job (default: one per core)",
+    "walltime": "job walltime, e.g. '02:00:00'",
+    "queue": "SLURM partition (-p)",
+    "account": "SLURM account (-A)",
+    "job-extra-directives": "extra #SBATCH lines, e.g. ['--gres=gpu:1']",
+    "job-script-prologue": "shell lines run before the worker starts",
+    "worker-extra-args": "extra dask worker options",
+    "interface": "network interface of scheduler and workers, e.g. ib0",
+    "local-directory": "workers' scratch folder on the node",
+    "log-directory": "folder for the jobs' output files",
+    "python": "python executable on the nodes (default: this one)",
+    "death-timeout": "seconds a worker waits for an unreachable scheduler",
+    "job-cpu": "--cpus-per-task if it differs from cores",
+    "job-mem": "--mem if it differs from memory",
+    "name": "job name (-J) and worker name prefix",
+}
+SLURM_KEYS = {
+    **SLURM_JOBQUEUE_KEYS,
+    "partition": "alias of queue",
+    "lifetime": "workers retire after this long, e.g. '55m' (keep it below walltime)",
+    "lifetime-stagger": "random spread of lifetimes, e.g. '5m', so workers leave one by one",
+    "lifetime-restart": "restart a retired worker inside the same job (bool)",
+    "jobs": "fixed number of jobs; lost jobs are replaced",
+    "adapt": "{minimum: A, maximum: B} jobs, instead of a fixed number",
+    "dashboard-address": "dashboard address of the scheduler (':8787')",
+    "check-interval": "how often lost jobs are looked for, e.g. '10s'",
+    "close-timeout": "how long closing waits for the jobs to leave squeue, e.g. '60s'",
+}
+VALID_KEYS = {"kind": "local | address | slurm", **LOCAL_KEYS, **ADDRESS_KEYS, **SLURM_KEYS}
+ADAPT_KEYS = {"minimum": "fewest jobs", "maximum": "most jobs"}
+
+# Stands in for the scheduler's address, known only once a cluster starts.
+SCHEDULER_PLACEHOLDER = "tcp://<insert-scheduler-address-here>:8786"
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def resolve_config(cluster_config: Mapping[str, Any] | None = None) -> dict:
+    """Merge a run config's ``cluster:`` mapping over the defaults and validate it.
+
+    Parameters
+    ----------
+    cluster_config
+        The ``cluster:`` mapping of a run config, or ``None`` for the defaults
+        (``smd-dist.cluster`` in dask.config).
+
+    Returns
+    -------
+    dict
+        Keys spelt with ``-``; ``partition`` folded into ``queue``.
+
+    Raises
+    ------
+    ConfigError
+        An unknown kind or key (with the closest valid one), or a value of the wrong type.
+    """
+    if cluster_config is None:
+        cluster_config = {}
+    if not isinstance(cluster_config, Mapping):
+        raise ConfigError(
+            f"cluster config must be a mapping of keys to values, "
+            f"got {type(cluster_config).__name__}: {cluster_config!r}"
+        )
+    user = _normalize_keys(cluster_config)
+    check_keys(user, VALID_KEYS, where="cluster config")
+    defaults = _normalize_keys(dask.config.get("smd-dist.cluster", default={}) or {})
+    cfg = {**{k: v for k, v in defaults.items() if k in VALID_KEYS}, **user}
+
+    kind = cfg.get("kind") or "local"
+    if kind not in KINDS:
+        raise ConfigError(
+            f"unknown cluster kind {kind!r}{suggest(kind, KINDS)}; "
+            f"valid kinds: {', '.join(KINDS)}"
+        )
+    cfg["kind"] = kind
+
+    if "partition" in user:
+        if user.get("queue") not in (None, user["partition"]):
+            raise ConfigError(
+                f"cluster config sets both queue {user['queue']!r} and partition "
+                f"{user['partition']!r}; they are the same setting, give one"
+            )
+        cfg["queue"] = cfg.pop("partition")
+    cfg.pop("partition", None)
+
+    _check_values(cfg)
+    if kind == "address" and not cfg.get("address"):
+        raise ConfigError("cluster kind 'address' needs 'address', e.g. tcp://10.0.0.5:8786")
+    return cfg
+
+
+def read_cluster_section(path: str | os.PathLike) -> dict:
+    """The ``cluster:`` mapping of a run config file (``{}`` when it has none).
+
+    Checks the file's top-level keys like :func:`smd_dist.config.load_run_config` but does
+    not require ``store`` or ``output``, so a file holding only a cluster section works.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, not YAML, not a mapping, or has unknown keys.
+    """
+    import yaml
+
+    from smd_dist.config import RUN_CONFIG_KEYS
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"run config {str(path)!r} does not exist")
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"run config {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(cfg, dict):
+        raise ConfigError(
+            f"run config {str(path)!r} must be a mapping of keys to values, "
+            f"got {type(cfg).__name__}"
+        )
+    check_keys(cfg, RUN_CONFIG_KEYS, where=f"run config {str(path)!r}")
+    section = cfg.get("cluster") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(
+            f"'cluster' in run config {str(path)!r} must be a mapping, got {section!r}"
+        )
+    return section
+
+
+def _normalize_keys(mapping: Mapping) -> dict:
+    out = {}
+    for key, value in mapping.items():
+        norm = str(key).replace("_", "-")
+        if norm in out:
+            raise ConfigError(f"cluster config gives {norm!r} twice (as {key!r} too)")
+        out[norm] = value
+    return out
+
+
+def _positive_int(cfg: dict, key: str, *, minimum: int = 1) -> None:
+    value = cfg.get(key)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"cluster {key!r} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_values(cfg: dict) -> None:
+    for key in ("n-workers", "threads-per-worker", "cores", "processes", "job-cpu"):
+        _positive_int(cfg, key)
+    _positive_int(cfg, "jobs", minimum=0)
+    for key in ("memory", "job-mem"):
+        if cfg.get(key) is not None:
+            try:
+                parse_bytes(cfg[key])
+            except (ValueError, TypeError) as err:
+                raise ConfigError(
+                    f"cluster {key!r} must be an amount of memory such as '16GB', "
+                    f"got {cfg[key]!r}"
+                ) from err
+    limit = cfg.get("memory-limit")
+    if limit not in (None, "auto", 0) and not isinstance(limit, float):
+        try:
+            parse_bytes(limit)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(
+                f"cluster 'memory-limit' must be 'auto', an amount such as '4GB', or a "
+                f"fraction of the machine's memory, got {limit!r}"
+            ) from err
+    for key in ("lifetime", "lifetime-stagger", "check-interval", "close-timeout"):
+        if cfg.get(key) is not None:
+            try:
+                parse_timedelta(cfg[key])
+            except (ValueError, TypeError, KeyError) as err:
+                raise ConfigError(
+                    f"cluster {key!r} must be a duration such as '55m' or '30s', "
+                    f"got {cfg[key]!r}"
+                ) from err
+    if cfg.get("lifetime-restart") not in (None, True, False):
+        raise ConfigError(
+            f"cluster 'lifetime-restart' must be true or false, got {cfg['lifetime-restart']!r}"
+        )
+    for key in ("job-extra-directives", "job-script-prologue", "worker-extra-args"):
+        value = cfg.get(key)
+        if isinstance(value, str):
+            cfg[key] = [value]
+        elif value is not None and not (
+            isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        ):
+            raise ConfigError(f"cluster {key!r} must be a list of strings, got {value!r}")
+    adapt = cfg.get("adapt")
+    if adapt is not None:
+        if not isinstance(adapt, Mapping):
+            raise ConfigError(
+                f"cluster 'adapt' must be a mapping {{minimum: A, maximum: B}}, got {adapt!r}"
+            )
+        check_keys(adapt, ADAPT_KEYS, where="cluster 'adapt'")
+        lo, hi = adapt.get("minimum", 0), adapt.get("maximum")
+        for name, value in (("minimum", lo), ("maximum", hi)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(
+                    f"cluster 'adapt' {name} must be an integer >= 0, got {value!r}"
+                )
+        if hi < max(lo, 1):
+            raise ConfigError(
+                f"cluster 'adapt' maximum ({hi}) must be at least 1 and at least "
+                f"minimum ({lo})"
+            )
+
+
+# --- workers: single-threaded numerics ------------------------------------------------------
+
+
+def _limit_threads() -> int:
+    """Hold BLAS/OpenMP/torch to one thread in this process; return torch's thread count."""
+    os.environ.update(SINGLE_THREAD_ENV)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency of scikit-learn, usually present
+        pass
+    else:
+        threadpool_limits(1)
+    # torch reads OMP_NUM_THREADS when first imported; only a torch already loaded needs
+    # telling (importing it here would cost every worker seconds at start-up).
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return 1
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before the first inter-op parallel work
+        pass
+    return torch.get_num_threads()
+
+
+class SingleThreaded(WorkerPlugin):
+    """Worker plugin: one thread for BLAS, OpenMP and torch, in the event loop and in tasks.
+
+    The environment variables (:data:`SINGLE_THREAD_ENV`) are set before a worker process
+    starts where smd-dist starts it; this plugin also covers workers started by others
+    (``kind: address``) and threads created later.
+    """
+
+    name = "smd-dist-single-threaded"
+
+    async def setup(self, worker) -> None:
+        _limit_threads()
+        # torch keeps its thread count per OS thread: also set it in the task threads.
+        loop = asyncio.get_running_loop()
+        executor = worker.executors.get("default")
+        if executor is not None:
+            await loop.run_in_executor(executor, _limit_threads)
+
+
+# --- local ---------------------------------------------------------------------------------
+
+
+def _make_local(cfg: dict):
+    from dask.system import CPU_COUNT
+    from distributed import LocalCluster
+
+    n_workers = cfg.get("n-workers") or CPU_COUNT
+    kwargs: dict[str, Any] = {
+        "n_workers": n_workers,
+        "threads_per_worker": cfg.get("threads-per-worker") or 1,
+        "processes": True,
+        "memory_limit": cfg.get("memory-limit", "auto"),
+    }
+    if "dashboard-address" in cfg:
+        kwargs["dashboard_address"] = cfg["dashboard-address"]
+    if cfg.get("local-directory"):
+        kwargs["local_directory"] = cfg["local-directory"]
+    # The nanny applies pre-spawn-environ before the worker process imports numpy or torch,
+    # and keeps it for restarts.
+    env = {**dask.config.get("distributed.nanny.pre-spawn-environ", default={})}
+    env.update(SINGLE_THREAD_ENV)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+        return LocalCluster(**kwargs)
+
+
+# --- slurm ---------------------------------------------------------------------------------
+
+
+def _jobqueue(key: str) -> Any:
+    import dask_jobqueue  # noqa: F401  - registers the jobqueue config defaults
+
+    return dask.config.get(f"jobqueue.slurm.{key}", default=None)
+
+
+def slurm_job_kwargs(cfg: Mapping[str, Any]) -> dict:
+    """Keyword arguments for :class:`dask_jobqueue.SLURMCluster` / ``SLURMJob``.
+
+    Keys set in ``cfg`` replace the ``jobqueue.slurm`` values; the rest are left to
+    dask-jobqueue, which reads ``jobqueue.slurm`` itself. Two additions: ``processes``
+    defaults to ``cores`` (single-threaded workers) when neither sets it, and the job
+    script exports :data:`SINGLE_THREAD_ENV` before the workers start.
+
+    Raises
+    ------
+    ConfigError
+        ``cores`` or ``memory`` set neither here nor in ``jobqueue.slurm``.
+    """
+    kwargs: dict[str, Any] = {}
+    for key in SLURM_JOBQUEUE_KEYS:
+        if cfg.get(key) is not None:
+            kwargs[key.replace("-", "_")] = cfg[key]
+    if cfg.get("name") is not None:
+        # dask-jobqueue's ``name`` keyword names the cluster; the job name is job_name.
+        kwargs["job_name"] = kwargs.pop("name")
+
+    cores = kwargs.get("cores", _jobqueue("cores"))
+    memory = kwargs.get("memory", _jobqueue("memory"))
+    missing = [k for k, v in (("cores", cores), ("memory", memory)) if v is None]
+    if missing:
+        raise ConfigError(
+            f"cluster kind 'slurm' needs {' and '.join(repr(m) for m in missing)} per job: "
+            f"set them in the run config's cluster section or in dask-jobqueue's "
+            f"jobqueue.slurm config (e.g. ~/.config/dask/jobqueue.yaml)"
+        )
+    if kwargs.get("processes") is None and _jobqueue("processes") is None:
+        kwargs["processes"] = int(cores)
+
+    extra_args = list(
+        cfg["worker-extra-args"]
+        if cfg.get("worker-extra-args") is not None
+        else _jobqueue("worker-extra-args") or []
+    )
+    if cfg.get("lifetime"):
+        extra_args += ["--lifetime", str(cfg["lifetime"])]
+        if cfg.get("lifetime-stagger"):
+            extra_args += ["--lifetime-stagger", str(cfg["lifetime-stagger"])]
+        if cfg.get("lifetime-restart"):
+            extra_args.append("--lifetime-restart")
+    elif cfg.get("lifetime-stagger") or cfg.get("lifetime-restart"):
+        raise ConfigError(
+            "cluster 'lifetime-stagger' and 'lifetime-restart' need 'lifetime', e.g. '55m'"
+        )
+    kwargs["worker_extra_args"] = extra_args
+
+    prologue = list(
+        cfg["job-script-prologue"]
+        if cfg.get("job-script-prologue") is not None
+        else _jobqueue("job-script-prologue") or []
+    )
+    prologue += [f"export {k}={v}" for k, v in SINGLE_THREAD_ENV.items()]
+    kwargs["job_script_prologue"] = prologue
+    return kwargs
+
+
+def job_script(cluster_config: Mapping[str, Any] | None) -> str:
+    """The batch script a ``kind: slurm`` cluster would submit for each job.
+
+    Needs neither SLURM nor a running scheduler: the scheduler's address appears as
+    ``tcp://<insert-scheduler-address-here>:8786`` and each job's worker name as
+    ``dummy-name``, as in :meth:`dask_jobqueue.SLURMCluster.job_script`.
+
+    Raises
+    ------
+    ConfigError
+        The config is invalid, or its kind is not ``slurm``.
+    """
+    cfg = resolve_config(cluster_config)
+    if cfg["kind"] != "slurm":
+        raise ConfigError(
+            f"a job script exists only for cluster kind 'slurm'; this config has kind "
+            f"{cfg['kind']!r}"
+        )
+    from dask_jobqueue.slurm import SLURMJob
+
+    kwargs = slurm_job_kwargs(cfg)
+    if cfg.get("interface") is None and _jobqueue("interface") is None:
+        kwargs.pop("interface", None)
+    try:
+        job = SLURMJob(SCHEDULER_PLACEHOLDER, name="dummy-name", **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"cluster config cannot make a SLURM job: {err}") from err
+    return job.job_script()
+
+
+def _slurm_cluster_class():
+    """Build the SLURMCluster subclass lazily, so importing smd_dist needs no dask-jobqueue."""
+    global _SLURM_CLASS
+    if _SLURM_CLASS is not None:
+        return _SLURM_CLASS
+
+    from dask_jobqueue import SLURMCluster
+    from distributed.core import Status
+    from distributed.deploy.cluster import Cluster
+    from tornado.ioloop import PeriodicCallback
+
+    class KeptSLURMCluster(SLURMCluster):
+        """SLURMCluster that replaces lost jobs and leaves no job behind when it closes.
+
+        SLURM's queue is the truth about a job: a job that has left ``squeue`` (walltime,
+        pre-emption, ``scancel``, its workers retired) is dropped and, at a fixed size,
+        replaced. dask's own rule (a worker that disconnected for
+        ``distributed.deploy.lost-worker-timeout``) is switched off: it cannot see jobs of
+        several worker processes, and it would cancel a replacement that reuses the lost
+        job's name before that replacement connects.
+
+        Only job ids are kept, never lost job objects: ``SpecCluster.close`` asserts that
+        every job object still alive has been closed.
+        """
+
+        def __init__(
+            self,
+            *,
+            keep_jobs: int | None = None,
+            check_interval: float = 10.0,
+            close_timeout: float = 60.0,
+            **kwargs,
+        ):
+            self._keep_jobs = keep_jobs
+            self._check_interval = check_interval
+            self._close_timeout = close_timeout
+            self._job_ids: list[str] = []
+            self._replaced: list[str] = []
+            self._checking = None
+            super().__init__(**kwargs)
+            self.loop.add_callback(self._start_checking)
+
+        @property
+        def job_ids(self) -> tuple[str, ...]:
+            """Ids of every job this cluster submitted, in order."""
+            self._note_job_ids()
+            return tuple(self._job_ids)
+
+        @property
+        def replaced_job_ids(self) -> tuple[str, ...]:
+            """Ids of the jobs that were found gone from SLURM and replaced or dropped."""
+            return tuple(self._replaced)
+
+        def _update_worker_status(self, op, msg):
+            # Skip SpecCluster's lost-worker rule (see the class docstring).
+            Cluster._update_worker_status(self, op, msg)
+
+        def _note_job_ids(self) -> None:
+            for job in list(self.workers.values()):
+                job_id = getattr(job, "job_id", None)
+                if job_id and job_id not in self._job_ids:
+                    self._job_ids.append(job_id)
+
+        def _start_checking(self) -> None:
+            if self.status in (Status.closing, Status.closed):
+                return
+            self._checking = PeriodicCallback(self._check, self._check_interval * 1000)
+            self._checking.start()
+
+        async def _check(self) -> None:
+            if self.status != Status.running:
+                return
+            self._note_job_ids()
+            # Only jobs submitted before squeue runs can be judged by its answer.
+            before = {
+                name: job.job_id
+                for name, job in self.workers.items()
+                if getattr(job, "job_id", None)
+            }
+            queued = await _squeue_ids()
+            if queued is None:  # squeue failed this time: decide nothing
+                return
+            lost = [
+                name
+                for name, job_id in before.items()
+                if job_id not in queued
+                and getattr(self.workers.get(name), "job_id", None) == job_id
+            ]
+            for name in lost:
+                job = self.workers.pop(name)
+                job_id = job.job_id
+                job.status = Status.closed
+                await job.close()  # scancel; harmless for a job already gone
+                del job
+                self._replaced.append(job_id)
+                logger.warning(
+                    "SLURM job %s (%s) is no longer queued or running%s",
+                    job_id,
+                    name,
+                    "; submitting a replacement" if self._keep_jobs else "",
+                )
+            if self._keep_jobs and (lost or len(self.workers) < self._keep_jobs):
+                self.scale(jobs=self._keep_jobs)
+            elif lost:
+                await self._correct_state()
+
+        async def _close(self):
+            if self._checking is not None:
+                self._checking.stop()
+                self._checking = None
+            self._note_job_ids()
+            ours = list(self._job_ids)
+            await super()._close()
+            await _cancel_and_wait(ours, timeout=self._close_timeout)
+
+    _SLURM_CLASS = KeptSLURMCluster
+    return KeptSLURMCluster
+
+
+_SLURM_CLASS = None
+
+
+async def _run(*cmd: str, timeout: float = 30.0) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return -1, f"{cmd[0]} timed out after {timeout} s"
+    return proc.returncode, out.decode(errors="replace")
+
+
+async def _squeue_ids() -> set[str] | None:
+    """Ids of this user's jobs that SLURM still lists (pending, running, completing)."""
+    code, out = await _run("squeue", "-h", "-o", "%i", "-u", getpass.getuser())
+    if code != 0:
+        logger.warning("squeue failed (%s): %s", code, out.strip())
+        return None
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
+async def _cancel_and_wait(job_ids: list[str], *, timeout: float) -> None:
+    """``scancel`` the jobs still listed and wait until ``squeue`` lists none of them."""
+    if not job_ids or shutil.which("squeue") is None:
+        return
+    deadline = time.monotonic() + timeout
+    cancelled = False
+    while True:
+        queued = await _squeue_ids()
+        left = sorted(set(job_ids) & queued) if queued is not None else job_ids
+        if not left:
+            return
+        if not cancelled:
+            await _run("scancel", *left)
+            cancelled = True
+        if time.monotonic() > deadline:
+            logger.warning(
+                "SLURM jobs %s still listed %.0f s after cancelling", left, timeout
+            )
+            return
+        # Cancelled jobs show as CG (completing) for a few seconds.
+        await asyncio.sleep(0.5)
+
+
+def _make_slurm(cfg: dict):
+    kwargs = slurm_job_kwargs(cfg)
+    scheduler_options = dict(_jobqueue("scheduler-options") or {})
+    if "dashboard-address" in cfg:
+        scheduler_options["dashboard_address"] = cfg["dashboard-address"]
+    adapt = cfg.get("adapt")
+    jobs = None if adapt is not None else cfg.get("jobs")
+    cls = _slurm_cluster_class()
+    try:
+        cluster = cls(
+            keep_jobs=jobs,
+            check_interval=parse_timedelta(cfg.get("check-interval") or "10s"),
+            close_timeout=parse_timedelta(cfg.get("close-timeout") or "60s"),
+            scheduler_options=scheduler_options,
+            **kwargs,
+        )
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"cluster config cannot make a SLURM cluster: {err}") from err
+    if adapt is not None:
+        cluster.adapt(minimum_jobs=adapt.get("minimum", 0), maximum_jobs=adapt["maximum"])
+    elif jobs:
+        cluster.scale(jobs=jobs)
+    return cluster
+
+
+# --- public --------------------------------------------------------------------------------
+
+
+def make_cluster(cluster_config: Mapping[str, Any] | None = None):
+    """Start the cluster a config describes (kinds ``local`` and ``slurm``).
+
+    Parameters
+    ----------
+    cluster_config
+        The run config's ``cluster:`` mapping; ``None`` for the defaults.
+
+    Returns
+    -------
+    distributed.LocalCluster or dask_jobqueue.SLURMCluster
+        Started; the caller closes it (``with make_cluster(cfg) as cluster:``). A SLURM
+        cluster has submitted its jobs (``jobs: N``) or started adapting; it does not wait
+        for them to start.
+
+    Raises
+    ------
+    ConfigError
+        An invalid config, or kind ``address`` (there is no cluster to start: use
+        :func:`make_client`).
+    """
+    cfg = resolve_config(cluster_config)
+    if cfg["kind"] == "local":
+        return _make_local(cfg)
+    if cfg["kind"] == "slurm":
+        return _make_slurm(cfg)
+    raise ConfigError(
+        f"cluster kind 'address' connects to the running scheduler at {cfg['address']!r}; "
+        f"there is no cluster to start (use make_client)"
+    )
+
+
+@contextmanager
+def make_client(
+    cluster_config: Mapping[str, Any] | None = None, *, quiet: bool = False
+) -> Iterator[Client]:
+    """A :class:`distributed.Client` on the cluster a config describes; closes both after.
+
+    Workers are made single-threaded (:class:`SingleThreaded`), the dashboard link is
+    printed to stderr unless ``quiet``, and on exit a cluster started here is closed: for
+    SLURM, every job it submitted is cancelled and gone from ``squeue``.
+
+    Parameters
+    ----------
+    cluster_config
+        The run config's ``cluster:`` mapping (``kind: local | address | slurm`` and that
+        kind's keys); ``None`` for the defaults (a local cluster sized to the machine).
+    quiet
+        Do not print the dashboard link.
+
+    Examples
+    --------
+    >>> with make_client({"kind": "local", "n-workers": 2}) as client:  # doctest: +SKIP
+    ...     client.submit(sum, [1, 2]).result()
+    3
+    """
+    cfg = resolve_config(cluster_config)
+    cluster = None if cfg["kind"] == "address" else make_cluster(cfg)
+    try:
+        with Client(cluster if cluster is not None else cfg["address"]) as client:
+            client.register_plugin(SingleThreaded(), name=SingleThreaded.name)
+            if not quiet:
+                where = {
+                    "local": f"local cluster, {len(client.scheduler_info()['workers'])} workers",
+                    "address": f"scheduler {cfg.get('address')}",
+                    "slurm": "SLURM cluster, " + _slurm_size(cfg),
+                }[cfg["kind"]]
+                print(
+                    f"smd-dist: {where}; dashboard {client.dashboard_link}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            yield client
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _slurm_size(cfg: dict) -> str:
+    adapt = cfg.get("adapt")
+    if adapt is not None:
+        return f"adapting between {adapt.get('minimum', 0)} and {adapt['maximum']} jobs"
+    return f"{cfg.get('jobs')} jobs"

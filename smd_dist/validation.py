@@ -1,0 +1,147 @@
+"""Input checks, one place: every array that reaches a metric passes through here first.
+
+Arrays are (stimuli M, neurons N): a neuron's tuning curve is a column. Each check raises
+``ValueError`` naming the problem, the array's label (for example ``"resnet18/layer3"``)
+and its shape, so a failure on a worker still says which pair was bad.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["check_array", "check_pair", "check_normalizable", "describe_indices"]
+
+
+def describe_indices(idx, *, limit: int = 8) -> str:
+    """Short list of indices for an error message: ``[0, 3, 7]`` or ``[0, 1, ... (+12 more)]``."""
+    idx = [int(i) for i in np.asarray(idx).ravel()]
+    head = ", ".join(str(i) for i in idx[:limit])
+    more = f", ... (+{len(idx) - limit} more)" if len(idx) > limit else ""
+    return f"[{head}{more}]"
+
+
+def check_array(X, *, name: str = "X") -> np.ndarray:
+    """Validate one (stimuli, neurons) activation matrix and return it as C-ordered float64.
+
+    Parameters
+    ----------
+    X : array_like, shape (M, N)
+        Stimuli in rows, neurons in columns. NumPy arrays, CPU torch tensors and nested
+        sequences are accepted.
+    name : str
+        Label used in error messages (``"model/layer"``).
+
+    Returns
+    -------
+    numpy.ndarray, shape (M, N), float64
+
+    Raises
+    ------
+    ValueError
+        Non-numeric dtype (strings, objects, booleans, complex), not 2-D, zero neurons,
+        fewer than 2 stimuli, or any NaN/Inf (the offending rows and columns are listed).
+    """
+    if hasattr(X, "detach") and hasattr(X, "cpu"):  # torch tensor on any device
+        X = X.detach().cpu().numpy()
+    arr = np.asarray(X)
+    shape = tuple(arr.shape)
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(
+            f"{name} has non-numeric dtype {arr.dtype} (shape {shape}); expected a real "
+            "integer or floating point array of shape (stimuli, neurons)"
+        )
+    if arr.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (stimuli, neurons), got {arr.ndim}-D array of shape {shape}"
+        )
+    m, n = shape
+    if n == 0:
+        raise ValueError(f"{name} has zero neurons (shape {shape})")
+    if m < 2:
+        raise ValueError(
+            f"{name} has {m} stimulus/stimuli (shape {shape}); at least 2 are needed"
+        )
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad_rows = np.flatnonzero(~finite.all(axis=1))
+        bad_cols = np.flatnonzero(~finite.all(axis=0))
+        kinds = []
+        if np.isnan(arr).any():
+            kinds.append("NaN")
+        if np.isinf(arr).any():
+            kinds.append("Inf")
+        raise ValueError(
+            f"{name} (shape {shape}) contains {'/'.join(kinds)} in stimulus rows "
+            f"{describe_indices(bad_rows)}, neuron columns {describe_indices(bad_cols)}"
+        )
+    return arr
+
+
+def check_pair(X, Y, *, names: tuple[str, str] = ("X", "Y")) -> tuple[np.ndarray, np.ndarray]:
+    """Validate two activation matrices that are to be compared.
+
+    Both must pass :func:`check_array` and have the same number of stimuli (rows).
+
+    Parameters
+    ----------
+    X, Y : array_like, shapes (M, Nx) and (M, Ny)
+        Stimuli in rows, neurons in columns.
+    names : tuple of str
+        Labels for messages, e.g. ``("resnet18/layer3", "vit/block4")``.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        Both as C-ordered float64.
+    """
+    name_x, name_y = names
+    X = check_array(X, name=name_x)
+    Y = check_array(Y, name=name_y)
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(
+            f"stimulus count mismatch: {name_x} has {X.shape[0]} stimuli (shape {X.shape}), "
+            f"{name_y} has {Y.shape[0]} stimuli (shape {Y.shape})"
+        )
+    return X, Y
+
+
+def check_normalizable(
+    X: np.ndarray, *, center: bool = True, normalize: str | None = None, name: str = "X"
+) -> None:
+    """Refuse neurons whose normalisation would divide by zero.
+
+    Parameters
+    ----------
+    X : numpy.ndarray, shape (M, N)
+        Stimuli in rows, neurons in columns (already passed :func:`check_array`).
+    center : bool
+        Whether the columns will be centred first (``"unit"`` then divides by the centred
+        norm; ``"zscore"`` always centres).
+    normalize : {None, "unit", "zscore"}
+        The normalisation that will be applied.
+    name : str
+        Label used in error messages.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``normalize`` or constant neurons, listing the offending columns.
+    """
+    if normalize not in (None, "unit", "zscore"):
+        raise ValueError(
+            f"normalize must be None, 'unit' or 'zscore', got {normalize!r}"
+        )
+    if normalize is None:
+        return
+    Z = X - X.mean(axis=0) if (center or normalize == "zscore") else X
+    scale = np.sqrt((Z * Z).sum(axis=0))
+    # A column whose spread is at rounding level of its magnitude is constant in all but name.
+    tiny = 64 * np.finfo(np.float64).eps * np.sqrt(X.shape[0]) * np.abs(X).max(axis=0)
+    bad = np.flatnonzero(scale <= tiny)
+    if bad.size:
+        what = "all-zero" if normalize == "unit" and not center else "constant"
+        raise ValueError(
+            f"{name} (shape {X.shape}) has {bad.size} {what} neuron(s) at columns "
+            f"{describe_indices(bad)}; normalize={normalize!r} would divide by zero"
+        )

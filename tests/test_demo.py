@@ -1,0 +1,89 @@
+"""The offline demo build (reduced size): layout, contents, and bit-identical rebuilds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from smd_dist.cli import main
+from smd_dist.demo import DIGITS_LAYERS, MINILM_LAYERS, SMALL, build_demo, load_sentences
+from smd_dist.store import ActivationStore
+
+
+@pytest.fixture(scope="module")
+def two_builds(tmp_path_factory):
+    """One small build through the Python API, one through the CLI."""
+    first = build_demo(tmp_path_factory.mktemp("demo") / "a", small=True, progress=False)
+    second = tmp_path_factory.mktemp("demo") / "b"
+    result = CliRunner().invoke(main, ["demo", "build", str(second), "--small", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "built in" in result.output
+    return first, second
+
+
+def hashes(path):
+    return [(r.rep_id, r.content_hash) for r in ActivationStore(path, mode="r").list()]
+
+
+@pytest.mark.slow
+def test_two_builds_give_identical_hashes(two_builds):
+    first, second = two_builds
+    for name in ("digits", "minilm"):
+        a, b = hashes(Path(first.digits).parent / name), hashes(second / name)
+        assert a and a == b, name
+
+
+@pytest.mark.slow
+def test_demo_layout_and_contents(two_builds):
+    first, _ = two_builds
+    root = Path(first.digits).parent
+    assert json.loads((root / "demo.json").read_text())["stores"] == {
+        "digits": "digits", "minilm": "minilm"}
+    assert first.small and first.seconds > 0
+
+    digits = ActivationStore(first.digits, mode="r")
+    models = sorted({r.model for r in digits.list()})
+    expected = sorted(
+        f"cnn-w{w}-s{s}{suffix}" for w in SMALL["widths"] for s in SMALL["seeds"]
+        for suffix in ("", "-untrained")
+    )
+    assert models == expected
+    assert {r.layer for r in digits.list()} == set(DIGITS_LAYERS.values())
+    assert digits.n_stimuli == SMALL["n_test"] == len(digits.stimulus_ids)
+    assert digits.stimulus_ids[0].startswith("d")
+    w = SMALL["widths"][0]
+    rec = digits.record(f"cnn-w{w}-s0", "conv1")
+    assert rec.n_neurons == 16 * w and rec.attrs["trained"] is True
+    assert rec.attrs["pooling"] == "flatten" and rec.attrs["module"] == "pool1"
+    assert digits.record(f"cnn-w{w}-s0", "logits").n_neurons == 10
+    untrained = digits.record(f"cnn-w{w}-s0-untrained", "conv1")
+    assert untrained.attrs["trained"] is False and untrained.content_hash != rec.content_hash
+
+    minilm = ActivationStore(first.minilm, mode="r")
+    assert sorted({r.model for r in minilm.list()}) == ["minilm-l6", "minilm-l6-random"]
+    assert {r.layer for r in minilm.list()} == set(MINILM_LAYERS)
+    assert {r.n_neurons for r in minilm.list()} == {384}
+    assert minilm.n_stimuli == SMALL["n_sentences"]
+    assert minilm.record("minilm-l6", "encoder.layer.5").attrs["pooling"] == "mean"
+    assert digits.verify().ok and minilm.verify().ok
+
+
+def test_shipped_sentences():
+    sentences, ids = load_sentences()
+    assert len(sentences) >= 300 and len(set(sentences)) == len(sentences)
+    assert len(set(ids)) == len(ids)
+    topics = {i.rsplit("-", 1)[0] for i in ids}
+    assert len(topics) >= 10
+    small, small_ids = load_sentences(40)
+    assert len(small) == 40 and len({i.rsplit("-", 1)[0] for i in small_ids}) >= 10
+
+
+def test_demo_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["demo", "build", str(tmp_path), "--small", "--quiet"])
+    assert result.exit_code != 0 and "not an smd-dist activation store" in result.output
+    assert (tmp_path / "digits" / "notes.txt").read_text() == "mine"

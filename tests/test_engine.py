@@ -1,0 +1,229 @@
+"""The all-pairs engine on a tiny store and an in-process Dask cluster."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import ot
+import pytest
+import xarray as xr
+from click.testing import CliRunner
+
+import smd_dist
+from smd_dist import engine, metrics
+from smd_dist.cli import main
+from smd_dist.engine import InputError, OutputLockedError, RunReport, compute_distances
+from smd_dist.results import IncompatibleOutputError, OutputError, open_distances
+from smd_dist.store import ActivationStore
+
+WIDTHS = {"net-a/conv.1": 6, "net-a/conv.2": 9, "net-b/features/0": 6, "net-b/fc": 12}
+M = 30
+
+
+def make_store(path, widths=WIDTHS, seed=0):
+    rng = np.random.default_rng(seed)
+    store = ActivationStore(path, mode="a")
+    latent = rng.standard_normal((M, 5))
+    for rep, width in widths.items():
+        model, layer = rep.split("/", 1)
+        weights = rng.standard_normal((5, width))
+        store.write(model, layer, latent @ weights + 0.3 * rng.standard_normal((M, width)))
+    return store
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture
+def store(tmp_path):
+    return make_store(tmp_path / "store")
+
+
+def test_matrix_matches_kernel_and_independent_ot(store, client, tmp_path):
+    ds = compute_distances(store, output=tmp_path / "out", client=client, progress=False)
+    d = ds["soft_matching"]
+    ids = list(WIDTHS)
+    assert list(d.rep_a.values) == sorted(ids)
+    np.testing.assert_array_equal(d.values, d.values.T)
+    assert np.all(np.diag(d.values) == 0)
+    for a in ids:
+        for b in ids:
+            if a >= b:
+                continue
+            xa = store.read(*a.split("/", 1)).astype(np.float64)
+            xb = store.read(*b.split("/", 1)).astype(np.float64)
+            assert d.sel(rep_a=a, rep_b=b).item() == smd_dist.soft_matching_distance(xa, xb)
+            xa, xb = xa - xa.mean(0), xb - xb.mean(0)
+            cost = ot.dist(xa.T, xb.T)
+            na, nb = xa.shape[1], xb.shape[1]
+            exact = ot.emd2(np.full(na, 1 / na), np.full(nb, 1 / nb), cost, numItermax=10**9)
+            assert d.sel(rep_a=a, rep_b=b).item() == pytest.approx(math.sqrt(exact), rel=1e-9)
+    assert ds["n_neurons_a"].sel(rep_a="net-b/fc").item() == 12
+    assert ds["model_b"].sel(rep_b="net-b/features/0").item() == "net-b"
+    assert ds["layer_b"].sel(rep_b="net-b/features/0").item() == "features/0"
+    assert set(ds.attrs["store_hashes"]) == set(ids)
+    assert ds.attrs["preprocessing"] == {"center": True, "normalize": None}
+    assert ds.attrs["n_failed_pairs"] == 0
+    json.dumps(ds.attrs)
+    opened = open_distances(tmp_path / "out")
+    xr.testing.assert_identical(opened["soft_matching"], d)
+    plain = xr.open_zarr(tmp_path / "out", consolidated=False)
+    np.testing.assert_array_equal(plain["soft_matching"].values, d.values)
+    opened.to_netcdf(tmp_path / "out.nc", engine="h5netcdf")
+
+
+def test_resume_computes_nothing_and_rerun_is_bit_identical(store, client, tmp_path):
+    first = compute_distances(store, output=tmp_path / "out", client=client, progress=False)
+    report = RunReport(0, 0, 0)
+    again = compute_distances(store, output=tmp_path / "out", client=client, progress=False,
+                              report=report)
+    assert report.n_computed == 0 and report.n_done_before == 6
+    np.testing.assert_array_equal(again["soft_matching"].values, first["soft_matching"].values)
+    fresh = compute_distances(store, output=tmp_path / "other", client=client, progress=False)
+    assert fresh["soft_matching"].values.tobytes() == first["soft_matching"].values.tobytes()
+
+
+def test_new_reps_compute_only_new_pairs(store, client, tmp_path):
+    compute_distances(store, output=tmp_path / "out", client=client, progress=False)
+    make_store(store.path, widths={"net-c/head": 7}, seed=5)
+    report = RunReport(0, 0, 0)
+    ds = compute_distances(store, output=tmp_path / "out", client=client, progress=False,
+                           report=report)
+    assert report.n_pairs == 10 and report.n_done_before == 6 and report.n_computed == 4
+    assert ds.sizes["rep_a"] == 5
+    assert not np.isnan(ds["soft_matching"].values).any()
+
+
+def test_selection_and_several_metrics_in_memory(store, client):
+    ds = compute_distances(store, reps=["net-a", "net-b/fc"], client=client, progress=False,
+                           metrics=["soft_matching", "permutation", "linear_cka"])
+    assert list(ds.rep_a.values) == ["net-a/conv.1", "net-a/conv.2", "net-b/fc"]
+    perm = ds["permutation"]
+    assert math.isnan(perm.sel(rep_a="net-a/conv.1", rep_b="net-a/conv.2").item())
+    assert ds["permutation_solver"].sel(rep_a="net-a/conv.1", rep_b="net-a/conv.2").item().startswith(
+        "undefined")
+    assert np.all(np.diag(ds["linear_cka"].values) == 1)
+    assert ds.attrs["n_failed_pairs"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"reps": ["net-z/*"]}, "matches no representation"),
+        ({"reps": ["net-a/conv.1"]}, "at least 2"),
+        ({"metrics": ["soft_matchng"]}, "soft_matching"),
+    ],
+)
+def test_bad_selection_or_metric_is_refused(store, client, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        compute_distances(store, client=client, progress=False, **kwargs)
+
+
+def test_bad_rep_is_refused_before_any_pair(tmp_path, client):
+    store = make_store(tmp_path / "store")
+    bad = np.random.default_rng(1).standard_normal((M, 4))
+    bad[:, 2] = 3.0
+    store.write("net-c", "flat", bad)
+    with pytest.raises(InputError, match=r"net-c/flat.*constant"):
+        compute_distances(store, output=tmp_path / "out", client=client, progress=False,
+                          normalize="unit")
+    latest, _, _ = smd_dist.results.ResultsOutput(tmp_path / "out").records()
+    assert latest == {}
+
+
+def test_failed_pair_is_recorded_and_retried_alone(store, client, tmp_path, monkeypatch):
+    real = metrics.get("soft_matching")
+
+    class Flaky:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def compute(self, xa, xb, **kw):
+            if xa.shape[1] == 12 or xb.shape[1] == 12:
+                raise RuntimeError("injected failure")
+            return real.compute(xa, xb, **kw)
+
+    monkeypatch.setattr(engine.metric_registry, "get", lambda name: Flaky() if name == "soft_matching" else metrics.get(name))
+    report = RunReport(0, 0, 0)
+    ds = compute_distances(store, output=tmp_path / "out", client=client, progress=False,
+                           report=report)
+    assert len(report.failed) == 3 and all("injected failure" in f for f in report.failed)
+    assert ds["soft_matching_error"].sel(rep_a="net-a/conv.1", rep_b="net-b/fc").item().startswith(
+        "RuntimeError")
+    assert not np.isnan(ds["soft_matching"].sel(rep_a="net-a/conv.1", rep_b="net-a/conv.2"))
+    monkeypatch.undo()
+    report = RunReport(0, 0, 0)
+    ds = compute_distances(store, output=tmp_path / "out", client=client, progress=False,
+                           report=report)
+    assert report.n_computed == 3 and report.failed == []
+    assert not np.isnan(ds["soft_matching"].values).any()
+
+
+def test_incompatible_output_is_refused(store, client, tmp_path):
+    compute_distances(store, output=tmp_path / "out", client=client, progress=False)
+    with pytest.raises(IncompatibleOutputError, match="normalize"):
+        compute_distances(store, output=tmp_path / "out", client=client, progress=False,
+                          normalize="zscore")
+
+
+def test_second_run_on_a_locked_output_is_refused(store, client, tmp_path):
+    with engine._output_lock(tmp_path / "out"):
+        with pytest.raises(OutputLockedError, match="another run"):
+            compute_distances(store, output=tmp_path / "out", client=client, progress=False)
+    compute_distances(store, output=tmp_path / "out", client=client, progress=False)
+
+
+def test_unwritable_or_full_output_is_refused_before_compute(store, client, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(OutputError, match="not writable"):
+        compute_distances(store, output=blocker / "out", client=client, progress=False)
+
+    class Usage:
+        free = 1000
+
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda path: Usage())
+    with pytest.raises(OutputError, match="MiB free"):
+        compute_distances(store, output=tmp_path / "out", client=client, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_wide_pair_is_refused_with_remedies(store, client, monkeypatch):
+    monkeypatch.setattr(engine, "pair_memory_bytes", lambda m, a, b: 10**15)
+    with pytest.raises(InputError, match="pooling"):
+        compute_distances(store, client=client, progress=False)
+
+
+def test_cli_run_and_status(store, tmp_path, monkeypatch):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"store: {store.path}\noutput: out\nmetrics: [soft_matching, linear_cka]\n"
+        "cluster: {kind: local, n-workers: 1}\n"
+    )
+    runner = CliRunner()
+    result = runner.invoke(main, ["run", str(cfg), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "6 pairs of 4 reps" in result.output
+    result = runner.invoke(main, ["status", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "6 of 6 have results" in result.output and "failed      0" in result.output
+    ds = open_distances(tmp_path / "out")
+    assert set(ds.attrs["metrics"]) == {"soft_matching", "linear_cka"}
+
+
+def test_cli_run_reports_config_errors(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("store: s\noutput: o\nmetrcs: [soft_matching]\n")
+    result = CliRunner().invoke(main, ["run", str(cfg)])
+    assert result.exit_code == 2 and "metrics" in result.output
+    cfg.write_text("store: [unclosed\n")
+    result = CliRunner().invoke(main, ["run", str(cfg)])
+    assert result.exit_code == 2 and "not valid YAML" in result.output

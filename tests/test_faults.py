@@ -1,0 +1,248 @@
+"""Faults during a run: killed workers, a killed driver, concurrent runs, corruption, failures.
+
+Each fault must cost only the time it cost: the final matrix is bit-identical to a clean
+run's, finished pairs are not computed again, and nothing is read as data that failed a
+checksum.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dask.config
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from smd_dist import engine, metrics
+from smd_dist.cli import main
+from smd_dist.engine import InputError, RunReport, compute_distances
+from smd_dist.results import CorruptOutputError, ResultsOutput, open_distances
+from smd_dist.store import ActivationStore
+
+pytestmark = pytest.mark.slow
+
+M = 400
+WIDTHS = [160, 200, 240, 160, 320, 200, 280, 240, 160, 320]
+
+
+def build_store(path: Path) -> ActivationStore:
+    rng = np.random.default_rng(42)
+    store = ActivationStore(path, mode="a")
+    latent = rng.standard_normal((M, 20))
+    for k, width in enumerate(WIDTHS):
+        x = latent @ rng.standard_normal((20, width)) + 0.5 * rng.standard_normal((M, width))
+        store.write(f"net{k // 3}", f"layer.{k % 3}", x)
+    return store
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory):
+    """A store and the matrix a clean in-memory run gives on it."""
+    from distributed import Client, LocalCluster
+
+    root = tmp_path_factory.mktemp("faults")
+    store = build_store(root / "store")
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        clean = compute_distances(store, client=client, progress=False)
+    return store, clean["soft_matching"].values
+
+
+N_PAIRS = len(WIDTHS) * (len(WIDTHS) - 1) // 2
+
+
+def write_config(path: Path, store: ActivationStore, output: Path, extra: str = "") -> Path:
+    path.write_text(
+        f"store: {store.path}\noutput: {output}\nmetrics: [soft_matching]\n"
+        f"cluster: {{kind: local, n-workers: 2}}\n{extra}"
+    )
+    return path
+
+
+def cli(*args, env_extra=None, **kwargs):
+    env = {**os.environ, "DASK_SMD_DIST__ENGINE__FLUSH_SECONDS": "0.2",
+           "DASK_SMD_DIST__ENGINE__SMALL_PAIR_NEURONS": "0", **(env_extra or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "smd_dist", *args], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs,
+    )
+
+
+def pairs_in_ledger(output: Path) -> int:
+    if not (output / "zarr.json").exists():
+        return 0
+    try:
+        latest, _, _ = ResultsOutput(output).records()
+    except Exception:
+        return 0
+    return len(latest)
+
+
+def test_worker_killed_mid_run_gives_identical_matrix(workload, tmp_path):
+    from distributed import Client, LocalCluster
+
+    store, clean = workload
+    output = tmp_path / "out"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+
+        def kill_one():
+            deadline = time.monotonic() + 60
+            while pairs_in_ledger(output) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.kill(pids[0], signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_one)
+        killer.start()
+        report = RunReport(0, 0, 0)
+        with dask.config.set({"smd-dist.engine.flush-seconds": 0.1,
+                              "smd-dist.engine.small-pair-neurons": 0}):
+            ds = compute_distances(store, output=output, client=client, progress=False,
+                                   report=report)
+        killer.join()
+        assert pids[0] not in client.run(os.getpid).values()
+    assert report.failed == []
+    assert report.n_records_written == N_PAIRS
+    assert ds["soft_matching"].values.tobytes() == clean.tobytes()
+
+
+def test_driver_killed_then_resume_recomputes_only_missing(workload, tmp_path):
+    store, clean = workload
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "run.yaml", store, output)
+    proc = cli("run", str(config), "--no-progress")
+    deadline = time.monotonic() + 120
+    while pairs_in_ledger(output) < 5 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = pairs_in_ledger(output)
+    assert 5 <= done < N_PAIRS
+    rerun = cli("run", str(config), "--no-progress")
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out
+    match = re.search(r"(\d+) already done, (\d+) computed", out)
+    assert match, out
+    assert int(match.group(1)) == done
+    assert int(match.group(2)) == N_PAIRS - done
+    final = open_distances(output)
+    assert final["soft_matching"].values.tobytes() == clean.tobytes()
+
+
+def test_second_concurrent_run_is_refused_and_first_finishes(workload, tmp_path):
+    store, clean = workload
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "run.yaml", store, output)
+    first = cli("run", str(config), "--no-progress")
+    deadline = time.monotonic() + 120
+    lock_info = Path(f"{output}.lock.json")
+    while not lock_info.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = cli("run", str(config), "--no-progress")
+    out2, _ = second.communicate(timeout=120)
+    out1, _ = first.communicate(timeout=300)
+    assert second.returncode == 2, out2
+    assert "being written by another run" in out2 and f"pid {first.pid}" in out2
+    assert first.returncode == 0, out1
+    assert open_distances(output)["soft_matching"].values.tobytes() == clean.tobytes()
+
+
+def test_corrupt_store_chunk_is_refused_naming_the_rep(tmp_path):
+    from distributed import Client, LocalCluster
+
+    store = build_store(tmp_path / "store")
+    node = next(p for p in Path(store.path).rglob("c") if "net1" in str(p) and "layer.2" in str(p))
+    chunk = next(p for p in node.rglob("*") if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        with pytest.raises(InputError, match=r"net1/layer\.2"):
+            compute_distances(store, output=tmp_path / "out", client=client, progress=False)
+    assert pairs_in_ledger(tmp_path / "out") == 0
+
+
+def test_corrupt_output_is_detected_and_its_pairs_recomputed(workload, tmp_path):
+    from distributed import Client, LocalCluster
+
+    store, clean = workload
+    output = tmp_path / "out"
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        compute_distances(store, output=output, client=client, progress=False)
+        matrix_chunk = next(p for p in (output / "soft_matching").rglob("*") if p.is_file()
+                            and p.name != "zarr.json")
+        matrix_chunk.unlink()
+        with pytest.raises(CorruptOutputError, match="soft_matching"):
+            open_distances(output)
+        (part,) = ResultsOutput(output).part_names()
+        chunk = next(p for p in (output / "ledger" / part / "num").rglob("*")
+                     if p.is_file() and p.name != "zarr.json")
+        data = bytearray(chunk.read_bytes())
+        data[-5] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+        with pytest.raises(CorruptOutputError, match="pairs affected"):
+            ResultsOutput(output).records()
+        report = RunReport(0, 0, 0)
+        ds = compute_distances(store, output=output, client=client, progress=False, report=report)
+    assert report.corrupt_parts and report.n_computed == N_PAIRS
+    assert (output / "quarantine" / part).is_dir()
+    assert ds["soft_matching"].values.tobytes() == clean.tobytes()
+    assert open_distances(output)["soft_matching"].values.tobytes() == clean.tobytes()
+
+
+def test_failing_pair_exits_nonzero_status_lists_it_rerun_retries_it(tmp_path, monkeypatch):
+    from distributed import LocalCluster
+
+    store = build_store(tmp_path / "store")
+    real = metrics.get("soft_matching")
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def compute(self, xa, xb, **kw):
+            if xa.shape[1] == 280 or xb.shape[1] == 280:
+                raise FloatingPointError("injected solver failure")
+            return real.compute(xa, xb, **kw)
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=":0") as cluster:
+        config = tmp_path / "run.yaml"
+        config.write_text(
+            f"store: {store.path}\noutput: {tmp_path / 'out'}\n"
+            f"cluster: {{kind: address, address: '{cluster.scheduler_address}'}}\n"
+        )
+        runner = CliRunner()
+        with monkeypatch.context() as mp:
+            mp.setattr(engine.metric_registry, "get",
+                       lambda name: Failing() if name == "soft_matching" else metrics.get(name))
+            result = runner.invoke(main, ["run", str(config), "--no-progress"])
+        assert result.exit_code == 1, result.output
+        assert "9 pair result(s) failed" in result.output
+        assert "injected solver failure" in result.output
+        status = runner.invoke(main, ["status", str(tmp_path / "out")])
+        assert "failed      9" in status.output and "net2/layer.0" in status.output
+        result = runner.invoke(main, ["run", str(config), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        assert f"{N_PAIRS - 9} already done, 9 computed" in result.output
+
+
+def test_unwritable_output_is_refused_by_the_cli(workload, tmp_path):
+    store, _ = workload
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    config = write_config(tmp_path / "run.yaml", store, blocker / "out")
+    result = CliRunner().invoke(main, ["run", str(config), "--no-progress"])
+    assert result.exit_code == 2 and "not writable" in result.output

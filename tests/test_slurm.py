@@ -1,0 +1,296 @@
+"""The SLURM path on a real SLURM (scripts/slurm-up.sh): workers through sbatch, the demo
+pipeline bit-identical to a local run, a job lost mid-run, and no job left behind.
+
+Skipped, with the reason, where ``sbatch`` is absent. Where it is present but SLURM does not
+answer, the tests fail: CI must not skip them silently.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+
+import dask.config
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from smd_dist.cli import main
+from smd_dist.cluster import make_client
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(
+        shutil.which("sbatch") is None,
+        reason="needs SLURM: sbatch is not on PATH (start one with scripts/slurm-up.sh)",
+    ),
+]
+
+
+def _run(*cmd: str, timeout: float = 30) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True,
+                          timeout=timeout).stdout
+
+
+def _queued(job_ids=None, name=None) -> set[str]:
+    args = ["squeue", "-h", "-o", "%i"]
+    if name:
+        args += ["-n", name]
+    ids = set(_run(*args).split())
+    return ids if job_ids is None else ids & set(job_ids)
+
+
+def _wait_gone(job_ids=None, name=None, timeout: float = 30) -> set[str]:
+    """Poll squeue until none of the jobs is listed; cancelled jobs linger as CG a while."""
+    deadline = time.monotonic() + timeout
+    while (left := _queued(job_ids, name)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@pytest.fixture(scope="module")
+def partition():
+    try:
+        out = _run("sinfo", "-h", "-o", "%P %T", timeout=15)
+    except (subprocess.SubprocessError, OSError) as err:
+        pytest.fail(f"sbatch is present but SLURM does not answer (scripts/slurm-up.sh): {err}")
+    lines = [line.split() for line in out.splitlines() if line.strip()]
+    default = [p.rstrip("*") for p, _ in lines if p.endswith("*")] or [lines[0][0]]
+    return default[0]
+
+
+@pytest.fixture
+def slurm_config(partition, tmp_path):
+    """One-core, 1 GB jobs on loopback; lost jobs looked for every second."""
+    return {
+        "kind": "slurm",
+        "jobs": 2,
+        "cores": 1,
+        "memory": "1GB",
+        "queue": partition,
+        "walltime": "00:10:00",
+        "interface": "lo",
+        "local-directory": str(tmp_path / "workers"),
+        "log-directory": str(tmp_path / "logs"),
+        "dashboard-address": ":0",
+        "check-interval": "1s",
+        "close-timeout": "30s",
+        "name": f"smd-test-{uuid.uuid4().hex[:8]}",
+    }
+
+
+def test_workers_start_through_sbatch_and_lost_jobs_are_replaced(slurm_config):
+    with make_client(slurm_config, quiet=True) as client:
+        client.wait_for_workers(2, timeout=120)
+        job_ids = client.cluster.job_ids
+        assert len(job_ids) == 2
+        states = dict(line.split() for line in _run("squeue", "-h", "-o", "%i %T").splitlines())
+        assert all(states.get(j) == "RUNNING" for j in job_ids), states
+        # Each worker runs inside its own SLURM job, single-threaded. (A function local to
+        # the test travels by value: workers cannot import the test module.)
+        def env_of_worker():
+            return os.environ.get("OMP_NUM_THREADS"), os.environ.get("SLURM_JOB_ID")
+
+        env = client.run(env_of_worker)
+        assert {omp for omp, _ in env.values()} == {"1"}
+        assert {job for _, job in env.values()} == set(job_ids)
+        squares = client.map(lambda x: x * x, range(50))
+        assert client.submit(sum, squares).result() == sum(x * x for x in range(50))
+
+        # A job cancelled behind the cluster's back is replaced: the size was fixed.
+        _run("scancel", job_ids[0])
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (
+            len(client.cluster.job_ids) == 3 and len(client.scheduler_info()["workers"]) == 2
+        ):
+            time.sleep(0.25)
+        assert client.cluster.replaced_job_ids == (job_ids[0],)
+        assert len(client.scheduler_info()["workers"]) == 2
+        assert set(client.run(env_of_worker).values()) == {
+            ("1", j) for j in client.cluster.job_ids[1:]
+        }
+        job_ids = client.cluster.job_ids
+    # close() cancels and waits; the poll only absorbs a slow controller.
+    assert not _wait_gone(job_ids), f"jobs still queued after close: {_queued(job_ids)}"
+
+
+def test_cli_job_script_has_the_directives_and_sbatch_accepts_it(slurm_config, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "store: store\noutput: out\ncluster:\n"
+        f"  kind: slurm\n  partition: {slurm_config['queue']}\n  cores: 1\n  memory: 1GB\n"
+        "  walltime: '00:05:00'\n  job-extra-directives: ['--comment=smd-test']\n"
+        "  lifetime: 4m\n  lifetime-stagger: 30s\n"
+    )
+    result = CliRunner().invoke(main, ["cluster", "job-script", str(config)])
+    assert result.exit_code == 0, result.output
+    script = result.output
+    for line in (f"#SBATCH -p {slurm_config['queue']}", "#SBATCH -t 00:05:00",
+                 "#SBATCH --comment=smd-test", "#SBATCH --cpus-per-task=1"):
+        assert line in script.splitlines()
+    assert "--lifetime 4m --lifetime-stagger 30s" in script
+    path = tmp_path / "job.sh"
+    path.write_text(script)
+    # --test-only: SLURM validates the directives and schedules nothing.
+    check = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True,
+                           text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+
+
+# --- the demo pipeline -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    import smd_dist
+
+    smd_dist.compute_distances  # noqa: B018 - the engine must exist for these tests
+    from smd_dist.demo import build_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    built = build_demo(root, small=True, progress=False)
+    return {"digits": str(built.digits), "minilm": str(built.minilm), "root": root}
+
+
+# For the cancelled run: one task per pair and frequent writes, so that the run lasts a
+# while, some pairs are in the output and others in flight when a job is cancelled. The
+# reference runs keep the default task grouping: values must not depend on it.
+ONE_PAIR_PER_TASK = {"smd-dist.engine.max-pairs-per-task": 1,
+                     "smd-dist.engine.small-pair-neurons": 0,
+                     "smd-dist.engine.flush-seconds": 0.5}
+
+
+@pytest.fixture(scope="module")
+def local_results(demo):
+    """Both demo stores on a local cluster: the reference matrices."""
+    from smd_dist import compute_distances
+
+    out = {}
+    with make_client({"kind": "local", "n-workers": 2, "dashboard-address": ":0"},
+                     quiet=True) as client:
+        for name in ("digits", "minilm"):
+            out[name] = compute_distances(
+                demo[name], output=demo["root"] / f"{name}-local.zarr", client=client,
+                progress=False,
+            )
+    return out
+
+
+def _assert_identical(ds, ref):
+    metrics = [v for v in ref.data_vars if "kind" in ref[v].attrs] or ["soft_matching"]
+    assert list(ds.rep_a.values) == list(ref.rep_a.values)
+    for name in metrics:
+        np.testing.assert_array_equal(ds[name].values, ref[name].values)  # bit for bit
+    assert ds.attrs["n_failed_pairs"] == 0, ds.attrs["failed_pairs"]
+
+
+@pytest.fixture
+def written(monkeypatch):
+    """Count, per pair key and output, the records the engine writes to the ledger.
+
+    The engine compacts the ledger at the end of a run (one record per key survives), so
+    duplicates are counted as they are appended, not read back afterwards.
+    """
+    from smd_dist.results import ResultsOutput
+
+    counts: dict[str, Counter] = {}
+    compacting = threading.local()
+    append, compact = ResultsOutput.append, ResultsOutput.compact
+
+    def counting_append(self, records):
+        if not getattr(compacting, "on", False):
+            counts.setdefault(str(self.path), Counter()).update(r.key for r in records)
+        return append(self, records)
+
+    def flagged_compact(self):
+        compacting.on = True
+        try:
+            return compact(self)
+        finally:
+            compacting.on = False
+
+    monkeypatch.setattr(ResultsOutput, "append", counting_append)
+    monkeypatch.setattr(ResultsOutput, "compact", flagged_compact)
+    return counts
+
+
+def _assert_each_pair_once(counts: Counter, ds):
+    n = ds.sizes["rep_a"]
+    metrics = [v for v in ds.data_vars if "kind" in ds[v].attrs] or ["soft_matching"]
+    assert len(counts) == len(metrics) * n * (n - 1) // 2
+    assert set(counts.values()) == {1}, {k: c for k, c in counts.items() if c != 1}
+
+
+def test_demo_through_slurm_is_bit_identical_to_local(demo, local_results, slurm_config,
+                                                       written):
+    from smd_dist import compute_distances
+
+    output = demo["root"] / "digits-slurm.zarr"
+    ds = compute_distances(demo["digits"], output=output, cluster=slurm_config,
+                           progress=False)
+    _assert_identical(ds, local_results["digits"])
+    _assert_each_pair_once(written[str(output)], ds)
+    # The engine made and closed the cluster: none of its jobs is left.
+    assert not _wait_gone(name=slurm_config["name"])
+
+
+def test_scancel_mid_run_loses_and_duplicates_nothing(demo, local_results, slurm_config,
+                                                      written):
+    from smd_dist import compute_distances
+
+    output = demo["root"] / "minilm-slurm.zarr"
+    result: dict = {}
+    with make_client(slurm_config, quiet=True) as client:
+        cluster = client.cluster
+        client.wait_for_workers(2, timeout=120)
+
+        def run():
+            try:
+                with dask.config.set(ONE_PAIR_PER_TASK):
+                    result["ds"] = compute_distances(demo["minilm"], output=output,
+                                                     client=client, progress=False)
+            except BaseException as err:  # re-raised in the test thread
+                result["error"] = err
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        # Mid-run: once some pairs are in the output, cancel the job of a worker that is
+        # running a pair task.
+        victim = None
+        deadline = time.monotonic() + 120
+        while victim is None and thread.is_alive() and time.monotonic() < deadline:
+            if written.get(str(output)):
+                for address, keys in client.processing().items():
+                    if any(str(k).startswith("pairs-") for k in keys):
+                        victim = client.scheduler_info()["workers"][address]["name"]
+                        break
+            if victim is None:
+                time.sleep(0.05)
+        assert victim is not None, "the run ended before a job could be cancelled mid-run"
+        n_before = sum(written[str(output)].values())
+        # Only the id: a lost job's object must not be held (SpecCluster.close asserts).
+        victim_job = cluster.workers[victim].job_id
+        assert _queued([victim_job]) == {victim_job}
+        _run("scancel", victim_job)
+        thread.join(timeout=150)
+        assert not thread.is_alive(), "the run did not finish after a job was cancelled"
+        if "error" in result:
+            raise result["error"]
+        # Fixed size: the lost job is replaced and the cluster is back to two workers.
+        deadline = time.monotonic() + 60
+        while len(client.scheduler_info()["workers"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert victim_job in cluster.replaced_job_ids
+        assert len(client.scheduler_info()["workers"]) == 2
+        job_ids = cluster.job_ids
+        assert len(job_ids) == 3
+    assert victim_job not in _queued()
+    _assert_identical(result["ds"], local_results["minilm"])
+    _assert_each_pair_once(written[str(output)], result["ds"])
+    assert 0 < n_before < sum(written[str(output)].values())
+    assert not _wait_gone(job_ids), f"jobs still queued after close: {_queued(job_ids)}"
