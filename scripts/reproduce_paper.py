@@ -78,22 +78,10 @@ def main(argv=None) -> int:
         digits = ActivationStore(str(data / "digits"), mode="r")
         minilm = ActivationStore(str(data / "minilm"), mode="r")
         t = time.perf_counter()
-        ds_d = smd_dist.compute_distances(
-            digits,
-            metrics=METRICS,
-            output=results / "digits.zarr",
-            client=client,
-            progress=False,
-        )
+        ds_d = all_pairs(digits, results / "digits.zarr", client, report)
         timings["all pairs, digits"] = time.perf_counter() - t
         t = time.perf_counter()
-        ds_m = smd_dist.compute_distances(
-            minilm,
-            metrics=METRICS,
-            output=results / "minilm.zarr",
-            client=client,
-            progress=False,
-        )
+        ds_m = all_pairs(minilm, results / "minilm.zarr", client, report)
         timings["all pairs, MiniLM"] = time.perf_counter() - t
 
         nets = digits_nets(digits)
@@ -146,6 +134,46 @@ def digits_nets(store: ActivationStore) -> dict[str, Net]:
     return nets
 
 
+def all_pairs(store, output, client, report) -> xr.Dataset:
+    """Every pair with the engine; without the score where the store has dead neurons."""
+    try:
+        return smd_dist.compute_distances(
+            store, metrics=METRICS, output=output, client=client, progress=False
+        )
+    except ValueError as err:
+        if "constant neuron" not in str(err):
+            raise
+    # The engine refuses to normalise constant neurons and checks every rep before computing,
+    # so nothing was written; the scores are computed below on the varying neurons instead.
+    metrics = tuple(m for m in METRICS if m != "soft_matching_score")
+    report.notes.append(
+        f"The engine refused `soft_matching_score` on {Path(store.path).name}: some reps have "
+        "constant (dead) neurons, which the score's unit normalisation cannot divide by. "
+        f"That store's matrix holds {', '.join(metrics)}; its scores come from "
+        "`rotation_null(..., drop_constant=True)`."
+    )
+    return smd_dist.compute_distances(
+        store, metrics=metrics, output=output, client=client, progress=False
+    )
+
+
+def cross_check(results, ds) -> str:
+    """How the directly computed scores compare with the engine's matrix."""
+    if "soft_matching_score" not in ds:
+        return "there is no engine `soft_matching_score` matrix to compare with"
+    gaps = [
+        abs(r.observed - value(ds, "soft_matching_score", *r.labels))
+        for r in results
+        if r.dropped == (0, 0)
+    ]
+    if not gaps:
+        return "no pair without constant neurons to compare with the engine's matrix"
+    return (
+        f"they agree with the engine's `soft_matching_score` matrix to max |Δ| = "
+        f"{max(gaps):.1e} over {len(gaps)} pairs"
+    )
+
+
 def rid(model: str, layer: str) -> str:
     return f"{model}/{layer}"
 
@@ -193,6 +221,7 @@ class Report:
     def __init__(self, args):
         self.args = args
         self.parts: list[str] = []
+        self.notes: list[str] = []
 
     def add(self, *lines: str) -> None:
         self.parts.extend(lines)
@@ -230,6 +259,8 @@ class Report:
             f"- Machine: {platform.machine()}, Python {platform.python_version()}, "
             f"smd-dist {smd_dist.__version__}.",
             "",
+            *(f"- {note}" for note in self.notes),
+            "",
             "| model | width | seed | trained | test accuracy |",
             "|---|---|---|---|---|",
         )
@@ -237,15 +268,20 @@ class Report:
             self.add(
                 f"| {net.model} | {net.width} | {net.seed} | {net.trained} | {net.accuracy:.3f} |"
             )
-        widths = {}
+        widths, dead = {}, {}
         for r in digits.list():
             widths.setdefault(r.layer, set()).add(r.n_neurons)
+            live = analysis.live_neurons(digits.read(r.model, r.layer))
+            dead.setdefault(r.layer, []).append(int((~live).sum()))
         self.add(
             "",
             "Neurons per layer (digits): "
             + "; ".join(f"{layer}: {sorted(w)}" for layer, w in widths.items())
             + ". MiniLM: "
             + f"{sorted({r.n_neurons for r in minilm.list()})} per layer.",
+            "Constant (dead) neurons over the stimuli, fewest–most over the digits nets: "
+            + "; ".join(f"{layer}: {min(d)}–{max(d)}" for layer, d in dead.items())
+            + ".",
             "",
         )
 
@@ -275,29 +311,12 @@ class Report:
                         f"{r.null_mean:.3f} ± {r.null_std:.3f} | {r.z_score:.1f} | "
                         f"{fmt_p(r.p_value, n)} |"
                     )
-        engine = {
-            r.labels: value(nulls.ds, "soft_matching_score", *r.labels)
-            for rs in per_layer.values()
-            for r in rs
-        }
-        gaps = [
-            abs(r.observed - engine[r.labels])
-            for rs in per_layer.values()
-            for r in rs
-            if np.isfinite(engine[r.labels])
-        ]
-        check = (
-            f"agree with the engine's `soft_matching_score` matrix to max |Δ| = {max(gaps):.1e} "
-            f"on the {len(gaps)} pairs without constant neurons"
-            if gaps
-            else "could not be compared with the engine's matrix (no finite entry)"
-        )
+        check = cross_check([r for rs in per_layer.values() for r in rs], nulls.ds)
         self.add(
             "",
             "Scores are computed on the neurons that vary over the stimuli (dead ReLUs, "
             "constant on every image, have no tuning curve to correlate and are left out; "
-            "the engine's `soft_matching_score` refuses such reps). Cross-check: the observed "
-            f"scores {check}.",
+            f"the engine's `soft_matching_score` refuses such reps). Cross-check: {check}.",
             "",
             "Summary by depth:",
             "",
@@ -481,13 +500,15 @@ class Report:
     def rotation(self, store, nets, layers, ds, figures, seed):
         trained = sorted((x for x in nets.values() if x.trained), key=lambda x: (-x.width, x.seed))
         ref = trained[0]
+        other = next(x for x in trained if x.width == ref.width and x.seed != ref.seed)
         rng = np.random.default_rng([seed, 4])
         self.add(
             "## 4. Rotation sensitivity",
             "",
-            f"Each layer of {ref.model} against a copy of itself with its neuron basis "
-            "rotated by one Haar-random orthogonal matrix (seeded), computed with the public "
-            "kernels on the same pair:",
+            f"Each layer of {ref.model} (X) against a copy of itself with its neuron basis "
+            "rotated by one Haar-random orthogonal matrix (XQ, seeded), and for scale against "
+            f"the same layer of {other.model} (Y); public kernels, constant neurons left out "
+            "of both. Each cell: rotated copy / other seed.",
             "",
             "| layer | neurons | soft matching distance | soft matching score | "
             "Procrustes distance | linear CKA |",
@@ -495,15 +516,18 @@ class Report:
         )
         for layer in layers:
             X = store.read(ref.model, layer).astype(np.float64)
-            Q = analysis.haar_orthogonal(X.shape[1], rng)
-            XQ = X @ Q
-            self.add(
-                f"| {layer} | {X.shape[1]} | {smd_dist.soft_matching_distance(X, XQ):.3f} "
-                f"(self: {smd_dist.soft_matching_distance(X, X):.3f}) | "
-                f"{smd_dist.soft_matching_score(X, XQ):.3f} | "
-                f"{smd_dist.procrustes_distance(X, XQ):.2e} | "
-                f"{smd_dist.linear_cka(X, XQ):.4f} |"
-            )
+            Y = store.read(other.model, layer).astype(np.float64)
+            X, Y = X[:, analysis.live_neurons(X)], Y[:, analysis.live_neurons(Y)]
+            XQ = X @ analysis.haar_orthogonal(X.shape[1], rng)
+            cells = []
+            for fn, fmt in (
+                (smd_dist.soft_matching_distance, ".3f"),
+                (smd_dist.soft_matching_score, ".3f"),
+                (smd_dist.procrustes_distance, ".3g"),
+                (smd_dist.linear_cka, ".4f"),
+            ):
+                cells.append(f"{fn(X, XQ):{fmt}} / {fn(X, Y):{fmt}}")
+            self.add(f"| {layer} | {X.shape[1]} | " + " | ".join(cells) + " |")
         # Across every pair of the matrix: how the rotation-sensitive and rotation-invariant
         # measures order the same pairs.
         from scipy.stats import spearmanr
@@ -597,6 +621,11 @@ class Report:
                     f"| {la} → {lb} | {r.observed:.3f} | {r.null_mean:.3f} ± "
                     f"{r.null_std:.3f} | {r.z_score:.1f} | {fmt_p(r.p_value, n)} |"
                 )
+            self.add(
+                "",
+                f"Cross-check of the directly computed scores: "
+                f"{cross_check(list(nulls.cache.values()), ds)}.",
+            )
         self.add("")
 
     def timing(self, timings):

@@ -33,7 +33,15 @@ alive() {
     state=$(sed -E 's/^[0-9]+ \(.*\) ([A-Za-z]).*/\1/' "/proc/$pid/stat" 2>/dev/null) || return 1
     [ "$state" != Z ] && [ "$state" != X ]
 }
-pid_of() { [ -s "$1" ] && tr -dc '0-9' <"$1" || true; }
+# The PID in a pid file, if that process is alive and is the named daemon (PIDs recycle).
+pid_of() {
+    local pid
+    pid=$( { [ -s "$1" ] && tr -dc '0-9' <"$1"; } || true)
+    if [ -n "${2:-}" ] && [ -n "$pid" ] && ! grep -qx "$2" "/proc/$pid/comm" 2>/dev/null; then
+        pid=
+    fi
+    echo "$pid"
+}
 
 # --- install ------------------------------------------------------------------------------
 if ! command -v sbatch >/dev/null 2>&1 || ! command -v slurmctld >/dev/null 2>&1 \
@@ -107,8 +115,8 @@ PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
 )
 
-CTLD_PID=$(pid_of "$STATE/slurmctld.pid")
-SLURMD_PID=$(pid_of "$STATE/slurmd.pid")
+CTLD_PID=$(pid_of "$STATE/slurmctld.pid" slurmctld)
+SLURMD_PID=$(pid_of "$STATE/slurmd.pid" slurmd)
 if [ -f "$CONF" ] && [ "$(cat "$CONF")" = "$NEW_CONF" ]; then
     CONF_CHANGED=0
 else

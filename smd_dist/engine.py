@@ -426,7 +426,7 @@ def compute_distances(
                   file=sys.stderr)
         if todo:
             with _client_context(client, cluster) as active:
-                if progress:
+                if progress and client is not None:  # make_client prints it for its own
                     print(f"smd-dist: dashboard {active.dashboard_link}", file=sys.stderr)
                 _check_inputs(active, store, chosen, todo, preps_needed, device)
                 _check_memory(active, store, chosen, todo)
@@ -542,8 +542,15 @@ def _run_pairs(client, store, chosen, todo, specs, preps, device, sink, *, progr
         small=int(engine_cfg.get("small-pair-neurons", 256)),
         per_task=int(engine_cfg.get("max-pairs-per-task", 64)),
     )
-    n_threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()) or 1
-    wave = int(engine_cfg.get("wave-size") or 4 * n_threads)
+    fixed_wave = engine_cfg.get("wave-size")
+
+    def wave_size() -> int:
+        # Recomputed as the run goes: on SLURM workers join (and leave) during the run.
+        if fixed_wave:
+            return int(fixed_wave)
+        threads = sum(client.nthreads().values())
+        return 4 * max(threads, 1)
+
     uses = Counter(i for task in tasks for pair in task for i in pair)
     prepared: dict[int, object] = {}
     token = dask.base.tokenize(str(store.path), preps, time.time_ns())
@@ -584,7 +591,10 @@ def _run_pairs(client, store, chosen, todo, specs, preps, device, sink, *, progr
         last_flush = time.monotonic()
 
     try:
+        wave, sized_at = wave_size(), time.monotonic()
         while queue or pending:
+            if time.monotonic() - sized_at > 5.0:
+                wave, sized_at = wave_size(), time.monotonic()
             while queue and len(pending) < wave:
                 task = queue.pop()
                 pending[submit(task)] = task
@@ -636,13 +646,14 @@ def _failures(ds: xr.Dataset, metric_objs) -> list[str]:
 
 
 def _dataset_attrs(store, chosen, metric_objs, prep, run_config) -> dict:
+    # Structured attributes are JSON strings: netCDF takes only flat values.
     return {
         "title": "soft matching distances between neural representations",
-        "metrics": {m.name: {"kind": m.kind, "definition": m.description} for m in metric_objs},
-        "preprocessing": prep,
-        "versions": _versions(),
+        "metrics": json.dumps({m.name: {"kind": m.kind, "definition": m.description} for m in metric_objs}),
+        "preprocessing": json.dumps(prep),
+        "versions": json.dumps(_versions()),
         "store": str(store.path),
-        "store_hashes": {r.rep_id: r.content_hash for r in chosen},
+        "store_hashes": json.dumps({r.rep_id: r.content_hash for r in chosen}),
         "n_stimuli": int(store.n_stimuli or 0),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run_config": json.dumps(run_config or {}, default=str),

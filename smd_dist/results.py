@@ -133,7 +133,10 @@ class ResultsOutput:
             raise CorruptOutputError(
                 f"output {str(self.path)!r}: cannot read its header ({err})"
             ) from err
-        header = attrs.get("smd_dist_output")
+        try:
+            header = json.loads(attrs.get("smd_dist_output", "null"))
+        except (TypeError, ValueError):
+            header = None
         if not isinstance(header, dict):
             raise OutputError(
                 f"{str(self.path)!r} is a zarr group but not an smd-dist output "
@@ -177,7 +180,8 @@ class ResultsOutput:
 
     def _write_header(self, header: dict) -> None:
         group = zarr.open_group(self.path, mode="a", use_consolidated=False)
-        group.attrs["smd_dist_output"] = header
+        # Attributes stay flat strings so the matrix exports to netCDF as it is.
+        group.attrs["smd_dist_output"] = json.dumps(header, sort_keys=True)
 
     # -- ledger ---------------------------------------------------------------------
     def append(self, records: Sequence[PairRecord]) -> str | None:
@@ -310,7 +314,7 @@ class ResultsOutput:
             del group[name]
         checksums = {name: _array_checksum(np.asarray(var.values)) for name, var in ds.variables.items()}
         ds = ds.copy()
-        ds.attrs = {**ds.attrs, "checksums": checksums}
+        ds.attrs = {**ds.attrs, "checksums": json.dumps(checksums, sort_keys=True)}
         encoding = {name: {"compressors": _CODECS} for name in ds.variables}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=UserWarning)
@@ -424,7 +428,7 @@ def open_distances(path: str | os.PathLike, *, verify: bool = True) -> xr.Datase
     except Exception as err:
         raise CorruptOutputError(f"output {str(path)!r}: cannot read the matrix ({err})") from err
     if verify:
-        checksums = ds.attrs.get("checksums", {})
+        checksums = json.loads(ds.attrs.get("checksums", "{}"))
         for name, var in ds.variables.items():
             expected = checksums.get(name)
             if expected is None or _array_checksum(np.asarray(var.values)) != expected:

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["check_array", "check_pair", "check_normalizable", "describe_indices"]
+__all__ = [
+    "check_array",
+    "check_normalizable",
+    "check_pair",
+    "check_same_stimuli",
+    "describe_indices",
+]
 
 
 def describe_indices(idx, *, limit: int = 8) -> str:
@@ -98,12 +104,18 @@ def check_pair(X, Y, *, names: tuple[str, str] = ("X", "Y")) -> tuple[np.ndarray
     name_x, name_y = names
     X = check_array(X, name=name_x)
     Y = check_array(Y, name=name_y)
+    check_same_stimuli(X, Y, names=names)
+    return X, Y
+
+
+def check_same_stimuli(X, Y, *, names: tuple[str, str] = ("X", "Y")) -> None:
+    """Refuse two (stimuli, neurons) arrays with different numbers of rows (stimuli)."""
+    name_x, name_y = names
     if X.shape[0] != Y.shape[0]:
         raise ValueError(
             f"stimulus count mismatch: {name_x} has {X.shape[0]} stimuli (shape {X.shape}), "
             f"{name_y} has {Y.shape[0]} stimuli (shape {Y.shape})"
         )
-    return X, Y
 
 
 def check_normalizable(

@@ -69,8 +69,8 @@ def test_matrix_matches_kernel_and_independent_ot(store, client, tmp_path):
     assert ds["n_neurons_a"].sel(rep_a="net-b/fc").item() == 12
     assert ds["model_b"].sel(rep_b="net-b/features/0").item() == "net-b"
     assert ds["layer_b"].sel(rep_b="net-b/features/0").item() == "features/0"
-    assert set(ds.attrs["store_hashes"]) == set(ids)
-    assert ds.attrs["preprocessing"] == {"center": True, "normalize": None}
+    assert set(json.loads(ds.attrs["store_hashes"])) == set(ids)
+    assert json.loads(ds.attrs["preprocessing"]) == {"center": True, "normalize": None}
     assert ds.attrs["n_failed_pairs"] == 0
     json.dumps(ds.attrs)
     opened = open_distances(tmp_path / "out")
@@ -216,7 +216,7 @@ def test_cli_run_and_status(store, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "6 of 6 have results" in result.output and "failed      0" in result.output
     ds = open_distances(tmp_path / "out")
-    assert set(ds.attrs["metrics"]) == {"soft_matching", "linear_cka"}
+    assert set(json.loads(ds.attrs["metrics"])) == {"soft_matching", "linear_cka"}
 
 
 def test_cli_run_reports_config_errors(tmp_path):

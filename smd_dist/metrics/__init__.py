@@ -1,3 +1,28 @@
-"""Placeholder: the kernel developer replaces this with the registry."""
-def soft_matching(*a, **k): raise NotImplementedError
-soft_matching_distance = soft_matching_score = permutation_distance = procrustes_distance = linear_cka = soft_matching
+"""Metrics on pairs of representations and the name → metric registry.
+
+Arrays are (stimuli, neurons): a neuron's tuning curve is a column.
+"""
+
+from smd_dist.metrics.comparison import linear_cka, permutation_distance, procrustes_distance
+from smd_dist.metrics.registry import Metric, PairValue, available, get, register
+from smd_dist.metrics.soft_matching import (
+    SoftMatchingResult,
+    soft_matching,
+    soft_matching_distance,
+    soft_matching_score,
+)
+
+__all__ = [
+    "Metric",
+    "PairValue",
+    "SoftMatchingResult",
+    "available",
+    "get",
+    "linear_cka",
+    "permutation_distance",
+    "procrustes_distance",
+    "register",
+    "soft_matching",
+    "soft_matching_distance",
+    "soft_matching_score",
+]

@@ -1,0 +1,170 @@
+"""Name → metric registry, so the engine can compute any set of named metrics per pair.
+
+Each :class:`Metric` says what preprocessing the engine applies once per representation
+(:func:`smd_dist.prepare.preprocess`) and computes a :class:`PairValue` on prepared
+(stimuli, neurons) arrays.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from smd_dist.metrics.comparison import (
+    linear_cka_prepared,
+    permutation_prepared,
+    procrustes_prepared,
+)
+from smd_dist.solvers import solve
+
+__all__ = ["Metric", "PairValue", "available", "get", "register"]
+
+
+@dataclass(frozen=True)
+class PairValue:
+    """One metric value for one pair.
+
+    Attributes
+    ----------
+    value : float
+    solver : str
+        Exact method that produced it (``""`` when no transport solve is involved).
+    certificate : dict
+        JSON-safe ``{"max_violation", "gap", "tolerance"}`` floats, ``{}`` if not applicable.
+    """
+
+    value: float
+    solver: str = ""
+    certificate: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named metric on pairs of representations.
+
+    Attributes
+    ----------
+    name : str
+    kind : {"distance", "similarity"}
+    description : str
+        The formula, JSON-safe.
+    equal_width_only : bool
+        True when the metric is undefined for different widths (the engine skips such pairs).
+    fixed_preprocessing : dict or None
+        Preprocessing the metric always uses, whatever the run asks for.
+    """
+
+    name: str
+    kind: str
+    description: str
+    equal_width_only: bool
+    _compute: Callable = field(repr=False, compare=False)
+    fixed_preprocessing: dict | None = None
+
+    def preprocessing(self, *, center: bool = True, normalize: str | None = None) -> dict:
+        """What to apply once per representation before :meth:`compute`."""
+        if self.fixed_preprocessing is not None:
+            return dict(self.fixed_preprocessing)
+        return {"center": bool(center), "normalize": normalize}
+
+    def compute(self, Xp, Yp, *, device=None) -> PairValue:
+        """The metric on ALREADY PREPARED (stimuli, neurons) float64 arrays."""
+        return self._compute(Xp, Yp, device=device)
+
+
+def _soft_matching(Xp, Yp, *, device=None):
+    tr = solve(Xp, Yp, device=device)
+    return PairValue(math.sqrt(max(tr.cost, 0.0)), tr.solver, tr.certificate.as_dict())
+
+
+def _soft_matching_score(Xp, Yp, *, device=None):
+    tr = solve(Xp, Yp, device=device)
+    return PairValue(1.0 - max(tr.cost, 0.0) / 2.0, tr.solver, tr.certificate.as_dict())
+
+
+def _permutation(Xp, Yp, *, device=None):
+    tr, d = permutation_prepared(Xp, Yp, device=device)
+    return PairValue(d, tr.solver, tr.certificate.as_dict())
+
+
+def _procrustes(Xp, Yp, *, device=None):
+    return PairValue(procrustes_prepared(Xp, Yp, device=device))
+
+
+def _cka(Xp, Yp, *, device=None):
+    return PairValue(linear_cka_prepared(Xp, Yp))
+
+
+_REGISTRY: dict[str, Metric] = {}
+
+
+def register(metric: Metric) -> Metric:
+    """Add a metric under its name (replacing one of the same name)."""
+    _REGISTRY[metric.name] = metric
+    return metric
+
+
+def available() -> tuple[str, ...]:
+    """Names of all registered metrics, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def get(name: str) -> Metric:
+    """The metric called ``name``.
+
+    Raises
+    ------
+    ValueError
+        Unknown name; the message suggests the closest valid names.
+    """
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), available(), n=3, cutoff=0.4)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"unknown metric {name!r}{hint} (available: {', '.join(available())})"
+        ) from None
+
+
+register(Metric(
+    name="soft_matching",
+    kind="distance",
+    description="sqrt(min_P sum_ij P_ij ||x_i - y_j||^2), P >= 0, rows sum to 1/Nx, "
+    "columns to 1/Ny (exact optimal transport between tuning curves)",
+    equal_width_only=False,
+    _compute=_soft_matching,
+))
+register(Metric(
+    name="soft_matching_score",
+    kind="similarity",
+    description="max_P sum_ij P_ij corr(x_i, y_j) = 1 - d^2/2 on centred unit-norm columns",
+    equal_width_only=False,
+    _compute=_soft_matching_score,
+    fixed_preprocessing={"center": True, "normalize": "unit"},
+))
+register(Metric(
+    name="permutation",
+    kind="distance",
+    description="min_Pi ||X - Y Pi||_F over permutation matrices (equal widths only)",
+    equal_width_only=True,
+    _compute=_permutation,
+))
+register(Metric(
+    name="procrustes",
+    kind="distance",
+    description="min_{Q orthogonal} ||X - Y Q||_F = sqrt(||X||_F^2 + ||Y||_F^2 - "
+    "2 ||X^T Y||_*), narrower side padded with zero columns",
+    equal_width_only=False,
+    _compute=_procrustes,
+))
+register(Metric(
+    name="linear_cka",
+    kind="similarity",
+    description="||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred columns",
+    equal_width_only=False,
+    _compute=_cka,
+    fixed_preprocessing={"center": True, "normalize": None},
+))

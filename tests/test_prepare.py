@@ -1,0 +1,73 @@
+"""Preprocessing, device choice and the cost block."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import cdist
+
+from smd_dist.prepare import cross_product, preprocess, resolve_device, squared_distances
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the no-CUDA fallback")
+
+
+def test_resolve_device_default_and_explicit():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device().type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")).type == "cpu"
+
+
+@no_cuda
+def test_cuda_request_falls_back_with_warning():
+    with pytest.warns(RuntimeWarning, match="CUDA is not available"):
+        assert resolve_device("cuda").type == "cpu"
+
+
+def test_center(rng):
+    X = rng.standard_normal((30, 6)) + 5
+    out = preprocess(X)
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out.mean(axis=0), 0, atol=1e-12)
+    np.testing.assert_allclose(preprocess(X, center=False), X)
+
+
+def test_unit(rng):
+    X = rng.standard_normal((30, 6)) + 5
+    out = preprocess(X, normalize="unit")
+    np.testing.assert_allclose(np.linalg.norm(out, axis=0), 1, rtol=1e-12)
+    np.testing.assert_allclose(out.mean(axis=0), 0, atol=1e-12)
+    raw = preprocess(X, center=False, normalize="unit")
+    np.testing.assert_allclose(raw, X / np.linalg.norm(X, axis=0))
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_zscore_always_centres_ddof0(rng, center):
+    X = rng.standard_normal((30, 6)) * 3 + 5
+    out = preprocess(X, center=center, normalize="zscore")
+    np.testing.assert_allclose(out, (X - X.mean(0)) / X.std(0, ddof=0), rtol=1e-12)
+
+
+def test_cross_product_and_squared_distances(rng):
+    X, Y = rng.standard_normal((40, 7)), rng.standard_normal((40, 9))
+    np.testing.assert_allclose(cross_product(X, Y, device="cpu"), X.T @ Y, rtol=1e-12)
+    D = squared_distances(X, Y, device="cpu")
+    np.testing.assert_allclose(D, cdist(X.T, Y.T, "sqeuclidean"), rtol=1e-10, atol=1e-10)
+
+
+@no_cuda
+def test_cross_product_cuda_falls_back(rng):
+    X, Y = rng.standard_normal((10, 3)), rng.standard_normal((10, 4))
+    with pytest.warns(RuntimeWarning):
+        out = cross_product(X, Y, device="cuda")
+    np.testing.assert_allclose(out, X.T @ Y, rtol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(rng):  # pragma: no cover - runs on GPU machines only
+    X, Y = rng.standard_normal((100, 30)), rng.standard_normal((100, 40))
+    np.testing.assert_allclose(
+        cross_product(X, Y, device="cuda"), cross_product(X, Y, device="cpu"), rtol=1e-12
+    )
