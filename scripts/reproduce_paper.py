@@ -34,6 +34,7 @@ import xarray as xr
 
 import smd_dist
 from smd_dist import analysis
+from smd_dist.solvers import SolverError
 from smd_dist.store import ActivationStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
         nets = digits_nets(digits)
         layers = list(dict.fromkeys(r.layer for r in digits.list()))
         report.setup(digits, minilm, nets, ds_d, ds_m)
-        nulls = NullRunner(digits, ds_d, client, args.n_draws, args.seed)
+        nulls = NullRunner(digits, ds_d, client, args.n_draws, args.seed, report.failures)
 
         t = time.perf_counter()
         report.seeds(nulls, nets, layers, figures)
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         report.rotation(digits, nets, layers, ds_d, figures, args.seed)
         timings["4. rotation sensitivity"] = time.perf_counter() - t
         t = time.perf_counter()
-        mnulls = NullRunner(minilm, ds_m, client, args.n_draws, args.seed)
+        mnulls = NullRunner(minilm, ds_m, client, args.n_draws, args.seed, report.failures)
         report.minilm(mnulls, ds_m, figures)
         timings["5. MiniLM (MDS, nulls)"] = time.perf_counter() - t
 
@@ -185,9 +186,10 @@ def value(ds: xr.Dataset, metric: str, a: str, b: str) -> float:
 class NullRunner:
     """Rotation nulls of store pairs, cached, seeded per pair from one base seed."""
 
-    def __init__(self, store, ds, client, n_draws, seed):
+    def __init__(self, store, ds, client, n_draws, seed, failures):
         self.store, self.ds, self.client = store, ds, client
         self.n_draws, self.seed = n_draws, seed
+        self.failures = failures
         self.cache: dict[tuple[str, str], analysis.RotationNull] = {}
         self.index = {r: i for i, r in enumerate(str(x) for x in ds.rep_a.values)}
 
@@ -197,15 +199,21 @@ class NullRunner:
             Y = self.store.read(*b.split("/", 1))
             # A distinct, reproducible seed per ordered pair.
             seed = [self.seed, self.index[a], self.index[b]]
-            null = analysis.rotation_null(
-                X,
-                Y,
-                n_draws=self.n_draws,
-                seed=seed,
-                client=self.client,
-                labels=(a, b),
-                drop_constant=True,
-            )
+            try:
+                null = analysis.rotation_null(
+                    X,
+                    Y,
+                    n_draws=self.n_draws,
+                    seed=seed,
+                    client=self.client,
+                    labels=(a, b),
+                    drop_constant=True,
+                )
+            except SolverError as err:
+                # Reported, not hidden: the pair shows as nan and the failure is listed.
+                self.failures.append(f"{a} vs {b}: {err}")
+                nan = float("nan")
+                null = analysis.RotationNull(nan, np.full(1, nan), nan, nan, 0, 0, (a, b))
             self.cache[(a, b)] = null
         return self.cache[(a, b)]
 
@@ -222,6 +230,7 @@ class Report:
         self.args = args
         self.parts: list[str] = []
         self.notes: list[str] = []
+        self.failures: list[str] = []
 
     def add(self, *lines: str) -> None:
         self.parts.extend(lines)
@@ -328,7 +337,7 @@ class Report:
             self.add(
                 f"- **{layer}**: score {np.mean([r.observed for r in rs]):.3f} "
                 f"(null {np.mean([r.null_mean for r in rs]):.3f}), z from "
-                f"{min(r.z_score for r in rs):.1f} to {max(r.z_score for r in rs):.1f}; "
+                f"{np.min([r.z_score for r in rs]):.1f} to {np.max([r.z_score for r in rs]):.1f}; "
                 f"{above}/{len(rs)} pairs above chance at p ≤ 0.05."
             )
         self._null_figure(
@@ -406,7 +415,7 @@ class Report:
                 cells.append(
                     f"{np.mean([r.observed for r in rs]):.3f} "
                     f"(null {np.mean([r.null_mean for r in rs]):.3f}, "
-                    f"max p {fmt_p(max(r.p_value for r in rs), n)})"
+                    f"max p {fmt_p(np.max([r.p_value for r in rs]), n)})"
                 )
             self.add(f"| {layer} | " + " | ".join(cells) + " |")
         self._kinds_figure(kinds, layers, figures / "trained_untrained.png")
@@ -417,11 +426,43 @@ class Report:
             "",
             "![trained vs untrained](figures/trained_untrained.png)",
             "",
-            "The whole digits matrix (soft matching distance; lines separate models):",
+            "The whole digits matrix (soft matching distance; lines separate models). The "
+            "distance is in activation units, so each layer's scale dominates:",
             "",
             "![digits matrix](figures/digits_heatmap.png)",
             "",
+            "Within one layer, the 12 networks clustered on the soft matching distance "
+            "(average linkage, cut into two clusters):",
+            "",
+            "| layer | cluster: trained / untrained members | cophenetic r |",
+            "|---|---|---|",
         )
+        images = []
+        for layer in layers:
+            sub = analysis.select(ds, layers=layer)
+            path = figures / f"digits_{layer}_heatmap.png"
+            analysis.plot_heatmap(
+                sub,
+                path,
+                metric="soft_matching",
+                figsize=(6.5, 5.5),
+                dpi=100,
+                title=f"{layer}: soft matching distance",
+            )
+            images.append(f"![{layer}](figures/{path.name})")
+            tree = analysis.cluster(sub, metric="soft_matching", n_clusters=2)
+            models = [str(m) for m in tree.clusters.model.values]
+            groups = []
+            for c in sorted(set(tree.clusters.values.tolist())):
+                members = [m for m, k in zip(models, tree.clusters.values, strict=True) if k == c]
+                n_trained = sum(nets[m].trained for m in members)
+                groups.append(f"{n_trained} / {len(members) - n_trained}")
+            self.add(f"| {layer} | {'; '.join(groups)} | {tree.cophenetic_correlation:.3f} |")
+        if layers:
+            tree = analysis.cluster(analysis.select(ds, layers=layers[0]), metric="soft_matching")
+            analysis.plot_dendrogram(tree, figures / f"digits_{layers[0]}_dendrogram.png")
+            images.append(f"![{layers[0]} dendrogram](figures/digits_{layers[0]}_dendrogram.png)")
+        self.add("", " ".join(images), "")
 
     def _kinds_figure(self, kinds, layers, path):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -492,7 +533,7 @@ class Report:
                 f"| {layer} | {na} vs {nb} | {np.mean(dist):.3f} | "
                 f"{np.mean([r.observed for r in rs]):.3f} "
                 f"({np.mean([r.null_mean for r in rs]):.3f}, "
-                f"{fmt_p(max(r.p_value for r in rs), n)}) | {np.mean(same):.3f} |"
+                f"{fmt_p(np.max([r.p_value for r in rs]), n)}) | {np.mean(same):.3f} |"
             )
         self.add("")
 
@@ -536,7 +577,16 @@ class Report:
         ids = [str(r) for r in ds.rep_a.values]
         i, j = np.triu_indices(len(ids), k=1)
         sm = ds["soft_matching"].values[i, j]
-        self.add("", "Over all pairs of the digits matrix (upper triangle):", "")
+        layer_of = np.array([str(x) for x in ds.layer_a.values])
+        same = layer_of[i] == layer_of[j]
+        self.add(
+            "",
+            "Over the pairs of the digits matrix (upper triangle), how the soft matching "
+            "distance and the rotation-invariant measures order the same pairs: all pairs "
+            "(dominated by the activation scale of each layer) and pairs of the same layer "
+            "in different networks.",
+            "",
+        )
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -546,12 +596,27 @@ class Report:
             other = ds[name].values[i, j]
             ok = np.isfinite(other) & np.isfinite(sm)
             rho = spearmanr(sm[ok], other[ok]).statistic
-            self.add(f"- Spearman ρ(soft matching, {name}) = {rho:.3f} over {ok.sum()} pairs.")
+            rho_same = spearmanr(sm[ok & same], other[ok & same]).statistic
+            self.add(
+                f"- Spearman ρ(soft matching, {name}) = {rho:.3f} over all {ok.sum()} pairs; "
+                f"{rho_same:.3f} over the {(ok & same).sum()} same-layer pairs."
+            )
             ax = fig.add_subplot(1, len(names), k + 1)
-            ax.scatter(other[ok], sm[ok], s=6, alpha=0.5)
+            ax.scatter(
+                other[ok & ~same],
+                sm[ok & ~same],
+                s=5,
+                alpha=0.3,
+                color="0.6",
+                label="different layers",
+            )
+            ax.scatter(
+                other[ok & same], sm[ok & same], s=8, alpha=0.7, color="C3", label="same layer"
+            )
             ax.set_xlabel(name)
             ax.set_ylabel("soft matching distance")
-            ax.set_title(f"ρ = {rho:.2f}")
+            ax.set_title(f"ρ = {rho:.2f} (same layer {rho_same:.2f})")
+            ax.legend(fontsize=7, frameon=False)
         fig.savefig(figures / "rotation_sensitivity.png", dpi=120)
         self.add(
             "", "![soft matching vs rotation-invariant](figures/rotation_sensitivity.png)", ""
@@ -629,6 +694,16 @@ class Report:
         self.add("")
 
     def timing(self, timings):
+        if self.failures:
+            self.add(
+                "## Failures",
+                "",
+                f"{len(self.failures)} rotation null(s) stopped on a solver error (their "
+                "cells read nan above):",
+                "",
+                *(f"- {f}" for f in self.failures),
+                "",
+            )
         self.add("## Run time", "", "| step | seconds |", "|---|---|")
         for step, seconds in timings.items():
             self.add(f"| {step} | {seconds:.1f} |")

@@ -96,5 +96,5 @@ def load_run_config(path: str | os.PathLike) -> dict:
     for key in ("store", "output"):
         value = str(cfg[key])
         if "://" not in value and not os.path.isabs(value):
-            cfg[key] = str(base / value)
+            cfg[key] = str((base / value).resolve())
     return cfg

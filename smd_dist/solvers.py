@@ -17,25 +17,29 @@ and its dual :math:`\\max \\sum_i u_i/N_x + \\sum_j v_j/N_y` subject to
 the returned plan is within ``gap + violation`` of the optimum; the solve is accepted only
 when that is at most the tolerance, else :class:`SolverError` is raised.
 
-Methods (``solver`` strings):
+Methods (``solver`` strings), chosen per pair from the data (:func:`choose_method`):
 
+``"merged-network-simplex"``
+    Identical columns (dead units, exact copies) are interchangeable: each group becomes one
+    neuron carrying the group's mass, network simplex solves the smaller problem, and the plan
+    is spread evenly back over the copies (same cost and duals, so the certificate holds for
+    the original problem).
 ``"assignment"``
-    Equal widths: the optimum is a permutation matrix divided by N (Birkhoff–von Neumann),
-    found with SciPy's Jonker–Volgenant shortest augmenting path solver
-    (:func:`scipy.optimize.linear_sum_assignment`).
-``"replicated-assignment"``
-    Widths whose least common multiple L is at most ``4 max(Nx, Ny)``: each neuron is copied
-    L/N times and the L×L assignment problem is solved (exact, again by Birkhoff). The
-    compact duals are the copies' mean duals: feasible, because every copy pair has the same
-    cost, and with the same objective.
+    Equal widths without near ties: the optimum is a permutation matrix divided by N
+    (Birkhoff–von Neumann), found with SciPy's Jonker–Volgenant shortest augmenting path
+    solver (:func:`scipy.optimize.linear_sum_assignment`). It returns no duals; they are
+    shortest-path distances in the residual graph (column j reachable from the column matched
+    to row i at cost ``D_ij - D_i,σ(i)``), computed by vectorised Bellman–Ford on a sparse
+    candidate edge set that grows by pricing every entry until no reduced cost is negative.
 ``"network-simplex"``
-    Everything else, and the fallback when a fast path cannot certify: POT's network simplex
-    with an iteration cap that cannot bind and its status checked.
-
-Dual potentials for an assignment are shortest-path distances in the residual graph
-(column j reachable from the column matched to row i at cost ``D_ij - D_i,σ(i)``), computed by
-Bellman–Ford on a sparse candidate edge set that grows by pricing every entry until no
-reduced cost is negative.
+    Different widths, near ties on many rows or columns (redundant neurons, where augmenting
+    path solvers stall), and the fallback whenever a faster path cannot certify: POT's network
+    simplex with an iteration cap that cannot bind and its status checked.
+``"replicated-assignment"``
+    Only on request (``method=``): each neuron copied L/N times, L = lcm(Nx, Ny), and the
+    L×L assignment solved (exact by Birkhoff; compact duals are the copies' mean duals). The
+    copies are exact ties, and it was measured about twice as slow as network simplex at
+    1024×2048.
 
 References
 ----------
@@ -85,7 +89,7 @@ RELATIVE_TOLERANCE = 1e-11
 #: 2,500 neurons and silently returns a plan 0.2–2 % too costly).
 NETWORK_SIMPLEX_MAX_ITER = 10**13
 
-#: Replicate into an L×L assignment only while L = lcm(Nx, Ny) <= this × max(Nx, Ny).
+#: ``method="replicated-assignment"`` refuses L = lcm(Nx, Ny) above this × max(Nx, Ny).
 REPLICATION_FACTOR = 4
 
 _ROW_CHUNK = 1024
@@ -172,9 +176,11 @@ class Transport:
 
 def tolerance(X: np.ndarray, Y: np.ndarray) -> float:
     """Certificate tolerance ``RELATIVE_TOLERANCE · (max ||x_i||² + max ||y_j||²)``."""
-    nx = np.einsum("mi,mi->i", X, X).max()
-    ny = np.einsum("mj,mj->j", Y, Y).max()
-    return float(RELATIVE_TOLERANCE * (nx + ny))
+    return _tolerance(np.einsum("mi,mi->i", X, X), np.einsum("mj,mj->j", Y, Y))
+
+
+def _tolerance(sq_norms_x, sq_norms_y) -> float:
+    return float(RELATIVE_TOLERANCE * (sq_norms_x.max() + sq_norms_y.max()))
 
 
 def _min_reduced_cost(D: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:
@@ -188,23 +194,39 @@ def _min_reduced_cost(D: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:
     return out
 
 
-def certify(D, rows, cols, mass, u, v, *, tol: float) -> Certificate:
+def _marginals(shape, counts):
+    """Row and column masses: uniform, or ``counts / counts.sum()`` for merged duplicates."""
+    if counts is None:
+        return np.full(shape[0], 1.0 / shape[0]), np.full(shape[1], 1.0 / shape[1])
+    cx, cy = counts
+    return cx / cx.sum(), cy / cy.sum()
+
+
+def certify(
+    D, rows, cols, mass, u, v, min_reduced=None, *, tol: float, counts=None
+) -> Certificate:
     """Certificate of a plan ``(rows, cols, mass)`` with duals ``(u, v)`` on costs ``D``.
 
-    Also checks the plan is feasible (non-negative, marginals uniform to 1e-9 relative);
-    an infeasible plan raises :class:`SolverError` since no gap could vouch for it.
+    Also checks the plan is feasible (non-negative, marginals right to 1e-9 relative); an
+    infeasible plan raises :class:`SolverError` since no gap could vouch for it. ``counts``
+    are integer multiplicities of merged identical neurons (uniform marginals when None);
+    ``min_reduced``, when the solver already priced every entry with these duals, is the
+    smallest reduced cost it found (saving a pass over ``D``).
     """
     nx, ny = D.shape
+    a, b = _marginals(D.shape, counts)
     if mass.size == 0 or mass.min() < 0:
         raise SolverError("transport plan has negative or no mass")
     rs = np.bincount(rows, weights=mass, minlength=nx)
     cs = np.bincount(cols, weights=mass, minlength=ny)
-    err = max(np.abs(rs * nx - 1).max(), np.abs(cs * ny - 1).max())
+    err = max(np.abs(rs / a - 1).max(), np.abs(cs / b - 1).max())
     if not err <= 1e-9:
         raise SolverError(f"transport plan marginals off by {err:.3g} (relative)")
     primal = math.fsum(mass * D[rows, cols])
-    dual = math.fsum(u) / nx + math.fsum(v) / ny
-    violation = max(0.0, -_min_reduced_cost(D, u, v))
+    dual = math.fsum(a * u) + math.fsum(b * v)
+    if min_reduced is None or math.isnan(min_reduced):
+        min_reduced = _min_reduced_cost(D, u, v)
+    violation = max(0.0, -min_reduced)
     return Certificate(
         max_violation=violation, gap=primal - dual, tolerance=tol, primal=primal, dual=dual
     )
@@ -216,23 +238,30 @@ def plan_cost(X, Y, rows, cols, mass) -> float:
     Summed with :func:`math.fsum` (correctly rounded), so the value depends only on the plan,
     not on summation order or thread count.
     """
-    terms = exact_costs(X, Y, rows, cols)
+    if rows.size == X.shape[1] and np.array_equal(rows, np.arange(rows.size)):
+        diff = X - np.take(Y, cols, axis=1)  # one plan entry per row (an assignment)
+        diff *= diff
+        terms = diff.sum(axis=0)
+    else:
+        terms = exact_costs(X, Y, rows, cols)
     return math.fsum(mass * terms)
 
 
 # --------------------------------------------------------------------------- assignment
 
 
-def _bellman_ford(n, src, dst, w, *, slack):
+def _bellman_ford(n, src, dst, w, *, slack, start=None):
     """Shortest distances from a virtual source joined to every node by a zero edge.
 
     Vectorised over edges; a node is updated only when it improves by more than ``slack``,
-    so rounding-level cycles cannot stall it (the certificate absorbs ``slack``).
+    so rounding-level cycles cannot stall it (the certificate absorbs ``slack``). ``start``
+    may hold the distances of a subgraph: they are lengths of real paths, hence valid upper
+    bounds to start from.
     """
     order = np.lexsort((src, dst))
     src, dst, w = src[order], dst[order], w[order]
     starts = np.flatnonzero(np.r_[True, dst[1:] != dst[:-1]])
-    d = np.zeros(n)
+    d = np.zeros(n) if start is None else start.copy()
     for _ in range(n + 1):
         nd = np.minimum.reduceat(d[src] + w, starts)
         better = nd < d - slack
@@ -243,7 +272,8 @@ def _bellman_ford(n, src, dst, w, *, slack):
 
 
 def _assignment_duals(D, sigma, *, tol, k=8, max_rounds=50):
-    """Dual potentials (u, v) certifying the permutation ``sigma`` (row i -> column sigma[i]).
+    """Dual potentials (u, v) certifying the permutation ``sigma`` (row i -> column sigma[i]),
+    and the smallest reduced cost over all entries.
 
     Column potentials are shortest-path distances on a sparse set of candidate edges (the
     matched edges plus the k cheapest per row and per column); every entry is then priced,
@@ -254,13 +284,14 @@ def _assignment_duals(D, sigma, *, tol, k=8, max_rounds=50):
     matched = D[ar, sigma]
     keys = np.unique(np.concatenate([ar * np.int64(n) + sigma, _candidates(D, k)]))
     slack = tol / 8
+    v = None
     for _ in range(max_rounds):
-        I, J = keys // n, keys % n
-        v = _bellman_ford(n, sigma[I], J, D[I, J] - matched[I], slack=slack)
+        ri, cj = keys // n, keys % n
+        v = _bellman_ford(n, sigma[ri], cj, D[ri, cj] - matched[ri], slack=slack, start=v)
         u = matched - v[sigma]
-        new = _violations(D, u, v, thr=tol / 16, k=k)
+        new, low = _violations(D, u, v, thr=tol / 16, k=k)
         if new.size == 0:
-            return u, v
+            return u, v, low
         keys = np.union1d(keys, new)
     raise SolverError(f"dual pricing did not converge in {max_rounds} rounds")
 
@@ -278,20 +309,24 @@ def solve_assignment(D, *, tol):
     rows, sigma = linear_sum_assignment(D)
     if not np.array_equal(rows, np.arange(D.shape[0])):
         raise SolverError("linear_sum_assignment returned an incomplete assignment")
-    u, v = _assignment_duals(D, sigma, tol=tol)
+    u, v, _ = _assignment_duals(D, sigma, tol=tol)
     return sigma, u, v
 
 
 def _assignment(D, *, tol):
     n = D.shape[0]
-    sigma, u, v = solve_assignment(D, tol=tol)
-    rows = np.arange(n)
-    return rows, sigma, np.full(n, 1.0 / n), u, v
+    rows, sigma = linear_sum_assignment(D)
+    if not np.array_equal(rows, np.arange(n)):
+        raise SolverError("linear_sum_assignment returned an incomplete assignment")
+    u, v, low = _assignment_duals(D, sigma, tol=tol)
+    return rows, sigma, np.full(n, 1.0 / n), u, v, low
 
 
 def _replicated(D, *, tol):
     nx, ny = D.shape
     L = math.lcm(nx, ny)
+    if L > REPLICATION_FACTOR * max(nx, ny):
+        raise SolverError(f"replicating {nx}x{ny} needs an {L}x{L} assignment; too large")
     rx, ry = L // nx, L // ny
     DL = np.repeat(np.repeat(D, rx, axis=0), ry, axis=1)
     sigma, uL, vL = solve_assignment(DL, tol=tol)
@@ -303,9 +338,8 @@ def _replicated(D, *, tol):
     return keys // ny, keys % ny, counts / L, u, v
 
 
-def _network_simplex(D, *, tol, potentials=None):
-    nx, ny = D.shape
-    a, b = np.full(nx, 1.0 / nx), np.full(ny, 1.0 / ny)
+def _network_simplex(D, *, tol, potentials=None, counts=None):
+    a, b = _marginals(D.shape, counts)
     G, u, v = _emd(a, b, D, potentials)
     rows, cols = np.nonzero(G > 0)
     return rows, cols, G[rows, cols], u, v
@@ -313,21 +347,13 @@ def _network_simplex(D, *, tol, potentials=None):
 
 def exact_costs(X, Y, rows, cols) -> np.ndarray:
     """``||x_{rows_k} - y_{cols_k}||²`` for each k, in float64 from the differences."""
-    step = max(1, (1 << 22) // max(X.shape[0], 1))
+    step = max(1, (1 << 21) // max(X.shape[0], 1))
     out = np.empty(len(rows))
     for s in range(0, len(rows), step):
         diff = np.take(X, rows[s : s + step], axis=1) - np.take(Y, cols[s : s + step], axis=1)
         diff *= diff
         out[s : s + step] = diff.sum(axis=0)
     return out
-
-
-def _northwest_corner(nx, ny):
-    """Support of the north-west corner plan: a feasible plan for uniform marginals."""
-    cut = np.unique(np.concatenate([np.arange(1, nx) * ny, np.arange(1, ny) * nx]))
-    # Breakpoints in units of 1/(nx*ny): row i ends at (i+1)*ny, column j at (j+1)*nx.
-    starts = np.r_[0, cut]
-    return (starts // ny) * np.int64(ny) + starts // nx
 
 
 def _two_smallest_per_column(D):
@@ -351,25 +377,32 @@ def _candidates(D, k):
 
 
 def _violations(D, u, v, *, thr, k):
-    """Keys of the k most violated entries (reduced cost below ``-thr``) of every row.
+    """Keys of the k most violated entries (reduced cost below ``-thr``) of every row, and
+    the smallest reduced cost of all (the certificate's, so no second pass is needed).
 
     Rows suffice: every violated entry lies in a violated row.
     """
     nx, ny = D.shape
     kk = min(k, ny)
     new = []
+    low = math.inf
     for s in range(0, nx, _ROW_CHUNK):
         R = D[s : s + _ROW_CHUNK] - u[s : s + _ROW_CHUNK, None]
         R -= v[None, :]
-        bad = np.flatnonzero(R.min(axis=1) < -thr)
+        row_min = R.min(axis=1)
+        m = float(row_min.min())
+        low = m if (math.isnan(m) or m < low) else low  # a NaN sticks: nothing is proven
+        bad = np.flatnonzero(row_min < -thr)
         if bad.size:
             Rb = R[bad]
-            idx = np.argpartition(Rb, kk - 1, axis=1)[:, :kk] if kk < ny else np.tile(
-                np.arange(ny), (bad.size, 1)
+            idx = (
+                np.argpartition(Rb, kk - 1, axis=1)[:, :kk]
+                if kk < ny
+                else np.tile(np.arange(ny), (bad.size, 1))
             )
             keep = np.take_along_axis(Rb, idx, axis=1) < -thr
             new.append(((bad + s)[:, None] * np.int64(ny) + idx)[keep])
-    return np.concatenate(new) if new else np.empty(0, np.int64)
+    return (np.concatenate(new) if new else np.empty(0, np.int64)), low
 
 
 def _emd(a, b, D, potentials=None):
@@ -385,55 +418,7 @@ def _emd(a, b, D, potentials=None):
     return G, np.asarray(log["u"], float), np.asarray(log["v"], float)
 
 
-def _restricted_simplex(D, I, J, warm):
-    """Network simplex on the candidate edges only (POT's sparse solver), warm-started."""
-    nx, ny = D.shape
-    a, b = np.full(nx, 1.0 / nx), np.full(ny, 1.0 / ny)
-    G, u, v = _emd(a, b, sp.coo_matrix((D[I, J], (I, J)), shape=D.shape), warm.get("duals"))
-    G = sp.coo_array(G)
-    keep = G.data > 0
-    key = G.row[keep].astype(np.int64) * ny + G.col[keep]
-    order = np.argsort(key, kind="stable")
-    warm["duals"] = (u, v)
-    return G.row[keep][order], G.col[keep][order], G.data[keep][order], u, v
-
-
-def _column_generation(D, *, tol, restricted, k=8, k_add=8, max_rounds=6, max_fill=0.25):
-    """Solve on a sparse candidate set, price every entry, grow the set until none violates.
-
-    Returns the plan and duals of the last restricted solve, which are then certified on the
-    full matrix. Raises :class:`_NotConverged` (carrying the last duals) when the set grows
-    past ``max_fill`` of all entries or ``max_rounds`` pass.
-    """
-    nx, ny = D.shape
-    keys = np.unique(np.concatenate([_candidates(D, k), _northwest_corner(nx, ny)]))
-    warm = {"tol": tol}
-    for _ in range(max_rounds):
-        out = restricted(D, keys // ny, keys % ny, warm)
-        new = _violations(D, out[3], out[4], thr=tol / 16, k=k_add)
-        if new.size == 0:
-            return out
-        keys = np.union1d(keys, new)
-        if keys.size > max_fill * nx * ny:
-            break
-    raise _NotConverged(out[3], out[4])
-
-
-class _NotConverged(SolverError):
-    def __init__(self, u, v):
-        super().__init__("candidate pricing did not converge")
-        self.duals = (u, v)
-
-
-def _sparse_simplex(D, *, tol):
-    try:
-        return _column_generation(D, tol=tol, restricted=_restricted_simplex)
-    except _NotConverged as stop:
-        return _network_simplex(D, tol=tol, potentials=stop.duals)
-
-
 _METHODS = {
-    "sparse-network-simplex": _sparse_simplex,
     "assignment": _assignment,
     "replicated-assignment": _replicated,
     "network-simplex": _network_simplex,
@@ -452,30 +437,109 @@ AMBIGUITY_LIMIT = 0.05
 def ambiguity(D: np.ndarray) -> float:
     """Fraction of rows or columns (the larger) whose best two costs are nearly tied.
 
-    A cheap structural probe (a few vectorised passes over ``D``) that detects redundant
-    and dead neurons.
+    A cheap structural probe that detects redundant and dead neurons: it looks at every
+    8th row (for rows) and every 8th column (for columns) only.
     """
     if min(D.shape) < 2:
         return 0.0
-    t = torch.topk(torch.from_numpy(D), 2, dim=1, largest=False).values.numpy()
-    rows = (t[:, 1] - t[:, 0]) <= AMBIGUITY_GAP * (D.mean(axis=1) - t[:, 0])
-    c1, c2 = _two_smallest_per_column(D)
-    cols = (c2 - c1) <= AMBIGUITY_GAP * (D.mean(axis=0) - c1)
+    sub = D[::8]
+    t = torch.topk(torch.from_numpy(sub), 2, dim=1, largest=False).values.numpy()
+    rows = (t[:, 1] - t[:, 0]) <= AMBIGUITY_GAP * (sub.mean(axis=1) - t[:, 0])
+    sub = np.ascontiguousarray(D[:, ::8])
+    c1, c2 = _two_smallest_per_column(sub)
+    cols = (c2 - c1) <= AMBIGUITY_GAP * (sub.mean(axis=0) - c1)
     return float(max(rows.mean(), cols.mean()))
 
 
 def choose_method(D: np.ndarray) -> str:
-    """The exact method tried first for the cost matrix ``D`` (deterministic in ``D``)."""
+    """The exact method tried first on float64 costs ``D`` (deterministic in ``D``)."""
     nx, ny = D.shape
-    if min(nx, ny) < 2 or ambiguity(D) > AMBIGUITY_LIMIT:
-        return "network-simplex"
-    if nx == ny:
+    if nx == ny and nx > 1 and ambiguity(D) <= AMBIGUITY_LIMIT:
         return "assignment"
-    return "sparse-network-simplex"
+    return "network-simplex"
+
+
+def _unique_columns(X):
+    """Representative column of each group of identical columns, each column's group, counts.
+
+    Columns are bucketed by a weighted sum (non-constant weights, since centred columns all
+    sum to about zero; the same operations for every column, so identical columns get
+    identical fingerprints) and a bucket's members are merged only after an exact
+    comparison with the bucket's first column. Groups are numbered by first occurrence.
+    """
+    m, n = X.shape
+    w = np.cos(np.arange(m) * 0.7548776662466927) + 1.5  # any fixed, non-constant weights
+    f = np.einsum("m,mn->n", w, X)
+    order = np.lexsort((np.arange(n), f))
+    same = f[order][1:] == f[order][:-1]
+    group = np.arange(n)
+    if same.any():
+        starts = np.flatnonzero(np.r_[True, ~same])
+        ends = np.r_[starts[1:], n]
+        for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
+            members = order[s:e]  # ascending column index within a bucket
+            first = members[0]
+            for j in members[1:]:
+                if np.array_equal(X[:, j], X[:, first]):
+                    group[j] = first
+    reps, inverse, counts = np.unique(group, return_inverse=True, return_counts=True)
+    return reps, inverse, counts.astype(np.int64)
+
+
+def _expand(rows, cols, mass, gx, gy, cx, cy):
+    """Spread each merged plan entry evenly over all pairs of the merged neurons' copies."""
+    mx = np.argsort(gx, kind="stable")
+    my = np.argsort(gy, kind="stable")
+    sx = np.r_[0, np.cumsum(cx)]
+    sy = np.r_[0, np.cumsum(cy)]
+    n = cx[rows] * cy[cols]
+    k = np.repeat(np.arange(rows.size), n)
+    off = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    r = mx[sx[rows][k] + off // cy[cols][k]]
+    c = my[sy[cols][k] + off % cy[cols][k]]
+    order = np.lexsort((c, r))
+    return r[order], c[order], np.repeat(mass / n, n)[order]
+
+
+def _run(D, order, *, tol, counts=None):
+    """Try each method in turn; return the first certified ``(name, plan, duals, cert)``."""
+    failures = []
+    for name in order:
+        try:
+            fn = _METHODS[name]
+            out = fn(D, tol=tol) if counts is None else fn(D, tol=tol, counts=counts)
+            cert = certify(D, *out, tol=tol, counts=counts)
+            if not cert.passed:
+                raise SolverError(
+                    f"certificate failed: gap {cert.gap:.3g}, max violation "
+                    f"{cert.max_violation:.3g}, tolerance {cert.tolerance:.3g}"
+                )
+        except SolverError as err:
+            failures.append(f"{name}: {err}")
+            continue
+        return name, out, cert
+    nx, ny = D.shape
+    raise SolverError(
+        f"no exact solver certified the {nx}x{ny} transport problem: " + " | ".join(failures)
+    )
+
+
+def _check_finite(D, norms=None):
+    # With finite squared norms below 1e150 every |x_i - y_j|² is finite: no pass over D.
+    if norms is not None and all(np.isfinite(n).all() and n.max() < 1e150 for n in norms):
+        return
+    if not np.isfinite(D).all():
+        # POT returns 0.0 for a NaN cost matrix; nothing downstream may see such a number.
+        raise SolverError(f"the {D.shape[0]}x{D.shape[1]} cost matrix has non-finite entries")
 
 
 def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     """Certified optimal transport between the columns of ``X`` and ``Y``.
+
+    Identical columns (dead units, copies) are interchangeable: with ``method="auto"`` each
+    group is merged into one neuron carrying the group's mass, the smaller problem is solved
+    by network simplex, and the plan is spread evenly back over the copies (same cost, same
+    duals, so the certificate carries over).
 
     Parameters
     ----------
@@ -484,7 +548,7 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     device : str or torch.device, optional
         Where the cross product is computed (see :func:`smd_dist.prepare.resolve_device`).
     method : str
-        ``"auto"`` (choose by widths, fall back to network simplex), or one of
+        ``"auto"`` (choose from the data, fall back to network simplex), or one of
         ``"assignment"``, ``"replicated-assignment"``, ``"network-simplex"`` to force it.
     D : numpy.ndarray, optional
         Precomputed squared distances (Nx, Ny); computed when omitted.
@@ -499,47 +563,53 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
         When no method reaches and certifies optimality.
     """
     nx, ny = X.shape[1], Y.shape[1]
+    if method != "auto" and method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(_METHODS)} or 'auto'")
+    if method == "assignment" and nx != ny:
+        raise ValueError(f"method 'assignment' needs equal widths, got {nx} and {ny}")
     norms = (np.einsum("mi,mi->i", X, X), np.einsum("mj,mj->j", Y, Y))
-    tol = float(RELATIVE_TOLERANCE * (norms[0].max() + norms[1].max()))
+    tol = _tolerance(*norms)
+    if method == "auto" and D is None:
+        kx, gx, cx = _unique_columns(X)
+        ky, gy, cy = _unique_columns(Y)
+        if kx.size < nx or ky.size < ny:
+            Xu = X if kx.size == nx else X[:, kx]
+            Yu = Y if ky.size == ny else Y[:, ky]
+            Du = squared_distances(Xu, Yu, device=device, norms=(norms[0][kx], norms[1][ky]))
+            _check_finite(Du, (norms[0][kx], norms[1][ky]))
+            name, (r, c, m, u, v), cert = _run(Du, ["network-simplex"], tol=tol, counts=(cx, cy))
+            rows, cols, mass = _expand(r, c, m, gx, gy, cx, cy)
+            return Transport(
+                cost=plan_cost(Xu, Yu, r, c, m),
+                rows=rows,
+                cols=cols,
+                mass=mass,
+                u=u[gx],
+                v=v[gy],
+                shape=(nx, ny),
+                solver=f"merged-{name}",
+                certificate=cert,
+            )
     if D is None:
         D = squared_distances(X, Y, device=device, norms=norms)
-    if not np.isfinite(D).all():
-        # POT returns 0.0 for a NaN cost matrix; nothing downstream may see such a number.
-        raise SolverError(f"the {nx}x{ny} cost matrix has non-finite entries")
+        _check_finite(D, norms)
+    else:
+        _check_finite(D)
     if method == "auto":
         order = [choose_method(D)]
         if order[0] != "network-simplex":
             order.append("network-simplex")
-    elif method in _METHODS:
-        if method == "assignment" and nx != ny:
-            raise ValueError(f"method 'assignment' needs equal widths, got {nx} and {ny}")
-        order = [method]
     else:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(_METHODS)} or 'auto'")
-    failures = []
-    for name in order:
-        try:
-            rows, cols, mass, u, v = _METHODS[name](D, tol=tol)
-            cert = certify(D, rows, cols, mass, u, v, tol=tol)
-            if not cert.passed:
-                raise SolverError(
-                    f"certificate failed: gap {cert.gap:.3g}, max violation "
-                    f"{cert.max_violation:.3g}, tolerance {cert.tolerance:.3g}"
-                )
-        except SolverError as err:
-            failures.append(f"{name}: {err}")
-            continue
-        return Transport(
-            cost=plan_cost(X, Y, rows, cols, mass),
-            rows=rows,
-            cols=cols,
-            mass=mass,
-            u=u,
-            v=v,
-            shape=(nx, ny),
-            solver=name,
-            certificate=cert,
-        )
-    raise SolverError(
-        f"no exact solver certified the {nx}x{ny} transport problem: " + " | ".join(failures)
+        order = [method]
+    name, (rows, cols, mass, u, v, *_), cert = _run(D, order, tol=tol)
+    return Transport(
+        cost=plan_cost(X, Y, rows, cols, mass),
+        rows=rows,
+        cols=cols,
+        mass=mass,
+        u=u,
+        v=v,
+        shape=(nx, ny),
+        solver=name,
+        certificate=cert,
     )

@@ -292,7 +292,7 @@ def test_rotation_null_on_a_distributed_client():
     X, Y = rng.normal(size=(25, 6)), rng.normal(size=(25, 6))
     local = analysis.rotation_null(X, Y, n_draws=10, seed=4, score=lsa_score)
     with distributed.Client(
-        processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None
+        processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0"
     ) as client:
         remote = analysis.rotation_null(
             X, Y, n_draws=10, seed=4, score=lsa_score, client=client, draws_per_task=3
@@ -383,7 +383,12 @@ def test_plots_are_written_at_the_asked_size(tiny, tmp_path):
     analysis.plot_heatmap(tiny, tmp_path / "h.svg", order=analysis.cluster(tiny).leaves)
     text = (tmp_path / "h.svg").read_text()
     assert text.lstrip().startswith("<?xml") and "<svg" in text
-    for name in ("h.png", "m.png", "d.png", "h.svg"):
+    one_layer = results_dataset(
+        squareform(pdist(np.arange(4.0)[:, None])), [f"m{i}/fc" for i in range(4)]
+    )
+    fig = analysis.plot_heatmap(one_layer, tmp_path / "one.png")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["m0", "m1", "m2", "m3"]
+    for name in ("h.png", "m.png", "d.png", "h.svg", "one.png"):
         assert (tmp_path / name).stat().st_size > 1000
 
 

@@ -132,14 +132,14 @@ def test_driver_killed_then_resume_recomputes_only_missing(workload, tmp_path):
     proc.wait(timeout=30)
     done = pairs_in_ledger(output)
     assert 5 <= done < N_PAIRS
+    before = subprocess.run([sys.executable, "-m", "smd_dist", "status", str(output)],
+                            capture_output=True, text=True).stdout
     rerun = cli("run", str(config), "--no-progress")
     out, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, out
     match = re.search(r"(\d+) already done, (\d+) computed", out)
     assert match, out
-    status = subprocess.run([sys.executable, "-m", "smd_dist", "status", str(output)],
-                            capture_output=True, text=True).stdout
-    assert int(match.group(1)) == done, out + status
+    assert int(match.group(1)) == done, out + before
     assert int(match.group(2)) == N_PAIRS - done
     final = open_distances(output)
     assert final["soft_matching"].values.tobytes() == clean.tobytes()

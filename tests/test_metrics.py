@@ -137,7 +137,9 @@ def test_result_fields_and_certificate(rng):
     np.testing.assert_allclose(P.sum(1), 1 / 6)
     np.testing.assert_allclose(P.sum(0), 1 / 9)
     Xc, Yc = X - X.mean(0), Y - Y.mean(0)
-    direct = sum(P[i, j] * np.sum((Xc[:, i] - Yc[:, j]) ** 2) for i, j in zip(*np.nonzero(P)))
+    direct = sum(
+        P[i, j] * np.sum((Xc[:, i] - Yc[:, j]) ** 2) for i, j in zip(*np.nonzero(P), strict=True)
+    )
     assert res.cost == pytest.approx(direct, rel=1e-13)
     assert smd_dist.soft_matching(X, Y).plan is None
     with pytest.raises(AttributeError):
@@ -205,7 +207,11 @@ def test_cka_constant_representation_is_an_error(rng):
 
 def test_available_names():
     assert set(available()) >= {
-        "soft_matching", "soft_matching_score", "permutation", "procrustes", "linear_cka",
+        "soft_matching",
+        "soft_matching_score",
+        "permutation",
+        "procrustes",
+        "linear_cka",
     }
     assert available() == tuple(sorted(available()))
 
@@ -217,8 +223,9 @@ def test_unknown_name_suggests():
         get("zzzzzz")
 
 
-@pytest.mark.parametrize("name", ["soft_matching", "soft_matching_score", "permutation",
-                                  "procrustes", "linear_cka"])
+@pytest.mark.parametrize(
+    "name", ["soft_matching", "soft_matching_score", "permutation", "procrustes", "linear_cka"]
+)
 def test_registry_compute_matches_public_functions(rng, name):
     X, Y = rep(rng, n=6), rep(rng, n=6)
     metric = get(name)
@@ -248,12 +255,15 @@ def test_registry_compute_matches_public_functions(rng, name):
 
 def test_fixed_preprocessing():
     assert get("soft_matching_score").preprocessing(center=False, normalize=None) == {
-        "center": True, "normalize": "unit",
+        "center": True,
+        "normalize": "unit",
     }
     assert get("linear_cka").preprocessing(normalize="zscore") == {
-        "center": True, "normalize": None,
+        "center": True,
+        "normalize": None,
     }
     assert get("soft_matching").preprocessing(center=False) == {
-        "center": False, "normalize": None,
+        "center": False,
+        "normalize": None,
     }
     assert get("permutation").equal_width_only and not get("soft_matching").equal_width_only

@@ -43,8 +43,12 @@ def make(kind, m, nx, ny, seed):
 
 def reference(X, Y):
     D = squared_distances(X, Y)
-    return ot.emd2(np.full(X.shape[1], 1 / X.shape[1]), np.full(Y.shape[1], 1 / Y.shape[1]),
-                   D, numItermax=10**9)
+    return ot.emd2(
+        np.full(X.shape[1], 1 / X.shape[1]),
+        np.full(Y.shape[1], 1 / Y.shape[1]),
+        D,
+        numItermax=10**9,
+    )
 
 
 KINDS = ["random", "latent", "copy", "redundant", "ties"]
@@ -95,7 +99,7 @@ def test_replicated_assignment(kind, shape):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", EQUAL[1:] + MULTIPLE + LCM + GENERAL)
-@pytest.mark.parametrize("method", ["sparse-network-simplex", "network-simplex"])
+@pytest.mark.parametrize("method", ["network-simplex"])
 def test_simplex_paths(kind, shape, method):
     X, Y = make(kind, 10, *shape, seed=5)
     _check_against_reference(X, Y, method)
@@ -107,7 +111,7 @@ def test_brute_force_over_permutations(seed, n):
     X, Y = make("random" if seed % 2 else "ties", 4, n, n, seed)
     D = squared_distances(X, Y)
     best = min(sum(D[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n))) / n
-    for method in ("auto", "assignment", "sparse-network-simplex", "network-simplex"):
+    for method in ("auto", "assignment", "replicated-assignment", "network-simplex"):
         assert solve(X, Y, method=method).cost == pytest.approx(best, rel=1e-12, abs=1e-12)
 
 
@@ -117,7 +121,7 @@ def test_choice_is_structural():
     X, Y = make("redundant", 50, 60, 60, 0)
     assert solvers.choose_method(squared_distances(X, Y)) == "network-simplex"
     X, Y = make("latent", 50, 30, 45, 0)
-    assert solvers.choose_method(squared_distances(X, Y)) == "sparse-network-simplex"
+    assert solvers.choose_method(squared_distances(X, Y)) == "network-simplex"
 
 
 def test_deterministic_bit_identical():
@@ -215,3 +219,62 @@ def test_all_zero_inputs():
     X = np.zeros((5, 4))
     tr = solve(X, np.zeros((5, 6)))
     assert tr.cost == 0.0 and tr.certificate.passed
+
+
+def test_identical_columns_are_merged_exactly():
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((15, 12))
+    X[:, [2, 5, 9]] = 0.0  # dead units
+    X[:, 7] = X[:, 1]  # an exact copy
+    Y = rng.standard_normal((15, 18))
+    Y[:, [0, 4]] = 0.0
+    Y[:, 10] = Y[:, 3]
+    tr = solve(X, Y)
+    assert tr.solver.startswith("merged-")
+    assert tr.cost == pytest.approx(reference(X, Y), rel=1e-12, abs=1e-12)
+    P = tr.plan().toarray()
+    np.testing.assert_allclose(P.sum(1), 1 / 12, rtol=1e-12)
+    np.testing.assert_allclose(P.sum(0), 1 / 18, rtol=1e-12)
+    assert tr.cost == pytest.approx(solvers.plan_cost(X, Y, tr.rows, tr.cols, tr.mass), rel=1e-13)
+    D = squared_distances(X, Y)
+    full = certify(D, tr.rows, tr.cols, tr.mass, tr.u, tr.v, tol=tr.certificate.tolerance)
+    assert full.passed  # the merged duals certify the original problem too
+    # copies of one neuron share their mass evenly
+    np.testing.assert_allclose(P[2], P[5])
+    np.testing.assert_allclose(P[1], P[7])
+
+
+def test_dead_units_merged_after_centring():
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((30, 40))
+    X[:, ::5] = 3.0  # constant neurons become dead (all-zero) after centring
+    X -= X.mean(0)
+    reps, group, counts = solvers._unique_columns(X)
+    assert counts.max() == 8 and reps.size == 33
+    assert np.array_equal(X[:, reps][:, group], X)
+
+
+def test_unique_columns_groups_by_first_occurrence():
+    X = np.array([[1.0, 0.0, 1.0, 2.0, 0.0], [3.0, 0.0, 3.0, 1.0, 0.0]])
+    reps, group, counts = solvers._unique_columns(X)
+    assert reps.tolist() == [0, 1, 3]
+    assert group.tolist() == [0, 1, 0, 2, 1]
+    assert counts.tolist() == [2, 2, 1]
+
+
+def test_replication_refuses_huge_lcm():
+    X, Y = make("random", 10, 7, 11, 1)
+    with pytest.raises(SolverError, match="too large"):
+        solve(X, Y, method="replicated-assignment")
+
+
+def test_nan_duals_never_certify():
+    X, Y = make("latent", 20, 25, 25, 2)
+    tr = solve(X, Y)
+    D = squared_distances(X, Y)
+    u = tr.u.copy()
+    u[4] = np.nan
+    cert = certify(D, tr.rows, tr.cols, tr.mass, u, tr.v, math.nan, tol=1.0)
+    assert not cert.passed
+    new, low = solvers._violations(D, u, tr.v, thr=1e-9, k=4)
+    assert math.isnan(low)

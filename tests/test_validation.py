@@ -119,8 +119,18 @@ def _bad_pairs(rng):
 
 @pytest.mark.parametrize(
     "case",
-    ["nan", "inf", "mismatch", "1d", "3d", "zero-neurons", "one-stimulus", "constant-unit",
-     "constant-zscore", "strings"],
+    [
+        "nan",
+        "inf",
+        "mismatch",
+        "1d",
+        "3d",
+        "zero-neurons",
+        "one-stimulus",
+        "constant-unit",
+        "constant-zscore",
+        "strings",
+    ],
 )
 def test_public_api_never_returns_a_number_for_bad_input(rng, case):
     A, B, kw = _bad_pairs(rng)[case]

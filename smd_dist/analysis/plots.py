@@ -34,6 +34,8 @@ def plot_heatmap(
 ):
     """Heatmap of one metric with layer tick labels, model names and lines between models.
 
+    When every rep is the same layer of a different model, the ticks name the models.
+
     Parameters
     ----------
     ds : xarray.Dataset or xarray.DataArray
@@ -70,24 +72,31 @@ def plot_heatmap(
     image = ax.imshow(np.asarray(da.values, dtype=float), cmap=cmap, interpolation="nearest")
     cbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     cbar.set_label(name)
+    spans = _runs(models)
+    # One layer across many nets: label the models and skip the per-model separators.
+    by_model = len(set(layers)) == 1 and len(spans) > 1
+    ticks = models if by_model else layers
     if n <= max_labels:
-        ticks = np.arange(n)
-        ax.set_xticks(ticks, layers, rotation=90, fontsize=7)
-        ax.set_yticks(ticks, layers, fontsize=7)
+        ax.set_xticks(np.arange(n), ticks, rotation=90, fontsize=7)
+        ax.set_yticks(np.arange(n), ticks, fontsize=7)
     else:
         ax.set_xticks([])
         ax.set_yticks([])
-    spans = _runs(models)
-    for start, _, _ in spans[1:]:
-        ax.axhline(start - 0.5, color="white", linewidth=1.2)
-        ax.axvline(start - 0.5, color="white", linewidth=1.2)
-    centres = [(a + b - 1) / 2 for a, b, _ in spans]
-    names = [m for _, _, m in spans]
-    top = ax.secondary_xaxis("top")
-    top.set_xticks(centres, names, rotation=90, fontsize=8)
-    right = ax.secondary_yaxis("right")
-    right.set_yticks(centres, names, fontsize=8)
-    ax.set_title(title or f"{name} ({n} representations)", pad=40)
+    if not by_model and len(spans) > 1:
+        for start, _, _ in spans[1:]:
+            ax.axhline(start - 0.5, color="white", linewidth=1.2)
+            ax.axvline(start - 0.5, color="white", linewidth=1.2)
+        centres = [(a + b - 1) / 2 for a, b, _ in spans]
+        names = [m for _, _, m in spans]
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(centres, names, rotation=90, fontsize=8)
+        right = ax.secondary_yaxis("right")
+        right.set_yticks(centres, names, fontsize=8)
+    if title is None:
+        where = models[0] if len(spans) == 1 else f"{n} representations"
+        where = f"{layers[0]} of {len(spans)} models" if by_model else where
+        title = f"{name} ({where})"
+    ax.set_title(title)
     return _finish(fig, path, dpi)
 
 

@@ -129,42 +129,52 @@ def get(name: str) -> Metric:
         ) from None
 
 
-register(Metric(
-    name="soft_matching",
-    kind="distance",
-    description="sqrt(min_P sum_ij P_ij ||x_i - y_j||^2), P >= 0, rows sum to 1/Nx, "
-    "columns to 1/Ny (exact optimal transport between tuning curves)",
-    equal_width_only=False,
-    _compute=_soft_matching,
-))
-register(Metric(
-    name="soft_matching_score",
-    kind="similarity",
-    description="max_P sum_ij P_ij corr(x_i, y_j) = 1 - d^2/2 on centred unit-norm columns",
-    equal_width_only=False,
-    _compute=_soft_matching_score,
-    fixed_preprocessing={"center": True, "normalize": "unit"},
-))
-register(Metric(
-    name="permutation",
-    kind="distance",
-    description="min_Pi ||X - Y Pi||_F over permutation matrices (equal widths only)",
-    equal_width_only=True,
-    _compute=_permutation,
-))
-register(Metric(
-    name="procrustes",
-    kind="distance",
-    description="min_{Q orthogonal} ||X - Y Q||_F = sqrt(||X||_F^2 + ||Y||_F^2 - "
-    "2 ||X^T Y||_*), narrower side padded with zero columns",
-    equal_width_only=False,
-    _compute=_procrustes,
-))
-register(Metric(
-    name="linear_cka",
-    kind="similarity",
-    description="||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred columns",
-    equal_width_only=False,
-    _compute=_cka,
-    fixed_preprocessing={"center": True, "normalize": None},
-))
+register(
+    Metric(
+        name="soft_matching",
+        kind="distance",
+        description="sqrt(min_P sum_ij P_ij ||x_i - y_j||^2), P >= 0, rows sum to 1/Nx, "
+        "columns to 1/Ny (exact optimal transport between tuning curves)",
+        equal_width_only=False,
+        _compute=_soft_matching,
+    )
+)
+register(
+    Metric(
+        name="soft_matching_score",
+        kind="similarity",
+        description="max_P sum_ij P_ij corr(x_i, y_j) = 1 - d^2/2 on centred unit-norm columns",
+        equal_width_only=False,
+        _compute=_soft_matching_score,
+        fixed_preprocessing={"center": True, "normalize": "unit"},
+    )
+)
+register(
+    Metric(
+        name="permutation",
+        kind="distance",
+        description="min_Pi ||X - Y Pi||_F over permutation matrices (equal widths only)",
+        equal_width_only=True,
+        _compute=_permutation,
+    )
+)
+register(
+    Metric(
+        name="procrustes",
+        kind="distance",
+        description="min_{Q orthogonal} ||X - Y Q||_F = sqrt(||X||_F^2 + ||Y||_F^2 - "
+        "2 ||X^T Y||_*), narrower side padded with zero columns",
+        equal_width_only=False,
+        _compute=_procrustes,
+    )
+)
+register(
+    Metric(
+        name="linear_cka",
+        kind="similarity",
+        description="||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred columns",
+        equal_width_only=False,
+        _compute=_cka,
+        fixed_preprocessing={"center": True, "normalize": None},
+    )
+)

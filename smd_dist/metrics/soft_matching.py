@@ -134,7 +134,9 @@ def soft_matching(
     )
 
 
-def soft_matching_distance(X, Y, *, center: bool = True, normalize: str | None = None, device=None):
+def soft_matching_distance(
+    X, Y, *, center: bool = True, normalize: str | None = None, device=None
+) -> float:
     """Soft matching distance ``d(X, Y)`` (see :func:`soft_matching`), a float.
 
     Arrays are (stimuli, neurons); widths may differ.
