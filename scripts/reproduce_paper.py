@@ -221,6 +221,16 @@ class NullRunner:
 # --- report ------------------------------------------------------------------------------
 
 
+def done(results) -> list:
+    """The nulls that finished (a solver failure leaves a placeholder with no draws)."""
+    return [r for r in results if r.n_draws > 0]
+
+
+def failed(results) -> str:
+    n = sum(r.n_draws == 0 for r in results)
+    return f"; {n} pair(s) failed, see Failures" if n else ""
+
+
 def fmt_p(p: float, n: int) -> str:
     return f"≤ {1 / (n + 1):.3f}" if p <= 1 / (n + 1) + 1e-12 else f"{p:.3f}"
 
@@ -331,14 +341,15 @@ class Report:
             "",
         )
         for layer, rs in per_layer.items():
-            if not rs:
+            ok = done(rs)
+            if not ok:
                 continue
-            above = sum(r.p_value <= 0.05 for r in rs)
+            above = sum(r.p_value <= 0.05 for r in ok)
             self.add(
-                f"- **{layer}**: score {np.mean([r.observed for r in rs]):.3f} "
-                f"(null {np.mean([r.null_mean for r in rs]):.3f}), z from "
-                f"{np.min([r.z_score for r in rs]):.1f} to {np.max([r.z_score for r in rs]):.1f}; "
-                f"{above}/{len(rs)} pairs above chance at p ≤ 0.05."
+                f"- **{layer}**: score {np.mean([r.observed for r in ok]):.3f} "
+                f"(null {np.mean([r.null_mean for r in ok]):.3f}), z from "
+                f"{np.min([r.z_score for r in ok]):.1f} to {np.max([r.z_score for r in ok]):.1f}; "
+                f"{above}/{len(ok)} pairs above chance at p ≤ 0.05{failed(rs)}."
             )
         self._null_figure(
             per_layer,
@@ -354,9 +365,10 @@ class Report:
         fig = Figure(figsize=(7, 4), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        names = [k for k, v in groups.items() if v]
+        names = [k for k, v in groups.items() if done(v)]
         for i, name in enumerate(names):
             rs = groups[name]
+            rs = done(rs)
             pooled = np.concatenate([r.null for r in rs])
             parts = ax.violinplot([pooled], positions=[i], widths=0.7, showextrema=False)
             for body in parts["bodies"]:
@@ -409,13 +421,14 @@ class Report:
             cells = []
             for key in kinds:
                 rs = kinds[key][layer]
-                if not rs:
+                ok = done(rs)
+                if not ok:
                     cells.append("–")
                     continue
                 cells.append(
-                    f"{np.mean([r.observed for r in rs]):.3f} "
-                    f"(null {np.mean([r.null_mean for r in rs]):.3f}, "
-                    f"max p {fmt_p(np.max([r.p_value for r in rs]), n)})"
+                    f"{np.mean([r.observed for r in ok]):.3f} "
+                    f"(null {np.mean([r.null_mean for r in ok]):.3f}, "
+                    f"max p {fmt_p(np.max([r.p_value for r in ok]), n)}{failed(rs)})"
                 )
             self.add(f"| {layer} | " + " | ".join(cells) + " |")
         self._kinds_figure(kinds, layers, figures / "trained_untrained.png")
@@ -474,11 +487,11 @@ class Report:
         x = np.arange(len(layers))
         for i, (key, by_layer) in enumerate(kinds.items()):
             obs = [
-                np.mean([r.observed for r in by_layer[k]]) if by_layer[k] else np.nan
+                np.mean([r.observed for r in done(by_layer[k])]) if done(by_layer[k]) else np.nan
                 for k in layers
             ]
             null = [
-                np.mean([r.null_mean for r in by_layer[k]]) if by_layer[k] else np.nan
+                np.mean([r.null_mean for r in done(by_layer[k])]) if done(by_layer[k]) else np.nan
                 for k in layers
             ]
             ax.plot(x, obs, "o-", color=f"C{i}", label=key)
@@ -522,18 +535,20 @@ class Report:
                 value(ds, "soft_matching", rid(a.model, layer), rid(b.model, layer))
                 for a, b in cross
             ]
-            same = [
-                nulls(rid(a.model, layer), rid(b.model, layer)).observed
+            same = done(
+                nulls(rid(a.model, layer), rid(b.model, layer))
                 for a, b in itertools.combinations(trained, 2)
                 if a.width == b.width
-            ]
+            )
+            ok = done(rs)
             na = int(ds.n_neurons_a.sel(rep_a=rid(cross[0][0].model, layer)))
             nb = int(ds.n_neurons_a.sel(rep_a=rid(cross[0][1].model, layer)))
             self.add(
                 f"| {layer} | {na} vs {nb} | {np.mean(dist):.3f} | "
-                f"{np.mean([r.observed for r in rs]):.3f} "
-                f"({np.mean([r.null_mean for r in rs]):.3f}, "
-                f"{fmt_p(np.max([r.p_value for r in rs]), n)}) | {np.mean(same):.3f} |"
+                f"{np.mean([r.observed for r in ok]):.3f} "
+                f"({np.mean([r.null_mean for r in ok]):.3f}, "
+                f"{fmt_p(np.max([r.p_value for r in ok]), n)}{failed(rs)}) | "
+                f"{np.mean([r.observed for r in same]):.3f} |"
             )
         self.add("")
 

@@ -202,7 +202,9 @@ class ResultsOutput:
             "txt", shape=txt.shape, dtype=VariableLengthUTF8(), chunks=txt.shape, compressors=_CODECS
         )
         text[...] = txt
-        part.attrs.update({"complete": True, "n": len(records), "sha256": _part_checksum(num, txt)})
+        # zarr writes attributes one key at a time: the completion mark must come last.
+        part.attrs.update({"n": len(records), "sha256": _part_checksum(num, txt)})
+        part.attrs["complete"] = True
         return name
 
     def part_names(self) -> list[str]:
