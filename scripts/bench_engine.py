@@ -42,13 +42,31 @@ from smd_dist.store import ActivationStore
 torch.set_num_threads(1)
 
 FULL = [
-    ("latent", 256), ("latent", 512), ("latent", 1024), ("latent", 2048),
-    ("permuted", 256), ("permuted", 512), ("permuted", 1024), ("permuted", 256),
-    ("redundant", 256), ("redundant", 512), ("redundant", 1024), ("redundant", 2048),
-    ("latent", 256), ("permuted", 512), ("redundant", 256), ("latent", 512),
+    ("latent", 256),
+    ("latent", 512),
+    ("latent", 1024),
+    ("latent", 2048),
+    ("permuted", 256),
+    ("permuted", 512),
+    ("permuted", 1024),
+    ("permuted", 256),
+    ("redundant", 256),
+    ("redundant", 512),
+    ("redundant", 1024),
+    ("redundant", 2048),
+    ("latent", 256),
+    ("permuted", 512),
+    ("redundant", 256),
+    ("latent", 512),
 ]
-QUICK = [("latent", 128), ("permuted", 128), ("redundant", 256), ("latent", 256),
-         ("permuted", 256), ("redundant", 128)]
+QUICK = [
+    ("latent", 128),
+    ("permuted", 128),
+    ("redundant", 256),
+    ("latent", 256),
+    ("permuted", 256),
+    ("redundant", 128),
+]
 
 
 def build_store(path: Path, spec, n_stimuli: int) -> ActivationStore:
@@ -67,7 +85,7 @@ def naive_loop(store: ActivationStore) -> tuple[dict, float]:
     values = {}
     start = time.perf_counter()
     for i, a in enumerate(records):
-        for b in records[i + 1:]:
+        for b in records[i + 1 :]:
             x = store.read(a.model, a.layer).astype(np.float64)
             y = store.read(b.model, b.layer).astype(np.float64)
             x -= x.mean(0)
@@ -75,7 +93,9 @@ def naive_loop(store: ActivationStore) -> tuple[dict, float]:
             cost = ot.dist(x.T, y.T)
             wa = np.full(x.shape[1], 1 / x.shape[1])
             wb = np.full(y.shape[1], 1 / y.shape[1])
-            values[(a.rep_id, b.rep_id)] = math.sqrt(max(ot.emd2(wa, wb, cost, numItermax=10**9), 0))
+            values[(a.rep_id, b.rep_id)] = math.sqrt(
+                max(ot.emd2(wa, wb, cost, numItermax=10**9), 0)
+            )
     return values, time.perf_counter() - start
 
 
@@ -89,7 +109,7 @@ def limit(store: ActivationStore, cores: int) -> tuple[float, int]:
     total = 0.0
     wins = {}
     for i, a in enumerate(records):
-        for b in records[i + 1:]:
+        for b in records[i + 1 :]:
             x, y = arrays[a.rep_id], arrays[b.rep_id]
             t0 = time.perf_counter()
             torch.from_numpy(x.astype(np.float32)).T @ torch.from_numpy(y.astype(np.float32))
@@ -97,8 +117,12 @@ def limit(store: ActivationStore, cores: int) -> tuple[float, int]:
             cost = ot.dist(x.T, y.T)
             times = {}
             t0 = time.perf_counter()
-            ot.emd2(np.full(x.shape[1], 1 / x.shape[1]), np.full(y.shape[1], 1 / y.shape[1]),
-                    cost, numItermax=10**9)
+            ot.emd2(
+                np.full(x.shape[1], 1 / x.shape[1]),
+                np.full(y.shape[1], 1 / y.shape[1]),
+                cost,
+                numItermax=10**9,
+            )
             times["emd2"] = time.perf_counter() - t0
             if x.shape[1] == y.shape[1]:
                 t0 = time.perf_counter()
@@ -119,8 +143,16 @@ def run_engine(store: ActivationStore, n_workers: int, output: Path):
     from smd_dist.cluster import SINGLE_THREAD_ENV
 
     os.environ.update(SINGLE_THREAD_ENV)
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                      dashboard_address=":0", memory_limit="8GB") as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            memory_limit="8GB",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         client.run(lambda: torch.set_num_threads(1))
         start = time.perf_counter()
         ds = smd_dist.compute_distances(store, output=output, client=client, progress=False)
@@ -147,8 +179,10 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         store = build_store(tmp / "store", spec, n_stimuli)
         n_pairs = len(spec) * (len(spec) - 1) // 2
-        print(f"workload: {len(spec)} reps, widths {sorted({w for _, w in spec})}, "
-              f"M = {n_stimuli}, {n_pairs} pairs, {cores} cores")
+        print(
+            f"workload: {len(spec)} reps, widths {sorted({w for _, w in spec})}, "
+            f"M = {n_stimuli}, {n_pairs} pairs, {cores} cores"
+        )
         ds1, t1, peak1 = run_engine(store, 1, tmp / "out1")
         ds2, t2, peak2 = run_engine(store, 2, tmp / "out2")
         lim, wins = limit(store, cores)
@@ -159,8 +193,10 @@ def main(argv=None) -> int:
         print(f"(c) limit            : {lim:8.2f} s   fastest solver per pair: {wins}")
         print(f"parallel efficiency (2 workers): {t1 / (2 * t2):.2f}")
         overhead = (2 * t2 - kernel_total) / n_pairs
-        print(f"scheduling + I/O overhead per pair: {overhead * 1e3:.1f} ms "
-              f"({100 * (2 * t2 - kernel_total) / (2 * t2):.1f} % of worker time)")
+        print(
+            f"scheduling + I/O overhead per pair: {overhead * 1e3:.1f} ms "
+            f"({100 * (2 * t2 - kernel_total) / (2 * t2):.1f} % of worker time)"
+        )
         print(f"(b, 2 workers) / (c): {t2 / lim:.2f}")
         assert ds1["soft_matching"].values.tobytes() == ds2["soft_matching"].values.tobytes()
         if not args.skip_naive:
@@ -170,7 +206,9 @@ def main(argv=None) -> int:
                 for (a, b), v in values.items()
             )
             print(f"(a) naive loop       : {tn:8.2f} s")
-            print(f"speed-up (a)/(b, 2 workers): {tn / t2:.2f}x   (a)/(b, 1 worker): {tn / t1:.2f}x")
+            print(
+                f"speed-up (a)/(b, 2 workers): {tn / t2:.2f}x   (a)/(b, 1 worker): {tn / t1:.2f}x"
+            )
             print(f"max relative difference engine vs naive: {worst:.2e}")
     return 0
 

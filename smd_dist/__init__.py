@@ -10,6 +10,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
+from smd_dist.engine import InputError, compute_distances
+from smd_dist.extract import extract
 from smd_dist.metrics import (
     linear_cka,
     permutation_distance,
@@ -19,14 +21,19 @@ from smd_dist.metrics import (
     soft_matching_score,
 )
 from smd_dist.metrics.soft_matching import SoftMatchingResult
-from smd_dist.store import ActivationStore
-from smd_dist.extract import extract
-from smd_dist.engine import compute_distances
-from smd_dist.results import open_distances
+from smd_dist.results import CorruptOutputError, OutputError, open_distances
+from smd_dist.solvers import SolverError
+from smd_dist.store import ActivationStore, CorruptStoreError, StoreError
 
 __all__ = [
     "__version__",
     "ActivationStore",
+    "CorruptOutputError",
+    "CorruptStoreError",
+    "InputError",
+    "OutputError",
+    "SolverError",
+    "StoreError",
     "SoftMatchingResult",
     "compute_distances",
     "extract",

@@ -89,7 +89,8 @@ def status(output: str, as_json: bool) -> None:
     for line in info["failed"]:
         click.echo(f"  {line}")
     if info["incomplete_parts"]:
-        click.echo(f"incomplete  {len(info['incomplete_parts'])} ledger part(s) from an interrupted write")
+        n_parts = len(info["incomplete_parts"])
+        click.echo(f"incomplete  {n_parts} ledger part(s) from an interrupted write")
     running = info["running"]
     click.echo(
         "running     " + (f"pid {running['pid']} on {running['host']} since {running['since']}"
@@ -111,7 +112,8 @@ def info() -> None:
     click.echo(f"smd-dist {__version__} on Python {platform.python_version()}")
     click.echo(f"torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}")
     click.echo(f"metrics: {', '.join(metrics.available())}")
-    click.echo(f"defaults: {DEFAULTS_PATH} (override in ~/.config/dask/*.yaml or DASK_SMD_DIST__*)")
+    click.echo(f"defaults: {DEFAULTS_PATH}")
+    click.echo("overrides: ~/.config/dask/*.yaml, then DASK_SMD_DIST__* environment variables")
 
 
 @main.command("config")

@@ -237,8 +237,7 @@ def _check_output_writable(path: Path, needed_bytes: int) -> None:
         probe.unlink()
     except OSError as err:
         raise OutputError(
-            f"output {str(path)!r} is not writable ({err.strerror or err}); "
-            "nothing was computed"
+            f"output {str(path)!r} is not writable ({err.strerror or err}); nothing was computed"
         ) from err
     free = shutil.disk_usage(parent).free
     if free < needed_bytes:
@@ -270,7 +269,11 @@ def _output_lock(path: Path):
     try:
         info_path.write_text(
             json.dumps(
-                {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
             )
         )
         yield
@@ -284,7 +287,17 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for pkg in ("smd-dist", "numpy", "scipy", "pot", "torch", "dask", "distributed", "zarr", "xarray"):
+    for pkg in (
+        "smd-dist",
+        "numpy",
+        "scipy",
+        "pot",
+        "torch",
+        "dask",
+        "distributed",
+        "zarr",
+        "xarray",
+    ):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -402,7 +415,9 @@ def compute_distances(
     n_pairs = len(chosen) * (len(chosen) - 1) // 2
     if output is not None:
         output_path = Path(output)
-        needed = 600 * n_pairs * len(metric_objs) + 64 * len(chosen) ** 2 * len(metric_objs) + 2**20
+        needed = (
+            600 * n_pairs * len(metric_objs) + 64 * len(chosen) ** 2 * len(metric_objs) + 2**20
+        )
         _check_output_writable(output_path, 2 * needed)
         lock = _output_lock(output_path)
     else:
@@ -422,8 +437,7 @@ def compute_distances(
         report.n_done_before = n_pairs - len(todo)
         report.incomplete_parts, report.corrupt_parts = incomplete, corrupt
         for message in corrupt:
-            print(f"smd-dist: quarantined a corrupt ledger part, its pairs are recomputed: {message}",
-                  file=sys.stderr)
+            print(f"smd-dist: quarantined, pairs recomputed: {message}", file=sys.stderr)
         if todo:
             with _client_context(client, cluster) as active:
                 if progress and client is not None:  # make_client prints it for its own
@@ -431,8 +445,17 @@ def compute_distances(
                 _check_inputs(active, store, chosen, todo, preps_needed, device)
                 _check_memory(active, store, chosen, todo)
                 report.n_computed, report.n_records_written = _run_pairs(
-                    active, store, chosen, todo, specs, preps_needed, device, sink,
-                    progress=progress, already=n_pairs - len(todo), total=n_pairs,
+                    active,
+                    store,
+                    chosen,
+                    todo,
+                    specs,
+                    preps_needed,
+                    device,
+                    sink,
+                    progress=progress,
+                    already=n_pairs - len(todo),
+                    total=n_pairs,
                 )
         if output is not None:
             latest, _, _ = sink.records(on_corrupt="quarantine")
@@ -457,7 +480,10 @@ def _pending_pairs(chosen, metric_objs, latest) -> list[tuple[int, int]]:
     for i in range(len(chosen)):
         for j in range(i + 1, len(chosen)):
             (ra, ha), (rb, hb) = sorted(
-                [(chosen[i].rep_id, chosen[i].content_hash), (chosen[j].rep_id, chosen[j].content_hash)]
+                [
+                    (chosen[i].rep_id, chosen[i].content_hash),
+                    (chosen[j].rep_id, chosen[j].content_hash),
+                ]
             )
             for metric in metric_objs:
                 record = latest.get((metric.name, ra, ha, rb, hb))
@@ -485,8 +511,14 @@ def _check_inputs(client, store, chosen, todo, preps, device) -> None:
     involved = sorted({i for pair in todo for i in pair})
     futures = {
         i: client.submit(
-            _check_rep, str(store.path), chosen[i].model, chosen[i].layer,
-            chosen[i].content_hash, preps, device, pure=False,
+            _check_rep,
+            str(store.path),
+            chosen[i].model,
+            chosen[i].layer,
+            chosen[i].content_hash,
+            preps,
+            device,
+            pure=False,
             key=f"check-{i}-{dask.base.tokenize(chosen[i].rep_id, chosen[i].content_hash, preps)}",
         )
         for i in involved
@@ -527,7 +559,9 @@ def _check_memory(client, store, chosen, todo) -> None:
         )
 
 
-def _run_pairs(client, store, chosen, todo, specs, preps, device, sink, *, progress, already, total):
+def _run_pairs(
+    client, store, chosen, todo, specs, preps, device, sink, *, progress, already, total
+):
     """Submit pair tasks in waves, write records as they arrive.
 
     Returns the number of pairs computed and of records written.
@@ -538,7 +572,8 @@ def _run_pairs(client, store, chosen, todo, specs, preps, device, sink, *, progr
     engine_cfg = config.get("engine", {}) or {}
     flush_seconds = float(engine_cfg.get("flush-seconds", 2.0))
     tasks = _plan_tasks(
-        chosen, todo,
+        chosen,
+        todo,
         small=int(engine_cfg.get("small-pair-neurons", 256)),
         per_task=int(engine_cfg.get("max-pairs-per-task", 64)),
     )
@@ -559,8 +594,14 @@ def _run_pairs(client, store, chosen, todo, specs, preps, device, sink, *, progr
         if i not in prepared:
             rep = chosen[i]
             prepared[i] = client.submit(
-                _prepare_rep, str(store.path), rep.model, rep.layer, rep.content_hash, preps,
-                device, key=f"prepare-{i}-{token}",
+                _prepare_rep,
+                str(store.path),
+                rep.model,
+                rep.layer,
+                rep.content_hash,
+                preps,
+                device,
+                key=f"prepare-{i}-{token}",
             )
         return prepared[i]
 
@@ -568,8 +609,12 @@ def _run_pairs(client, store, chosen, todo, specs, preps, device, sink, *, progr
         reps_in = sorted({i for pair in task for i in pair})
         ids = [(chosen[i].rep_id, chosen[j].rep_id) for i, j in task]
         future = client.submit(
-            _compare_pairs, ids, {chosen[i].rep_id: prepared_future(i) for i in reps_in},
-            specs, device, key=f"pairs-{task[0][0]}-{task[0][1]}-{len(task)}-{token}",
+            _compare_pairs,
+            ids,
+            {chosen[i].rep_id: prepared_future(i) for i in reps_in},
+            specs,
+            device,
+            key=f"pairs-{task[0][0]}-{task[0][1]}-{len(task)}-{token}",
         )
         return future
 
@@ -579,8 +624,14 @@ def _run_pairs(client, store, chosen, todo, specs, preps, device, sink, *, progr
     pending: dict = {}
     queue = list(reversed(tasks))
     computed = written = 0
-    bar = tqdm(total=total, initial=already, unit="pair", disable=not progress, file=sys.stderr,
-               desc="smd-dist")
+    bar = tqdm(
+        total=total,
+        initial=already,
+        unit="pair",
+        disable=not progress,
+        file=sys.stderr,
+        desc="smd-dist",
+    )
 
     def flush():
         nonlocal buffer, last_flush, written
@@ -608,17 +659,33 @@ def _run_pairs(client, store, chosen, todo, specs, preps, device, sink, *, progr
                 if future.status == "error":
                     err = future.exception()
                     results = [
-                        {"metric": name, "rep_a": a, "rep_b": b, "value": float("nan"),
-                         "error": f"{type(err).__name__}: {err}", "worker": ""}
-                        for a, b in ids for name, _ in specs
+                        {
+                            "metric": name,
+                            "rep_a": a,
+                            "rep_b": b,
+                            "value": float("nan"),
+                            "error": f"{type(err).__name__}: {err}",
+                            "worker": "",
+                        }
+                        for a, b in ids
+                        for name, _ in specs
                     ]
                 else:
                     results = future.result()
                 future.release()
                 for raw in results:
                     a, b = canonical_pair(raw["rep_a"], raw["rep_b"])
-                    buffer.append(PairRecord(**{**raw, "rep_a": a, "rep_b": b,
-                                                "hash_a": hashes[a], "hash_b": hashes[b]}))
+                    buffer.append(
+                        PairRecord(
+                            **{
+                                **raw,
+                                "rep_a": a,
+                                "rep_b": b,
+                                "hash_a": hashes[a],
+                                "hash_b": hashes[b],
+                            }
+                        )
+                    )
                 computed += len(task)
                 bar.update(len(task))
                 for i in {i for pair in task for i in pair}:
@@ -649,7 +716,9 @@ def _dataset_attrs(store, chosen, metric_objs, prep, run_config) -> dict:
     # Structured attributes are JSON strings: netCDF takes only flat values.
     return {
         "title": "soft matching distances between neural representations",
-        "metrics": json.dumps({m.name: {"kind": m.kind, "definition": m.description} for m in metric_objs}),
+        "metrics": json.dumps(
+            {m.name: {"kind": m.kind, "definition": m.description} for m in metric_objs}
+        ),
         "preprocessing": json.dumps(prep),
         "versions": json.dumps(_versions()),
         "store": str(store.path),

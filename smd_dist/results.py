@@ -199,7 +199,11 @@ class ResultsOutput:
         part = ledger.create_group(name, attributes={"complete": False})
         part.create_array("num", data=num, chunks=num.shape, compressors=_CODECS)
         text = part.create_array(
-            "txt", shape=txt.shape, dtype=VariableLengthUTF8(), chunks=txt.shape, compressors=_CODECS
+            "txt",
+            shape=txt.shape,
+            dtype=VariableLengthUTF8(),
+            chunks=txt.shape,
+            compressors=_CODECS,
         )
         text[...] = txt
         # zarr writes attributes one key at a time: the completion mark must come last.
@@ -238,9 +242,9 @@ class ResultsOutput:
             raise CorruptOutputError(
                 f"{where}: a chunk failed to decode ({err}){_pairs_hint(txt)}"
             ) from err
-        if num.shape != (attrs.get("n"), len(_NUM_FIELDS)) or _part_checksum(num, txt) != attrs.get(
-            "sha256"
-        ):
+        if num.shape != (attrs.get("n"), len(_NUM_FIELDS)) or _part_checksum(
+            num, txt
+        ) != attrs.get("sha256"):
             raise CorruptOutputError(f"{where}: checksum mismatch{_pairs_hint(txt)}")
         return [
             PairRecord(
@@ -314,7 +318,9 @@ class ResultsOutput:
         group = zarr.open_group(self.path, mode="a", use_consolidated=False)
         for name in list(group.array_keys()):
             del group[name]
-        checksums = {name: _array_checksum(np.asarray(var.values)) for name, var in ds.variables.items()}
+        checksums = {
+            name: _array_checksum(np.asarray(var.values)) for name, var in ds.variables.items()
+        }
         ds = ds.copy()
         ds.attrs = {**ds.attrs, "checksums": json.dumps(checksums, sort_keys=True)}
         encoding = {name: {"compressors": _CODECS} for name in ds.variables}
@@ -375,7 +381,9 @@ def assemble(
         for i in range(n):
             for j in range(i + 1, n):
                 a, b = reps[i], reps[j]
-                (ra, ha), (rb, hb) = sorted([(a.rep_id, a.content_hash), (b.rep_id, b.content_hash)])
+                (ra, ha), (rb, hb) = sorted(
+                    [(a.rep_id, a.content_hash), (b.rep_id, b.content_hash)]
+                )
                 record = records.get((metric.name, ra, ha, rb, hb))
                 if record is None:
                     continue
@@ -397,7 +405,10 @@ def assemble(
     for side in ("a", "b"):
         coords[f"model_{side}"] = (f"rep_{side}", np.array([r.model for r in reps], dtype=object))
         coords[f"layer_{side}"] = (f"rep_{side}", np.array([r.layer for r in reps], dtype=object))
-        coords[f"n_neurons_{side}"] = (f"rep_{side}", np.array([r.n_neurons for r in reps], dtype="i8"))
+        coords[f"n_neurons_{side}"] = (
+            f"rep_{side}",
+            np.array([r.n_neurons for r in reps], dtype="i8"),
+        )
     return xr.Dataset(data_vars, coords=coords, attrs=dict(attrs or {}))
 
 
@@ -463,7 +474,11 @@ def _matrix_hint(output: ResultsOutput, ds: xr.Dataset, name: str) -> str:
                     bad.append(f"{a} vs {b}")
     if not bad:
         return ""
-    return "; pairs affected: " + ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return (
+        "; pairs affected: "
+        + ", ".join(bad[:5])
+        + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    )
 
 
 def summarize(records: Iterable[PairRecord]) -> dict:

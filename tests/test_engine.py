@@ -37,8 +37,12 @@ def make_store(path, widths=WIDTHS, seed=0):
 def client():
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         yield c
 
 
@@ -83,8 +87,9 @@ def test_matrix_matches_kernel_and_independent_ot(store, client, tmp_path):
 def test_resume_computes_nothing_and_rerun_is_bit_identical(store, client, tmp_path):
     first = compute_distances(store, output=tmp_path / "out", client=client, progress=False)
     report = RunReport(0, 0, 0)
-    again = compute_distances(store, output=tmp_path / "out", client=client, progress=False,
-                              report=report)
+    again = compute_distances(
+        store, output=tmp_path / "out", client=client, progress=False, report=report
+    )
     assert report.n_computed == 0 and report.n_done_before == 6
     np.testing.assert_array_equal(again["soft_matching"].values, first["soft_matching"].values)
     fresh = compute_distances(store, output=tmp_path / "other", client=client, progress=False)
@@ -95,21 +100,31 @@ def test_new_reps_compute_only_new_pairs(store, client, tmp_path):
     compute_distances(store, output=tmp_path / "out", client=client, progress=False)
     make_store(store.path, widths={"net-c/head": 7}, seed=5)
     report = RunReport(0, 0, 0)
-    ds = compute_distances(store, output=tmp_path / "out", client=client, progress=False,
-                           report=report)
+    ds = compute_distances(
+        store, output=tmp_path / "out", client=client, progress=False, report=report
+    )
     assert report.n_pairs == 10 and report.n_done_before == 6 and report.n_computed == 4
     assert ds.sizes["rep_a"] == 5
     assert not np.isnan(ds["soft_matching"].values).any()
 
 
 def test_selection_and_several_metrics_in_memory(store, client):
-    ds = compute_distances(store, reps=["net-a", "net-b/fc"], client=client, progress=False,
-                           metrics=["soft_matching", "permutation", "linear_cka"])
+    ds = compute_distances(
+        store,
+        reps=["net-a", "net-b/fc"],
+        client=client,
+        progress=False,
+        metrics=["soft_matching", "permutation", "linear_cka"],
+    )
     assert list(ds.rep_a.values) == ["net-a/conv.1", "net-a/conv.2", "net-b/fc"]
     perm = ds["permutation"]
     assert math.isnan(perm.sel(rep_a="net-a/conv.1", rep_b="net-a/conv.2").item())
-    assert ds["permutation_solver"].sel(rep_a="net-a/conv.1", rep_b="net-a/conv.2").item().startswith(
-        "undefined")
+    assert (
+        ds["permutation_solver"]
+        .sel(rep_a="net-a/conv.1", rep_b="net-a/conv.2")
+        .item()
+        .startswith("undefined")
+    )
     assert np.all(np.diag(ds["linear_cka"].values) == 1)
     assert ds.attrs["n_failed_pairs"] == 0
 
@@ -133,8 +148,9 @@ def test_bad_rep_is_refused_before_any_pair(tmp_path, client):
     bad[:, 2] = 3.0
     store.write("net-c", "flat", bad)
     with pytest.raises(InputError, match=r"net-c/flat.*constant"):
-        compute_distances(store, output=tmp_path / "out", client=client, progress=False,
-                          normalize="unit")
+        compute_distances(
+            store, output=tmp_path / "out", client=client, progress=False, normalize="unit"
+        )
     latest, _, _ = smd_dist.results.ResultsOutput(tmp_path / "out").records()
     assert latest == {}
 
@@ -151,18 +167,28 @@ def test_failed_pair_is_recorded_and_retried_alone(store, client, tmp_path, monk
                 raise RuntimeError("injected failure")
             return real.compute(xa, xb, **kw)
 
-    monkeypatch.setattr(engine.metric_registry, "get", lambda name: Flaky() if name == "soft_matching" else metrics.get(name))
+    monkeypatch.setattr(
+        engine.metric_registry,
+        "get",
+        lambda name: Flaky() if name == "soft_matching" else metrics.get(name),
+    )
     report = RunReport(0, 0, 0)
-    ds = compute_distances(store, output=tmp_path / "out", client=client, progress=False,
-                           report=report)
+    ds = compute_distances(
+        store, output=tmp_path / "out", client=client, progress=False, report=report
+    )
     assert len(report.failed) == 3 and all("injected failure" in f for f in report.failed)
-    assert ds["soft_matching_error"].sel(rep_a="net-a/conv.1", rep_b="net-b/fc").item().startswith(
-        "RuntimeError")
+    assert (
+        ds["soft_matching_error"]
+        .sel(rep_a="net-a/conv.1", rep_b="net-b/fc")
+        .item()
+        .startswith("RuntimeError")
+    )
     assert not np.isnan(ds["soft_matching"].sel(rep_a="net-a/conv.1", rep_b="net-a/conv.2"))
     monkeypatch.undo()
     report = RunReport(0, 0, 0)
-    ds = compute_distances(store, output=tmp_path / "out", client=client, progress=False,
-                           report=report)
+    ds = compute_distances(
+        store, output=tmp_path / "out", client=client, progress=False, report=report
+    )
     assert report.n_computed == 3 and report.failed == []
     assert not np.isnan(ds["soft_matching"].values).any()
 
@@ -170,8 +196,9 @@ def test_failed_pair_is_recorded_and_retried_alone(store, client, tmp_path, monk
 def test_incompatible_output_is_refused(store, client, tmp_path):
     compute_distances(store, output=tmp_path / "out", client=client, progress=False)
     with pytest.raises(IncompatibleOutputError, match="normalize"):
-        compute_distances(store, output=tmp_path / "out", client=client, progress=False,
-                          normalize="zscore")
+        compute_distances(
+            store, output=tmp_path / "out", client=client, progress=False, normalize="zscore"
+        )
 
 
 def test_second_run_on_a_locked_output_is_refused(store, client, tmp_path):

@@ -51,8 +51,12 @@ def workload(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("faults")
     store = build_store(root / "store")
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         clean = compute_distances(store, client=client, progress=False)
     return store, clean["soft_matching"].values
 
@@ -69,11 +73,20 @@ def write_config(path: Path, store: ActivationStore, output: Path, extra: str = 
 
 
 def cli(*args, env_extra=None, **kwargs):
-    env = {**os.environ, "DASK_SMD_DIST__ENGINE__FLUSH_SECONDS": "0.2",
-           "DASK_SMD_DIST__ENGINE__SMALL_PAIR_NEURONS": "0", **(env_extra or {})}
+    env = {
+        **os.environ,
+        "DASK_SMD_DIST__ENGINE__FLUSH_SECONDS": "0.2",
+        "DASK_SMD_DIST__ENGINE__SMALL_PAIR_NEURONS": "0",
+        **(env_extra or {}),
+    }
     return subprocess.Popen(
-        [sys.executable, "-m", "smd_dist", *args], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs,
+        [sys.executable, "-m", "smd_dist", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kwargs,
     )
 
 
@@ -95,8 +108,12 @@ def test_worker_killed_mid_run_gives_identical_matrix(workload, tmp_path):
 
     store, clean = workload
     output = tmp_path / "out"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         pids = list(client.run(os.getpid).values())
 
         def kill_one():
@@ -108,10 +125,12 @@ def test_worker_killed_mid_run_gives_identical_matrix(workload, tmp_path):
         killer = threading.Thread(target=kill_one)
         killer.start()
         report = RunReport(0, 0, 0)
-        with dask.config.set({"smd-dist.engine.flush-seconds": 0.1,
-                              "smd-dist.engine.small-pair-neurons": 0}):
-            ds = compute_distances(store, output=output, client=client, progress=False,
-                                   report=report)
+        with dask.config.set(
+            {"smd-dist.engine.flush-seconds": 0.1, "smd-dist.engine.small-pair-neurons": 0}
+        ):
+            ds = compute_distances(
+                store, output=output, client=client, progress=False, report=report
+            )
         killer.join()
         assert pids[0] not in client.run(os.getpid).values()
     assert report.failed == []
@@ -132,8 +151,9 @@ def test_driver_killed_then_resume_recomputes_only_missing(workload, tmp_path):
     proc.wait(timeout=30)
     done = pairs_in_ledger(output)
     assert 5 <= done < N_PAIRS
-    before = subprocess.run([sys.executable, "-m", "smd_dist", "status", str(output)],
-                            capture_output=True, text=True).stdout
+    before = subprocess.run(
+        [sys.executable, "-m", "smd_dist", "status", str(output)], capture_output=True, text=True
+    ).stdout
     rerun = cli("run", str(config), "--no-progress")
     out, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, out
@@ -172,8 +192,12 @@ def test_corrupt_store_chunk_is_refused_naming_the_rep(tmp_path):
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         with pytest.raises(InputError, match=r"net1/layer\.2"):
             compute_distances(store, output=tmp_path / "out", client=client, progress=False)
     assert pairs_in_ledger(tmp_path / "out") == 0
@@ -184,17 +208,27 @@ def test_corrupt_output_is_detected_and_its_pairs_recomputed(workload, tmp_path)
 
     store, clean = workload
     output = tmp_path / "out"
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         compute_distances(store, output=output, client=client, progress=False)
-        matrix_chunk = next(p for p in (output / "soft_matching").rglob("*") if p.is_file()
-                            and p.name != "zarr.json")
+        matrix_chunk = next(
+            p
+            for p in (output / "soft_matching").rglob("*")
+            if p.is_file() and p.name != "zarr.json"
+        )
         matrix_chunk.unlink()
         with pytest.raises(CorruptOutputError, match="soft_matching"):
             open_distances(output)
         (part,) = ResultsOutput(output).part_names()
-        chunk = next(p for p in (output / "ledger" / part / "num").rglob("*")
-                     if p.is_file() and p.name != "zarr.json")
+        chunk = next(
+            p
+            for p in (output / "ledger" / part / "num").rglob("*")
+            if p.is_file() and p.name != "zarr.json"
+        )
         data = bytearray(chunk.read_bytes())
         data[-5] ^= 0xFF
         chunk.write_bytes(bytes(data))
@@ -223,8 +257,9 @@ def test_failing_pair_exits_nonzero_status_lists_it_rerun_retries_it(tmp_path, m
                 raise FloatingPointError("injected solver failure")
             return real.compute(xa, xb, **kw)
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                      dashboard_address=":0") as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
+    ) as cluster:
         config = tmp_path / "run.yaml"
         config.write_text(
             f"store: {store.path}\noutput: {tmp_path / 'out'}\n"
@@ -232,8 +267,11 @@ def test_failing_pair_exits_nonzero_status_lists_it_rerun_retries_it(tmp_path, m
         )
         runner = CliRunner()
         with monkeypatch.context() as mp:
-            mp.setattr(engine.metric_registry, "get",
-                       lambda name: Failing() if name == "soft_matching" else metrics.get(name))
+            mp.setattr(
+                engine.metric_registry,
+                "get",
+                lambda name: Failing() if name == "soft_matching" else metrics.get(name),
+            )
             result = runner.invoke(main, ["run", str(config), "--no-progress"])
         assert result.exit_code == 1, result.output
         assert "9 pair result(s) failed" in result.output

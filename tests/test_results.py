@@ -38,16 +38,35 @@ class Metric:
     description: str = "test metric"
 
 
-REPS = [Rep("m1/a.1", "m1", "a.1", 4, "h1"), Rep("m1/b/2", "m1", "b/2", 8, "h2"), Rep("m2/a", "m2", "a", 4, "h3")]
-HEADER = {"format": 1, "preprocessing": {"center": True, "normalize": None}, "version_series": "0.1"}
+REPS = [
+    Rep("m1/a.1", "m1", "a.1", 4, "h1"),
+    Rep("m1/b/2", "m1", "b/2", 8, "h2"),
+    Rep("m2/a", "m2", "a", 4, "h3"),
+]
+HEADER = {
+    "format": 1,
+    "preprocessing": {"center": True, "normalize": None},
+    "version_series": "0.1",
+}
 
 
 def record(a, b, value, metric="soft_matching", error=""):
     ra, rb = canonical_pair(a.rep_id, b.rep_id)
     ha = a.content_hash if ra == a.rep_id else b.content_hash
     hb = b.content_hash if rb == b.rep_id else a.content_hash
-    return PairRecord(metric, ra, rb, ha, hb, value, solver="lap", max_violation=0.0, gap=0.0,
-                      seconds=0.1, error=error)
+    return PairRecord(
+        metric,
+        ra,
+        rb,
+        ha,
+        hb,
+        value,
+        solver="lap",
+        max_violation=0.0,
+        gap=0.0,
+        seconds=0.1,
+        error=error,
+    )
 
 
 @pytest.fixture
@@ -148,8 +167,14 @@ def test_assemble_is_symmetric_labeled_with_identity_diagonal():
 
 
 def test_open_distances_verifies_checksums(output):
-    recs = {r.key: r for r in [record(REPS[0], REPS[1], 1.0), record(REPS[1], REPS[2], 2.0),
-                               record(REPS[0], REPS[2], 3.0)]}
+    recs = {
+        r.key: r
+        for r in [
+            record(REPS[0], REPS[1], 1.0),
+            record(REPS[1], REPS[2], 2.0),
+            record(REPS[0], REPS[2], 3.0),
+        ]
+    }
     output.append(list(recs.values()))
     ds = assemble(recs, REPS, [Metric("soft_matching", "distance")], attrs={"note": "x"})
     output.write_dataset(ds)
