@@ -180,23 +180,9 @@ def read_cluster_section(path: str | os.PathLike) -> dict:
     ConfigError
         The file is missing, not YAML, not a mapping, or has unknown keys.
     """
-    import yaml
+    from smd_dist.config import read_config_file
 
-    from smd_dist.config import RUN_CONFIG_KEYS
-
-    if not os.path.isfile(path):
-        raise ConfigError(f"run config {str(path)!r} does not exist")
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"run config {str(path)!r} is not valid YAML: {err}") from err
-    if not isinstance(cfg, dict):
-        raise ConfigError(
-            f"run config {str(path)!r} must be a mapping of keys to values, "
-            f"got {type(cfg).__name__}"
-        )
-    check_keys(cfg, RUN_CONFIG_KEYS, where=f"run config {str(path)!r}")
+    cfg = read_config_file(path)
     section = cfg.get("cluster") or {}
     if not isinstance(section, dict):
         raise ConfigError(

@@ -64,16 +64,13 @@ def check_keys(mapping: dict, valid: dict | list | tuple, *, where: str) -> None
             )
 
 
-def load_run_config(path: str | os.PathLike) -> dict:
-    """Load and validate a run config YAML file.
-
-    Relative ``store`` and ``output`` paths are taken relative to the config file's folder.
+def read_config_file(path: str | os.PathLike) -> dict:
+    """Parse a run config YAML file and check its top-level keys; nothing is required.
 
     Raises
     ------
     ConfigError
-        The file is missing, is not valid YAML, is not a mapping, has unknown keys, or
-        lacks ``store`` or ``output``.
+        The file is missing, is not valid YAML, is not a mapping, or has unknown keys.
     """
     path = Path(path)
     if not path.is_file():
@@ -89,10 +86,24 @@ def load_run_config(path: str | os.PathLike) -> dict:
             f"got {type(cfg).__name__}"
         )
     check_keys(cfg, RUN_CONFIG_KEYS, where=f"run config {str(path)!r}")
+    return cfg
+
+
+def load_run_config(path: str | os.PathLike) -> dict:
+    """Load and validate a run config YAML file.
+
+    Relative ``store`` and ``output`` paths are taken relative to the config file's folder.
+
+    Raises
+    ------
+    ConfigError
+        As :func:`read_config_file`, or the file lacks ``store`` or ``output``.
+    """
+    cfg = read_config_file(path)
     for required in ("store", "output"):
         if not cfg.get(required):
             raise ConfigError(f"run config {str(path)!r} lacks the required key {required!r}")
-    base = path.resolve().parent
+    base = Path(path).resolve().parent
     for key in ("store", "output"):
         value = str(cfg[key])
         if "://" not in value and not os.path.isabs(value):
