@@ -714,7 +714,7 @@ class Report:
                 "## Failures",
                 "",
                 f"{len(self.failures)} rotation null(s) stopped on a solver error (their "
-                "cells read nan above):",
+                "rows read nan; the summaries leave them out):",
                 "",
                 *(f"- {f}" for f in self.failures),
                 "",

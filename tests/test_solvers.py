@@ -278,3 +278,32 @@ def test_nan_duals_never_certify():
     assert not cert.passed
     new, low = solvers._violations(D, u, tr.v, thr=1e-9, k=4)
     assert math.isnan(low)
+
+
+def test_drifted_duals_are_repaired_by_the_c_transform():
+    rng = np.random.default_rng(3)
+    X, Y = rng.standard_normal((30, 9)), rng.standard_normal((30, 13))
+    D = squared_distances(X, Y)
+    tol = solvers.tolerance(X, Y)
+    rows, cols, mass, u, v = solvers._network_simplex(D, tol=tol)
+    drifted = u.copy()
+    drifted[:3] += 50 * tol  # what pivots' rounding does, exaggerated
+    assert not certify(D, rows, cols, mass, drifted, v, tol=tol).passed
+    repaired = solvers._c_transform(D, (rows, cols, mass, drifted, v))
+    cert = certify(D, *repaired, tol=tol)
+    assert cert.passed and cert.max_violation <= 1e-12
+    exact = ot.emd2(np.full(9, 1 / 9), np.full(13, 1 / 13), D, numItermax=10**9)
+    assert cert.dual <= exact + 1e-12 <= cert.primal + 2e-12
+
+
+def test_c_transform_cannot_rescue_a_suboptimal_plan():
+    rng = np.random.default_rng(4)
+    X, Y = rng.standard_normal((30, 8)), rng.standard_normal((30, 8))
+    D = squared_distances(X, Y)
+    tol = solvers.tolerance(X, Y)
+    rows, cols, mass, u, v = solvers._network_simplex(D, tol=tol)
+    worst = np.argsort(-D, axis=1)[:, 0]
+    if len(set(worst)) < 8:
+        worst = np.roll(cols, 1)
+    bad = (np.arange(8), worst, np.full(8, 1 / 8), u, v)
+    assert not certify(D, *solvers._c_transform(D, bad), tol=tol).passed
