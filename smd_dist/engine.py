@@ -39,6 +39,10 @@ from smd_dist.results import (
     summarize,
 )
 
+#: Prepared reps stay in worker memory from the input check to their last pair when they
+#: take at most this fraction of the cluster's memory; otherwise they are read again.
+KEEP_PREPARED_FRACTION = 0.25
+
 
 class InputError(ValueError):
     """Representations that cannot be compared, found before any pair is computed."""
@@ -442,7 +446,7 @@ def compute_distances(
             with _client_context(client, cluster) as active:
                 if progress and client is not None:  # make_client prints it for its own
                     print(f"smd-dist: dashboard {active.dashboard_link}", file=sys.stderr)
-                _check_inputs(active, store, chosen, todo, preps_needed, device)
+                prepared = _check_inputs(active, store, chosen, todo, preps_needed, device)
                 _check_memory(active, store, chosen, todo)
                 report.n_computed, report.n_records_written = _run_pairs(
                     active,
@@ -456,6 +460,7 @@ def compute_distances(
                     progress=progress,
                     already=n_pairs - len(todo),
                     total=n_pairs,
+                    prepared=prepared,
                 )
         if output is not None:
             latest, _, _ = sink.records(on_corrupt="quarantine")
@@ -504,22 +509,31 @@ def _client_context(client, cluster_config):
         yield made
 
 
-def _check_inputs(client, store, chosen, todo, preps, device) -> None:
-    """Read and validate every rep that takes part, on the workers, before any pair."""
+def _check_inputs(client, store, chosen, todo, preps, device) -> dict:
+    """Read and validate every rep that takes part, on the workers, before any pair.
+
+    When all prepared reps fit in the cluster's memory (``KEEP_PREPARED_FRACTION``), the
+    prepared arrays are kept and returned as futures by rep index, so pair tasks use them
+    without reading the store again; otherwise only the verdicts are kept ({} returned).
+    """
     from distributed import wait
 
     involved = sorted({i for pair in todo for i in pair})
+    n_stimuli = store.n_stimuli or 0
+    prepared_bytes = sum(8 * n_stimuli * chosen[i].n_neurons * len(preps) for i in involved)
+    memory = sum(w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values())
+    keep = prepared_bytes <= (memory * KEEP_PREPARED_FRACTION if memory else 2**31)
+    token = dask.base.tokenize(str(store.path), preps, time.time_ns())
     futures = {
         i: client.submit(
-            _check_rep,
+            _prepare_rep if keep else _check_rep,
             str(store.path),
             chosen[i].model,
             chosen[i].layer,
             chosen[i].content_hash,
             preps,
             device,
-            pure=False,
-            key=f"check-{i}-{dask.base.tokenize(chosen[i].rep_id, chosen[i].content_hash, preps)}",
+            key=f"{'prepare' if keep else 'check'}-{i}-{token}",
         )
         for i in involved
     }
@@ -537,6 +551,7 @@ def _check_inputs(client, store, chosen, todo, preps, device) -> None:
             f"{len(problems)} representation(s) cannot be compared; nothing was computed:\n  "
             + "\n  ".join(problems)
         )
+    return futures if keep else {}
 
 
 def _check_memory(client, store, chosen, todo) -> None:
@@ -560,10 +575,24 @@ def _check_memory(client, store, chosen, todo) -> None:
 
 
 def _run_pairs(
-    client, store, chosen, todo, specs, preps, device, sink, *, progress, already, total
+    client,
+    store,
+    chosen,
+    todo,
+    specs,
+    preps,
+    device,
+    sink,
+    *,
+    progress,
+    already,
+    total,
+    prepared=None,
 ):
     """Submit pair tasks in waves, write records as they arrive.
 
+    ``prepared`` maps rep index to a future of its prepared arrays where the input check
+    kept them; other reps are read and prepared when their first pair is submitted.
     Returns the number of pairs computed and of records written.
     """
     from distributed import wait
@@ -587,7 +616,7 @@ def _run_pairs(
         return 4 * max(threads, 1)
 
     uses = Counter(i for task in tasks for pair in task for i in pair)
-    prepared: dict[int, object] = {}
+    prepared: dict[int, object] = dict(prepared or {})
     token = dask.base.tokenize(str(store.path), preps, time.time_ns())
 
     def prepared_future(i):

@@ -108,6 +108,18 @@ def test_new_reps_compute_only_new_pairs(store, client, tmp_path):
     assert not np.isnan(ds["soft_matching"].values).any()
 
 
+def test_reps_too_big_to_keep_are_checked_then_read_again(store, client, monkeypatch):
+    kept = compute_distances(store, client=client, progress=False)
+    monkeypatch.setattr(engine, "KEEP_PREPARED_FRACTION", 0.0)
+    reread = compute_distances(store, client=client, progress=False)
+    assert reread["soft_matching"].values.tobytes() == kept["soft_matching"].values.tobytes()
+    bad = np.random.default_rng(1).standard_normal((M, 4))
+    bad[:, 1] = 2.0
+    store.write("net-c", "flat", bad)
+    with pytest.raises(InputError, match=r"net-c/flat"):
+        compute_distances(store, client=client, progress=False, normalize="zscore")
+
+
 def test_selection_and_several_metrics_in_memory(store, client):
     ds = compute_distances(
         store,
