@@ -306,7 +306,7 @@ class ResultsOutput:
         names = self.part_names()
         if len(names) <= 1:
             return
-        latest, incomplete, _ = self.records(on_corrupt="raise")
+        latest, _, _ = self.records(on_corrupt="raise")
         self.append(list(latest.values()))
         for name in names:
             shutil.rmtree(self.path / LEDGER / name)
