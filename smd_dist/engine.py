@@ -18,7 +18,7 @@ import shutil
 import socket
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -764,9 +764,7 @@ def output_status(path: str | os.PathLike) -> dict:
     header = out.header()
     latest, incomplete, _ = out.records(on_corrupt="raise")
     summary = summarize(latest.values())
-    pairs = defaultdict(list)
-    for record in latest.values():
-        pairs[(record.rep_a, record.rep_b)].append(record)
+    pairs = {(record.rep_a, record.rep_b) for record in latest.values()}
     info_path = Path(f"{path}.lock.json")
     holder = None
     if info_path.exists():
