@@ -54,7 +54,7 @@ def preprocess(X, *, center: bool = True, normalize: str | None = None, name: st
 
     Returns
     -------
-    numpy.ndarray, shape (M, N), float64
+    numpy.ndarray, shape (M, N), float64, Fortran order (each tuning curve contiguous)
 
     Raises
     ------
@@ -68,7 +68,14 @@ def preprocess(X, *, center: bool = True, normalize: str | None = None, name: st
     check_normalizable(X, center=center, normalize=normalize, name=name)
     # Column-wise float64 arithmetic is memory-bound: NumPy on the host is as fast as torch
     # here and exactly reproducible; the device only pays off for the cross product.
-    out = X - X.mean(axis=0) if (center or normalize == "zscore") else X.copy()
+    # Neuron-major (Fortran) order: every later step reads whole tuning curves (norms,
+    # exact costs of single pairs, gathers of matched columns), and a transpose costs more
+    # than the centring it rides on.
+    out = np.empty(X.shape, order="F")
+    if center or normalize == "zscore":
+        np.subtract(X, X.mean(axis=0), out=out)
+    else:
+        out[...] = X
     if normalize == "unit":
         out /= np.sqrt(np.einsum("mi,mi->i", out, out))
     elif normalize == "zscore":
@@ -92,8 +99,10 @@ def cross_product(X: np.ndarray, Y: np.ndarray, *, device=None, dtype=np.float64
     numpy.ndarray, shape (Nx, Ny), of ``dtype``
     """
     dev = resolve_device(device)
-    X = np.ascontiguousarray(X, dtype=dtype)
-    Y = np.ascontiguousarray(Y, dtype=dtype)
+    # Any memory order: BLAS and torch take transposed operands as they are, while making
+    # a neuron-major array row-major would be a full transpose.
+    X = np.asarray(X, dtype=dtype)
+    Y = np.asarray(Y, dtype=dtype)
     if dev.type != "cpu":
         try:
             return (torch.from_numpy(X).to(dev).T @ torch.from_numpy(Y).to(dev)).cpu().numpy()

@@ -24,6 +24,16 @@ Methods (``solver`` strings), chosen per pair from the data (:func:`choose_metho
     neuron carrying the group's mass, network simplex solves the smaller problem, and the plan
     is spread evenly back over the copies (same cost and duals, so the certificate holds for
     the original problem).
+``"sparse-assignment"``
+    Equal widths from :data:`SPARSE_MIN_WIDTH` neurons without near ties. The full cost
+    matrix is never formed in float64: :class:`smd_dist.screening.CostBounds` gives a
+    rigorous lower bound on every entry from one low-precision product, the assignment is
+    solved with exact costs on a sparse candidate set (SciPy's LAPJVsp,
+    :func:`scipy.sparse.csgraph.min_weight_full_bipartite_matching`), duals come from
+    shortest paths on the candidates, and every entry the bounds cannot prove dual feasible
+    is computed exactly and joins the candidates until none is violated. The certificate is
+    then a proof over the whole matrix: exact on the candidates, by the bound elsewhere.
+    Any failure falls back to the dense methods below.
 ``"assignment"``
     Equal widths without near ties: the optimum is a permutation matrix divided by N
     (Birkhoff–von Neumann), found with SciPy's Jonker–Volgenant shortest augmenting path
@@ -47,9 +57,11 @@ References
    sparse linear assignment problems. Computing, 38(4), 325–340.
 .. [2] Crouse, D. F. (2016). On implementing 2D rectangular assignment algorithms. IEEE
    Transactions on Aerospace and Electronic Systems, 52(4), 1679–1696.
-.. [3] Bonneel, N., van de Panne, M., Paris, S., & Heidrich, W. (2011). Displacement
+.. [3] Higham, N. J. (2002). Accuracy and Stability of Numerical Algorithms, 2nd ed., §3.1
+   (inner products in floating point). SIAM.
+.. [4] Bonneel, N., van de Panne, M., Paris, S., & Heidrich, W. (2011). Displacement
    interpolation using Lagrangian mass transport. ACM Transactions on Graphics, 30(6), 158.
-.. [4] Khosla, M., & Williams, A. H. (2024). Soft matching distance: a metric on neural
+.. [5] Khosla, M., & Williams, A. H. (2024). Soft matching distance: a metric on neural
    representations that captures single-neuron tuning. Proceedings of UniReps, PMLR 243.
 """
 
@@ -64,8 +76,10 @@ import ot
 import scipy.sparse as sp
 import torch
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-from smd_dist.prepare import squared_distances
+from smd_dist.prepare import resolve_device, squared_distances
+from smd_dist.screening import BoundViolation, CostBounds
 
 __all__ = [
     "Certificate",
@@ -238,12 +252,7 @@ def plan_cost(X, Y, rows, cols, mass) -> float:
     Summed with :func:`math.fsum` (correctly rounded), so the value depends only on the plan,
     not on summation order or thread count.
     """
-    if rows.size == X.shape[1] and np.array_equal(rows, np.arange(rows.size)):
-        diff = X - np.take(Y, cols, axis=1)  # one plan entry per row (an assignment)
-        diff *= diff
-        terms = diff.sum(axis=0)
-    else:
-        terms = exact_costs(X, Y, rows, cols)
+    terms = exact_costs(X, Y, rows, cols)
     return math.fsum(mass * terms)
 
 
@@ -255,8 +264,9 @@ def _bellman_ford(n, src, dst, w, *, slack, start=None):
 
     Vectorised over edges; a node is updated only when it improves by more than ``slack``,
     so rounding-level cycles cannot stall it (the certificate absorbs ``slack``). ``start``
-    may hold the distances of a subgraph: they are lengths of real paths, hence valid upper
-    bounds to start from.
+    may be any potentials (e.g. a previous round's): what the duals need is a fixed point,
+    ``d[dst] >= d[src] + w - slack`` on every edge, not the shortest distances themselves,
+    and a fixed point exists exactly when no cycle is negative.
     """
     order = np.lexsort((src, dst))
     src, dst, w = src[order], dst[order], w[order]
@@ -322,6 +332,96 @@ def _assignment(D, *, tol):
     return rows, sigma, np.full(n, 1.0 / n), u, v, low
 
 
+#: Equal widths from this many neurons are solved on a sparse candidate set first (below it
+#: the dense float64 path is already fast and the bound matrix would not pay for itself).
+SPARSE_MIN_WIDTH = 256
+#: Candidates per row (on average) of the first sparse solve.
+SPARSE_CANDIDATES = 8
+#: Widening stops here: a layer needing more is better served by the dense path.
+SPARSE_MAX_CANDIDATES = 64
+SPARSE_ASSIGNMENT = "sparse-assignment"
+#: Rounds of "solve on the candidates, price every entry, add the violated ones".
+SPARSE_MAX_ROUNDS = 25
+
+
+def _sparse_lap(n, rows, cols, vals):
+    """Optimal perfect matching on the candidate entries (LAPJVsp); ValueError when none."""
+    # Explicit zeros would still be edges, but the solver wants positive weights: shifting
+    # every candidate by one constant leaves the optimal matching unchanged.
+    weights = vals - vals.min() + 1.0
+    indptr = np.searchsorted(rows, np.arange(n + 1))  # keys are sorted: rows are too
+    _, sigma = min_weight_full_bipartite_matching(sp.csr_array((weights, cols, indptr), (n, n)))
+    return sigma
+
+
+def _sparse_assignment(bounds: CostBounds, *, tol):
+    """Optimal permutation found and certified with exact costs on a sparse candidate set.
+
+    The candidates start as about k entries per row with the smallest reduced lower bounds,
+    plus the identity pairing so that a perfect matching exists among them. Each round
+    solves the assignment on the candidates with exact costs, takes column potentials v
+    from shortest paths in the residual graph (``u`` follows), and asks
+    the bounds which entries they cannot prove dual feasible; those are computed exactly
+    and join the candidates. When none of them violates ``D_ij >= u_i + v_j`` the duals
+    are feasible everywhere: on candidates by exact costs, elsewhere by the bound.
+
+    Returns
+    -------
+    sigma, u, v : numpy.ndarray
+    matched : numpy.ndarray
+        Exact costs ``D[i, sigma[i]]``.
+    min_reduced : float
+        Smallest exact reduced cost over the candidates (all others are proven >= 0).
+    n_exact : int
+        How many entries were computed exactly.
+    """
+    n = bounds.shape[0]
+    k = SPARSE_CANDIDATES
+    # The identity pairing guarantees a perfect matching among the candidates however the
+    # cheap entries crowd onto a few columns (near-duplicate neurons); pricing replaces it.
+    keys = np.union1d(bounds.candidates(k), np.arange(n) * np.int64(n + 1))
+    vals = bounds.exact(keys)
+    slack = tol / 8
+    ar = np.arange(n)
+    v = None
+    for _ in range(SPARSE_MAX_ROUNDS):
+        rows, cols = keys // n, keys % n
+        try:
+            sigma = _sparse_lap(n, rows, cols, vals)
+        except ValueError:  # no perfect matching among the candidates: widen them
+            k *= 2
+            if k > SPARSE_MAX_CANDIDATES:
+                raise SolverError(
+                    f"no perfect matching among {SPARSE_MAX_CANDIDATES} candidates per row"
+                ) from None
+            keys, vals = _merge(keys, vals, bounds, bounds.candidates(k))
+            continue
+        matched = vals[np.searchsorted(keys, ar * np.int64(n) + sigma)]
+        # Any fixed point of the relaxation gives feasible duals tight on sigma, whatever the
+        # start, so the last round's potentials are a valid (and close) starting point.
+        v = _bellman_ford(n, sigma[rows], cols, vals - matched[rows], slack=slack, start=v)
+        u = matched - v[sigma]
+        new = np.setdiff1d(bounds.below(u, v), keys, assume_unique=True)
+        if new.size == 0:
+            break
+        keys, vals = _merge(keys, vals, bounds, new)
+        pos = np.searchsorted(keys, new)
+        if not (vals[pos] - u[new // n] - v[new % n] < -slack).any():
+            break
+    else:
+        raise SolverError(f"sparse assignment did not settle in {SPARSE_MAX_ROUNDS} rounds")
+    low = float((vals - u[keys // n] - v[keys % n]).min())
+    return sigma, u, v, matched, low, keys.size
+
+
+def _merge(keys, vals, bounds, new):
+    """Candidate keys and exact costs with the entries ``new`` added (sorted by key)."""
+    new = np.setdiff1d(new, keys, assume_unique=True)
+    keys = np.concatenate([keys, new])
+    order = np.argsort(keys, kind="stable")
+    return keys[order], np.concatenate([vals, bounds.exact(new)])[order]
+
+
 def _replicated(D, *, tol):
     nx, ny = D.shape
     L = math.lcm(nx, ny)
@@ -347,12 +447,13 @@ def _network_simplex(D, *, tol, potentials=None, counts=None):
 
 def exact_costs(X, Y, rows, cols) -> np.ndarray:
     """``||x_{rows_k} - y_{cols_k}||²`` for each k, in float64 from the differences."""
-    step = max(1, (1 << 21) // max(X.shape[0], 1))
+    step = max(1, (1 << 15) // max(X.shape[0], 1))  # blocks that stay in cache
+    XT, YT = X.T, Y.T  # rows are tuning curves: contiguous for neuron-major arrays
     out = np.empty(len(rows))
     for s in range(0, len(rows), step):
-        diff = np.take(X, rows[s : s + step], axis=1) - np.take(Y, cols[s : s + step], axis=1)
+        diff = XT[rows[s : s + step]] - YT[cols[s : s + step]]
         diff *= diff
-        out[s : s + step] = diff.sum(axis=0)
+        out[s : s + step] = diff.sum(axis=1)
     return out
 
 
@@ -440,6 +541,8 @@ def ambiguity(D: np.ndarray) -> float:
     A cheap structural probe that detects redundant and dead neurons: it looks at every
     8th row (for rows) and every 8th column (for columns) only.
     """
+    if isinstance(D, torch.Tensor):
+        D = D.cpu().numpy()
     if min(D.shape) < 2:
         return 0.0
     sub = D[::8]
@@ -530,6 +633,72 @@ def _run(D, order, *, tol, counts=None):
     )
 
 
+def _try_sparse(X, Y, norms, *, tol, device):
+    """:func:`_sparse_transport`, or None to take the dense path.
+
+    None when rows or columns are nearly tied (augmenting paths stall there) or when the
+    sparse path cannot certify; the dense path then solves the pair from scratch.
+    """
+    try:
+        return _sparse_transport(X, Y, norms, tol=tol, device=device)
+    except SolverError:
+        return None
+
+
+def _screenable(norms) -> bool:
+    """Whether float32 bound matrices can hold these costs (squared norms 1e-30..1e30)."""
+    peak = max(float(norms[0].max()), float(norms[1].max()))
+    return 1e-30 < peak < 1e30
+
+
+def _sparse_transport(X, Y, norms, *, tol, device) -> Transport:
+    """Certified optimal assignment from :func:`_sparse_assignment` (equal widths).
+
+    Refuses (:class:`SolverError`) costs outside float32's range, and more than
+    :data:`AMBIGUITY_LIMIT` nearly tied rows or columns (:func:`ambiguity`): on those
+    SciPy's LAPJVsp was seen to loop without end (n = 300, near-duplicate neurons), and a
+    loop in compiled code cannot be interrupted.
+    """
+    if not _screenable(norms):
+        raise SolverError("squared norms outside 1e-30..1e30: no float32 cost bounds")
+    bounds = CostBounds(X, Y, norms, device=resolve_device(device))
+    tied = ambiguity(bounds.lower)
+    if tied > AMBIGUITY_LIMIT:
+        raise SolverError(
+            f"{tied:.0%} of rows or columns are nearly tied (limit {AMBIGUITY_LIMIT:.0%}); "
+            "sparse augmenting paths stall on ties"
+        )
+    try:
+        sigma, u, v, matched, low, _ = _sparse_assignment(bounds, tol=tol)
+    except BoundViolation as err:
+        raise SolverError(str(err)) from err
+    n = sigma.size
+    if np.bincount(sigma, minlength=n).max() != 1:
+        raise SolverError("sparse assignment returned no permutation")
+    primal = math.fsum(matched) / n
+    dual = (math.fsum(u) + math.fsum(v)) / n
+    cert = Certificate(
+        max_violation=max(0.0, -low), gap=primal - dual, tolerance=tol, primal=primal, dual=dual
+    )
+    if not cert.passed:
+        raise SolverError(
+            f"certificate failed: gap {cert.gap:.3g}, max violation {cert.max_violation:.3g}, "
+            f"tolerance {cert.tolerance:.3g}"
+        )
+    rows, mass = np.arange(n), np.full(n, 1.0 / n)
+    return Transport(
+        cost=plan_cost(X, Y, rows, sigma, mass),
+        rows=rows,
+        cols=sigma,
+        mass=mass,
+        u=u,
+        v=v,
+        shape=(n, n),
+        solver=SPARSE_ASSIGNMENT,
+        certificate=cert,
+    )
+
+
 def _c_transform(D, out):
     """The plan with ``u`` replaced by the c-transform of ``v``: dual feasible exactly."""
     rows, cols, mass, u, v = out[:5]
@@ -578,12 +747,17 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
         When no method reaches and certifies optimality.
     """
     nx, ny = X.shape[1], Y.shape[1]
-    if method != "auto" and method not in _METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(_METHODS)} or 'auto'")
-    if method == "assignment" and nx != ny:
-        raise ValueError(f"method 'assignment' needs equal widths, got {nx} and {ny}")
+    known = sorted([*_METHODS, SPARSE_ASSIGNMENT])
+    if method != "auto" and method not in known:
+        raise ValueError(f"unknown method {method!r}; choose from {known} or 'auto'")
+    if method in ("assignment", SPARSE_ASSIGNMENT) and nx != ny:
+        raise ValueError(f"method {method!r} needs equal widths, got {nx} and {ny}")
     norms = (np.einsum("mi,mi->i", X, X), np.einsum("mj,mj->j", Y, Y))
     tol = _tolerance(*norms)
+    if method == SPARSE_ASSIGNMENT:
+        if D is not None:
+            raise ValueError("method 'sparse-assignment' computes its own costs; omit D")
+        return _sparse_transport(X, Y, norms, tol=tol, device=device)
     if method == "auto" and D is None:
         kx, gx, cx = _unique_columns(X)
         ky, gy, cy = _unique_columns(Y)
@@ -605,6 +779,10 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
                 solver=f"merged-{name}",
                 certificate=cert,
             )
+    if method == "auto" and D is None and nx == ny and nx >= SPARSE_MIN_WIDTH:
+        sparse = _try_sparse(X, Y, norms, tol=tol, device=device)
+        if sparse is not None:
+            return sparse
     if D is None:
         D = squared_distances(X, Y, device=device, norms=norms)
         _check_finite(D, norms)
