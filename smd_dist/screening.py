@@ -174,20 +174,32 @@ class CostBounds:
         for s in range(0, self.shape[0], step):
             yield s, self.lower[s : s + step]
 
-    def _select(self, u: torch.Tensor, v: torch.Tensor, threshold: float) -> np.ndarray:
-        """Sorted keys of the entries with ``lower - u_i - v_j < threshold`` (float32)."""
+    def _select(self, u: torch.Tensor, v: torch.Tensor, threshold: float, per_row=None):
+        """Sorted keys of the entries with ``lower - u_i - v_j < threshold`` (float32).
+
+        With ``per_row``, a row with more such entries keeps only its ``per_row`` smallest;
+        also returns whether nothing was left out.
+        """
         ny = self.shape[1]
-        ones = torch.ones_like(v)
-        right = torch.stack([ones, v])
-        found = []
+        right = torch.stack([torch.ones_like(v), v])
+        found, complete = [], True
         for s, block in self._blocks():
             ub = u[s : s + block.shape[0]]
-            left = torch.stack([ub, torch.ones_like(ub)], 1)
-            R = torch.addmm(block, left, right, alpha=-1.0)
-            hit = torch.nonzero(R.ravel() < threshold).ravel()
+            R = torch.addmm(block, torch.stack([ub, torch.ones_like(ub)], 1), right, alpha=-1.0)
+            hits = R < threshold
+            if per_row is not None and per_row < ny and int(hits.sum(1).max()) > per_row:
+                complete = False
+                vals, idx = torch.topk(R, per_row, dim=1, largest=False, sorted=False)
+                rows = torch.arange(s, s + block.shape[0], device=R.device)[:, None]
+                keep = vals < threshold
+                keys = (rows.expand_as(idx)[keep] * ny + idx[keep]).cpu().numpy()
+                found.append(np.sort(keys.astype(np.int64)))
+                continue
+            hit = torch.nonzero(hits.ravel()).ravel()
             if hit.numel():
                 found.append(hit.cpu().numpy().astype(np.int64) + s * np.int64(ny))
-        return np.concatenate(found) if found else np.empty(0, np.int64)
+        keys = np.concatenate(found) if found else np.empty(0, np.int64)
+        return keys, complete
 
     def candidates(self, k: int) -> np.ndarray:
         """Sorted keys of about k entries per row with the smallest reduced lower bounds.
@@ -206,13 +218,20 @@ class CostBounds:
         R = self.lower[sample] - u[sample, None] - v[None, :]
         kth = min(R.numel(), max(1, k * sample.numel()))
         threshold = float(torch.kthvalue(R.ravel().cpu(), kth).values)
-        return self._select(u, v, np.nextafter(np.float32(threshold), np.float32(np.inf)))
+        return self._select(u, v, np.nextafter(np.float32(threshold), np.float32(np.inf)))[0]
 
-    def below(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    def below(self, u: np.ndarray, v: np.ndarray, *, per_row: int | None = None):
         """Sorted keys of the entries whose bound does not prove ``D_ij - u_i - v_j >= 0``.
 
         Evaluated in float32 with a margin covering its rounding, so an entry left out is
-        proven dual feasible.
+        proven dual feasible. With ``per_row``, only the ``per_row`` most doubtful entries of
+        each row are returned.
+
+        Returns
+        -------
+        keys : numpy.ndarray of int64
+        complete : bool
+            False when ``per_row`` left entries out (nothing is proven about those).
         """
         margin = 4 * _U32 * (self._abs_bound + np.abs(u).max() + np.abs(v).max())
         dev = self.lower.device
@@ -220,6 +239,7 @@ class CostBounds:
             torch.from_numpy(u.astype(np.float32)).to(dev),
             torch.from_numpy(v.astype(np.float32)).to(dev),
             float(margin),
+            per_row=per_row,
         )
 
     def exact(self, keys: np.ndarray) -> np.ndarray:

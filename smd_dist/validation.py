@@ -27,7 +27,10 @@ def describe_indices(idx, *, limit: int = 8) -> str:
 
 
 def check_array(X, *, name: str = "X") -> np.ndarray:
-    """Validate one (stimuli, neurons) activation matrix and return it as C-ordered float64.
+    """Validate one (stimuli, neurons) activation matrix and return it as float64.
+
+    Contiguous input keeps its memory order (C or Fortran: a transpose would cost more than
+    the check); anything else comes back C-ordered.
 
     Parameters
     ----------
@@ -65,7 +68,9 @@ def check_array(X, *, name: str = "X") -> np.ndarray:
         raise ValueError(f"{name} has zero neurons (shape {shape})")
     if m < 2:
         raise ValueError(f"{name} has {m} stimulus/stimuli (shape {shape}); at least 2 are needed")
-    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    arr = np.asarray(arr, dtype=np.float64)
+    if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
+        arr = np.ascontiguousarray(arr)
     # Any NaN or ±Inf makes its column's sum non-finite: one cheap pass, details only on failure.
     with np.errstate(invalid="ignore", over="ignore"):
         sums_finite = np.isfinite(arr.sum(axis=0)).all()
@@ -99,7 +104,7 @@ def check_pair(X, Y, *, names: tuple[str, str] = ("X", "Y")) -> tuple[np.ndarray
     Returns
     -------
     (numpy.ndarray, numpy.ndarray)
-        Both as C-ordered float64.
+        Both as float64 (see :func:`check_array` for the memory order).
     """
     name_x, name_y = names
     X = check_array(X, name=name_x)

@@ -18,6 +18,9 @@ def test_valid_input_becomes_float64(X):
     out = check_array(X.astype(np.float32))
     assert out.dtype == np.float64 and out.flags.c_contiguous
     assert check_array(np.arange(12).reshape(6, 2)).dtype == np.float64
+    fortran = np.asfortranarray(X)
+    assert check_array(fortran) is fortran  # no transpose copy of a prepared array
+    assert check_array(X[::2, ::2]).flags.c_contiguous
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
