@@ -68,11 +68,29 @@ def product_dtype(device: torch.device) -> torch.dtype:
         _PRODUCT_DTYPE[key] = torch.float32
         if device.type == "cpu":
             try:
-                if torch.cpu.get_capabilities().get("amx_bf16"):
-                    _PRODUCT_DTYPE[key] = torch.bfloat16
+                amx = bool(torch.cpu.get_capabilities().get("amx_bf16"))
             except (AttributeError, RuntimeError):  # older torch: no capability query
-                pass
+                amx = False
+            if amx and _bound_holds(torch.bfloat16, device):
+                _PRODUCT_DTYPE[key] = torch.bfloat16
     return _PRODUCT_DTYPE[key]
+
+
+def _bound_holds(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this machine's ``dtype`` products respect the error bound (a fixed test).
+
+    Long, all-positive tuning curves make every rounding error point the same way, the
+    worst case for the accumulation term; a library that accumulated in bfloat16 or
+    dropped the bound's assumptions otherwise would fail here, and float32 is used.
+    """
+    rng = np.random.default_rng(0)
+    m = 8192
+    X = 1.0 + rng.random((m, 48)) / 3
+    Y = np.concatenate([1.0 + rng.random((m, 24)) / 3, rng.standard_normal((m, 24))], axis=1)
+    norms = (np.einsum("mi,mi->i", X, X), np.einsum("mj,mj->j", Y, Y))
+    lower = CostBounds(X, Y, norms, device=device, dtype=dtype).lower.double().cpu().numpy()
+    exact = norms[0][:, None] + norms[1][None, :] - 2.0 * (X.T @ Y)
+    return bool(np.all(lower <= exact))
 
 
 def _low_precision(A: np.ndarray, sq_norms: np.ndarray, dtype: torch.dtype):
@@ -115,6 +133,8 @@ class CostBounds:
         ``(||x_i||², ||y_j||²)`` in float64.
     device : torch.device
         Where the low-precision product and the bound matrix live.
+    dtype : torch.dtype, optional
+        Precision of the product; :func:`product_dtype` decides when omitted.
 
     Attributes
     ----------
@@ -124,10 +144,12 @@ class CostBounds:
         Precision of the product (bfloat16 or float32).
     """
 
-    def __init__(self, X: np.ndarray, Y: np.ndarray, sq_norms, *, device: torch.device):
+    def __init__(
+        self, X: np.ndarray, Y: np.ndarray, sq_norms, *, device: torch.device, dtype=None
+    ):
         m = X.shape[0]
         self.nx, self.ny = sq_norms
-        self.dtype = product_dtype(device)
+        self.dtype = product_dtype(device) if dtype is None else dtype
         sx, Xl, ex, bx = _low_precision(X, self.nx, self.dtype)
         sy, Yl, ey, by = _low_precision(Y, self.ny, self.dtype)
         lower = (Xl.to(device).T @ Yl.to(device)).to(torch.float32)

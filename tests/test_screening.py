@@ -220,6 +220,22 @@ def test_product_precision_follows_the_hardware(monkeypatch):
         assert screening.product_dtype(torch.device("cpu")) == expected
 
 
+def test_a_product_that_breaks_the_bound_is_not_used(monkeypatch):
+    """The self-test catches a library whose bfloat16 products are less accurate."""
+    assert screening._bound_holds(torch.bfloat16, torch.device("cpu"))
+    real = torch.Tensor.__matmul__
+
+    def sloppy(a, b):  # as if partial sums were rounded to bfloat16 along the way
+        out = real(a, b)
+        return out * (1 - 2.0**-6) if out.dtype == torch.bfloat16 else out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", sloppy)
+    assert not screening._bound_holds(torch.bfloat16, torch.device("cpu"))
+    monkeypatch.setattr(screening, "_PRODUCT_DTYPE", {})
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    assert screening.product_dtype(torch.device("cpu")) == torch.float32
+
+
 def test_layout_does_not_change_results():
     X, Y = wide_latent(260, 8)
     a = solve(np.ascontiguousarray(X), np.ascontiguousarray(Y))
