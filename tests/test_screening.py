@@ -163,7 +163,7 @@ def wide_latent(n, seed, m=400):
 
 
 def test_auto_takes_the_sparse_path_on_wide_layers():
-    X, Y = wide_latent(300, 11)
+    X, Y = wide_latent(800, 11)
     tr = solve(X, Y)
     assert tr.solver == "sparse-assignment"
     ref = ot.emd2([], [], squared_distances(X, Y), numItermax=10**9)
@@ -173,7 +173,7 @@ def test_auto_takes_the_sparse_path_on_wide_layers():
 
 
 def test_sparse_failure_falls_back_to_dense(monkeypatch):
-    X, Y = wide_latent(260, 6)
+    X, Y = wide_latent(800, 6)
 
     def broken(bounds, *, tol):
         raise BoundViolation("simulated")
@@ -187,7 +187,7 @@ def test_sparse_failure_falls_back_to_dense(monkeypatch):
 
 
 def test_out_of_range_norms_skip_the_bounds():
-    X, Y = wide_latent(260, 7)
+    X, Y = wide_latent(800, 7)
     tr = solve(1e20 * X, 1e20 * Y)  # squared norms ~1e42: no float32 bound matrix
     assert tr.solver != "sparse-assignment" and tr.certificate.passed
     with pytest.raises(SolverError, match="float32"):
@@ -196,7 +196,7 @@ def test_out_of_range_norms_skip_the_bounds():
 
 @pytest.mark.parametrize("kind", ["redundant", "ties"])
 def test_auto_keeps_near_ties_off_the_sparse_path(kind):
-    X, Y = make(kind, 30, 300, 300, seed=9)
+    X, Y = make(kind, 30, 800, 800, seed=9)
     with pytest.raises(SolverError, match="nearly tied"):
         solve(X, Y, method="sparse-assignment")
     tr = solve(X, Y)
@@ -237,7 +237,7 @@ def test_a_product_that_breaks_the_bound_is_not_used(monkeypatch):
 
 
 def test_layout_does_not_change_results():
-    X, Y = wide_latent(260, 8)
+    X, Y = wide_latent(800, 8)
     a = solve(np.ascontiguousarray(X), np.ascontiguousarray(Y))
     b = solve(np.asfortranarray(X), np.asfortranarray(Y))
     assert a.cost == b.cost and np.array_equal(a.cols, b.cols)
