@@ -152,7 +152,7 @@ class CostBounds:
         self.dtype = product_dtype(device) if dtype is None else dtype
         sx, Xl, ex, bx = _low_precision(X, self.nx, self.dtype)
         sy, Yl, ey, by = _low_precision(Y, self.ny, self.dtype)
-        lower = (Xl.to(device).T @ Yl.to(device)).to(torch.float32)
+        self.lower = lower = (Xl.to(device).T @ Yl.to(device)).to(torch.float32)
         gamma = m * _U32 / (1 - m * _U32)
         u_out = _UNIT_ROUNDOFF[self.dtype]
         inflate = 1 + 1e-5  # float32 rounding of the bound's own terms
@@ -164,8 +164,7 @@ class CostBounds:
         # arithmetic here, and fresh n² buffers cost page faults).
         if u_out:
             r = inflate * u_out / (1 - u_out)
-            for s in range(0, lower.shape[0], self._chunk_rows(lower.shape[1])):
-                block = lower[s : s + self._chunk_rows(lower.shape[1])]
+            for _, block in self._blocks():
                 block.add_(block.abs(), alpha=r)
         nys = np.sqrt(self.ny) * sy * (1 + _U32)
         c0 = _EVAL_SLACK * scale + 2 * eps0
@@ -178,21 +177,17 @@ class CostBounds:
             torch.from_numpy(right.astype(np.float32)).to(device),
             beta=-2.0 * back,
         )
-        self.lower = lower
         self._abs_bound = 3.0 * scale  # >= max |lower|: |2·back·ĝ| <= (1 + 1e-2)·scale
         self._X, self._Y = X, Y
         self._XT = self._YT = None
-
-    @staticmethod
-    def _chunk_rows(ncols: int) -> int:
-        return max(1, (1 << 16) // max(ncols, 1))  # 256 KiB of float32: stays in cache
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.lower.shape)
 
     def _blocks(self):
-        step = self._chunk_rows(self.shape[1])
+        """``(first row, view)`` of row blocks of ``lower`` small enough to stay in cache."""
+        step = max(1, (1 << 16) // max(self.shape[1], 1))  # 256 KiB of float32
         for s in range(0, self.shape[0], step):
             yield s, self.lower[s : s + step]
 

@@ -144,6 +144,14 @@ class Certificate:
     def passed(self) -> bool:
         return self.bound <= self.tolerance and self.gap >= -self.tolerance
 
+    def raise_if_failed(self) -> None:
+        """Raise :class:`SolverError` quoting the numbers unless the certificate passed."""
+        if not self.passed:
+            raise SolverError(
+                f"certificate failed: gap {self.gap:.3g}, max violation "
+                f"{self.max_violation:.3g}, tolerance {self.tolerance:.3g}"
+            )
+
     def as_dict(self) -> dict:
         """JSON-safe summary (the engine stores these three)."""
         return {
@@ -375,8 +383,6 @@ def _sparse_assignment(bounds: CostBounds, *, tol):
         Exact costs ``D[i, sigma[i]]``.
     min_reduced : float
         Smallest exact reduced cost over the candidates (all others are proven >= 0).
-    n_exact : int
-        How many entries were computed exactly.
     """
     n = bounds.shape[0]
     k = SPARSE_CANDIDATES
@@ -397,7 +403,7 @@ def _sparse_assignment(bounds: CostBounds, *, tol):
                 raise SolverError(
                     f"no perfect matching among {SPARSE_MAX_CANDIDATES} candidates per row"
                 ) from None
-            keys, vals = _merge(keys, vals, bounds, bounds.candidates(k))
+            keys, vals, _, _ = _add_exact(keys, vals, bounds, bounds.candidates(k))
             continue
         matched = vals[np.searchsorted(keys, ar * np.int64(n) + sigma)]
         # Any fixed point of the relaxation gives feasible duals tight on sigma, whatever the
@@ -408,37 +414,36 @@ def _sparse_assignment(bounds: CostBounds, *, tol):
         # more than the dense product. The most doubtful few per row steer the next round;
         # only when none of them is violated is everything doubtful computed (the proof).
         flagged, complete = bounds.below(u, v, per_row=SPARSE_PER_ROUND)
-        new = np.setdiff1d(flagged, keys, assume_unique=True)
-        keys, vals = _merge(keys, vals, bounds, new)
-        if _violated(keys, vals, new, u, v, slack):
+        keys, vals, new, new_vals = _add_exact(keys, vals, bounds, flagged)
+        if _violated(new, new_vals, u, v, slack):
             continue
         if not complete:
-            new = np.setdiff1d(bounds.below(u, v)[0], keys, assume_unique=True)
-            keys, vals = _merge(keys, vals, bounds, new)
-            if _violated(keys, vals, new, u, v, slack):
+            keys, vals, new, new_vals = _add_exact(keys, vals, bounds, bounds.below(u, v)[0])
+            if _violated(new, new_vals, u, v, slack):
                 continue
         break
     else:
         raise SolverError(f"sparse assignment did not settle in {SPARSE_MAX_ROUNDS} rounds")
     low = float((vals - u[keys // n] - v[keys % n]).min())
-    return sigma, u, v, matched, low, keys.size
+    return sigma, u, v, matched, low
 
 
-def _violated(keys, vals, new, u, v, slack) -> bool:
-    """Whether any of the ``new`` keys (already merged into ``keys``) violates the duals."""
-    if new.size == 0:
-        return False
+def _violated(keys, exact, u, v, slack) -> bool:
+    """Whether any entry ``keys`` with exact costs ``exact`` violates the duals."""
     n = u.size
-    red = vals[np.searchsorted(keys, new)] - u[new // n] - v[new % n]
-    return bool((red < -slack).any())
+    return bool((exact - u[keys // n] - v[keys % n] < -slack).any())
 
 
-def _merge(keys, vals, bounds, new):
-    """Candidate keys and exact costs with the entries ``new`` added (sorted by key)."""
-    new = np.setdiff1d(new, keys, assume_unique=True)
+def _add_exact(keys, vals, bounds, candidates):
+    """Join the ``candidates`` not yet in ``keys``, with their exact costs.
+
+    Returns the merged sorted keys and costs, and the added keys and their costs.
+    """
+    new = np.setdiff1d(candidates, keys, assume_unique=True)
+    new_vals = bounds.exact(new)
     keys = np.concatenate([keys, new])
     order = np.argsort(keys, kind="stable")
-    return keys[order], np.concatenate([vals, bounds.exact(new)])[order]
+    return keys[order], np.concatenate([vals, new_vals])[order], new, new_vals
 
 
 def _replicated(D, *, tol):
@@ -637,11 +642,7 @@ def _run(D, order, *, tol, counts=None):
                 # bounds primal - optimum, usually far tighter than gap + violation.
                 out = _c_transform(D, out)
                 cert = certify(D, *out, tol=tol, counts=counts)
-            if not cert.passed:
-                raise SolverError(
-                    f"certificate failed: gap {cert.gap:.3g}, max violation "
-                    f"{cert.max_violation:.3g}, tolerance {cert.tolerance:.3g}"
-                )
+            cert.raise_if_failed()
         except SolverError as err:
             failures.append(f"{name}: {err}")
             continue
@@ -688,7 +689,7 @@ def _sparse_transport(X, Y, norms, *, tol, device) -> Transport:
             "sparse augmenting paths stall on ties"
         )
     try:
-        sigma, u, v, matched, low, _ = _sparse_assignment(bounds, tol=tol)
+        sigma, u, v, matched, low = _sparse_assignment(bounds, tol=tol)
     except BoundViolation as err:
         raise SolverError(str(err)) from err
     n = sigma.size
@@ -699,11 +700,7 @@ def _sparse_transport(X, Y, norms, *, tol, device) -> Transport:
     cert = Certificate(
         max_violation=max(0.0, -low), gap=primal - dual, tolerance=tol, primal=primal, dual=dual
     )
-    if not cert.passed:
-        raise SolverError(
-            f"certificate failed: gap {cert.gap:.3g}, max violation {cert.max_violation:.3g}, "
-            f"tolerance {cert.tolerance:.3g}"
-        )
+    cert.raise_if_failed()
     rows, mass = np.arange(n), np.full(n, 1.0 / n)
     return Transport(
         cost=plan_cost(X, Y, rows, sigma, mass),
