@@ -54,7 +54,12 @@ class OutputLockedError(OutputError):
 
 @dataclass
 class RunReport:
-    """What a run did: counts, failures, and what it skipped or repaired."""
+    """What a run did: counts, failures, what it skipped or repaired, and where time went.
+
+    ``seconds`` is the whole call; of it, ``seconds_inputs`` read, checked and prepared
+    the reps, ``seconds_pairs`` computed the pairs (submission to the last result), and
+    ``seconds_finish`` assembled and wrote the labeled matrices.
+    """
 
     n_reps: int
     n_pairs: int
@@ -65,6 +70,9 @@ class RunReport:
     incomplete_parts: list[str] = field(default_factory=list)
     corrupt_parts: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    seconds_inputs: float = 0.0
+    seconds_pairs: float = 0.0
+    seconds_finish: float = 0.0
 
 
 # -- selection ----------------------------------------------------------------------------
@@ -138,9 +146,11 @@ def _prepare_rep(
     store_path: str, model: str, layer: str, content_hash: str, preps: list[str], device
 ) -> dict:
     """Read one rep and apply each preprocessing it needs; keyed by prep key."""
+    from smd_dist.allocator import reuse_freed_memory
     from smd_dist.prepare import preprocess
     from smd_dist.validation import check_array
 
+    reuse_freed_memory()
     array = _read_rep(store_path, model, layer, content_hash)
     name = f"{model}/{layer}"
     check_array(array, name=name)
@@ -161,8 +171,10 @@ def _check_rep(store_path, model, layer, content_hash, preps, device) -> tuple[i
 
 def _compare_pairs(pairs: list, prepared: dict, metric_specs: list, device) -> list[dict]:
     """Run every metric on every pair of one task; a failure is recorded, not raised."""
-    from smd_dist.validation import check_pair
+    from smd_dist.allocator import reuse_freed_memory
+    from smd_dist.validation import check_same_stimuli
 
+    reuse_freed_memory()
     worker = _worker_name()
     out = []
     for rep_a, rep_b in pairs:
@@ -176,7 +188,9 @@ def _compare_pairs(pairs: list, prepared: dict, metric_specs: list, device) -> l
                 continue
             start = time.perf_counter()
             try:
-                check_pair(xa, xb, names=(rep_a, rep_b))
+                # Each rep passed check_array when it was prepared; per pair only the
+                # stimulus counts can disagree, and a full pass over both would cost more.
+                check_same_stimuli(xa, xb, names=(rep_a, rep_b))
                 result = metric.compute(xa, xb, device=device)
             except Exception as err:  # recorded with the pair; the run goes on
                 record.update(value=float("nan"), error=f"{type(err).__name__}: {err}")
@@ -213,7 +227,13 @@ def pair_memory_bytes(n_stimuli: int, n_a: int, n_b: int) -> int:
 
 
 def _plan_tasks(reps: list, todo: list[tuple[int, int]], *, small: int, per_task: int) -> list:
-    """Group pairs into tasks: blocks of small pairs, single large pairs, in tiles."""
+    """Group pairs into tasks: blocks of small pairs, single large pairs; largest first.
+
+    Pairs are grouped in tiles of reps (neighbouring tasks share inputs), and tasks are
+    ordered by their work, ``Σ Nx·Ny`` over their pairs, largest first (stable, so tiles
+    stay together among equals): a wide pair submitted last would leave every other
+    worker idle while it runs.
+    """
     tile = 8
     todo = sorted(todo, key=lambda ij: (ij[0] // tile, ij[1] // tile, ij[0], ij[1]))
     tasks, batch = [], []
@@ -227,6 +247,7 @@ def _plan_tasks(reps: list, todo: list[tuple[int, int]], *, small: int, per_task
             tasks.append([(i, j)])
     if batch:
         tasks.append(batch)
+    tasks.sort(key=lambda task: -sum(reps[i].n_neurons * reps[j].n_neurons for i, j in task))
     return tasks
 
 
@@ -446,8 +467,11 @@ def compute_distances(
             with _client_context(client, cluster) as active:
                 if progress and client is not None:  # make_client prints it for its own
                     print(f"smd-dist: dashboard {active.dashboard_link}", file=sys.stderr)
+                phase = time.perf_counter()
                 prepared = _check_inputs(active, store, chosen, todo, preps_needed, device)
                 _check_memory(active, store, chosen, todo)
+                report.seconds_inputs = time.perf_counter() - phase
+                phase = time.perf_counter()
                 report.n_computed, report.n_records_written = _run_pairs(
                     active,
                     store,
@@ -462,6 +486,8 @@ def compute_distances(
                     total=n_pairs,
                     prepared=prepared,
                 )
+                report.seconds_pairs = time.perf_counter() - phase
+        phase = time.perf_counter()
         if output is not None:
             latest, _, _ = sink.records(on_corrupt="quarantine")
         else:
@@ -475,6 +501,7 @@ def compute_distances(
         if output is not None:
             sink.write_dataset(ds)
             sink.compact()
+        report.seconds_finish = time.perf_counter() - phase
     report.seconds = time.perf_counter() - started
     return ds
 

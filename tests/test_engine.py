@@ -266,3 +266,19 @@ def test_cli_run_reports_config_errors(tmp_path):
     cfg.write_text("store: [unclosed\n")
     result = CliRunner().invoke(main, ["run", str(cfg)])
     assert result.exit_code == 2 and "not valid YAML" in result.output
+
+
+def test_tasks_cover_each_pair_once_largest_work_first():
+    from types import SimpleNamespace
+
+    widths = [300, 16, 2048, 8, 700, 16, 12, 1024]
+    reps = [SimpleNamespace(n_neurons=w) for w in widths]
+    todo = [(i, j) for i in range(len(reps)) for j in range(i + 1, len(reps))]
+    tasks = engine._plan_tasks(reps, todo, small=256, per_task=4)
+    pairs = [pair for task in tasks for pair in task]
+    assert sorted(pairs) == todo
+    work = [sum(widths[i] * widths[j] for i, j in task) for task in tasks]
+    assert work == sorted(work, reverse=True)
+    assert tasks[0] == [(2, 7)]
+    assert all(len(task) == 1 for task in tasks if max(widths[i] for p in task for i in p) > 256)
+    assert max(len(task) for task in tasks) == 4

@@ -7,7 +7,13 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from smd_dist.prepare import cross_product, preprocess, resolve_device, squared_distances
+from smd_dist.prepare import (
+    cross_product,
+    neuron_major,
+    preprocess,
+    resolve_device,
+    squared_distances,
+)
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the no-CUDA fallback")
 
@@ -31,6 +37,23 @@ def test_center(rng):
     assert out.dtype == np.float64
     np.testing.assert_allclose(out.mean(axis=0), 0, atol=1e-12)
     np.testing.assert_allclose(preprocess(X, center=False), X)
+
+
+@pytest.mark.parametrize("order", ["C", "F", "strided"])
+@pytest.mark.parametrize("m", [1, 63, 64, 130])
+def test_neuron_major_copies_exactly_in_fortran_order(rng, order, m):
+    base = rng.standard_normal((m, 14))
+    X = base[:, ::2] if order == "strided" else np.asarray(base[:, :7], order=order)
+    out = neuron_major(X)
+    assert out.flags.f_contiguous and not np.shares_memory(out, X)
+    np.testing.assert_array_equal(out, X)
+
+
+def test_centring_is_bit_identical_to_subtracting_the_mean(rng):
+    X = rng.standard_normal((200, 9)) * 1e3 + 7
+    out = preprocess(X)
+    assert out.flags.f_contiguous
+    assert out.tobytes(order="F") == np.asfortranarray(X - X.mean(axis=0)).tobytes(order="F")
 
 
 def test_unit(rng):
