@@ -76,10 +76,11 @@ import ot
 import scipy.sparse as sp
 import torch
 from scipy.optimize import linear_sum_assignment
-from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from smd_dist.prepare import resolve_device, squared_distances
 from smd_dist.screening import BoundViolation, CostBounds
+from smd_dist.sparse_simplex import MAX_EXACT_FRACTION, SparseUnsuitable, solve_sparse
+from smd_dist.sparse_simplex import SOLVER as SPARSE_SOLVER
 
 __all__ = [
     "Certificate",
@@ -340,110 +341,9 @@ def _assignment(D, *, tol):
     return rows, sigma, np.full(n, 1.0 / n), u, v, low
 
 
-#: Equal widths from this many neurons are solved on a sparse candidate set first. Below it
-#: the dense float64 path is faster (measured at M = 2000: 40 vs 55 ms at 256 neurons, 57 vs
-#: 73 ms at 512 on a permuted copy; the sparse path wins from 1024 on).
-SPARSE_MIN_WIDTH = 768
-#: Candidates per row (on average) of the first sparse solve.
-SPARSE_CANDIDATES = 16
-#: Most doubtful entries per row computed exactly in each round before the full proof.
-SPARSE_PER_ROUND = 32
-#: Widening stops here: a layer needing more is better served by the dense path.
-SPARSE_MAX_CANDIDATES = 64
-SPARSE_ASSIGNMENT = "sparse-assignment"
-#: Rounds of "solve on the candidates, price every entry, add the violated ones".
-SPARSE_MAX_ROUNDS = 25
-
-
-def _sparse_lap(n, rows, cols, vals):
-    """Optimal perfect matching on the candidate entries (LAPJVsp); ValueError when none."""
-    # Explicit zeros would still be edges, but the solver wants positive weights: shifting
-    # every candidate by one constant leaves the optimal matching unchanged.
-    weights = vals - vals.min() + 1.0
-    indptr = np.searchsorted(rows, np.arange(n + 1))  # keys are sorted: rows are too
-    _, sigma = min_weight_full_bipartite_matching(sp.csr_array((weights, cols, indptr), (n, n)))
-    return sigma
-
-
-def _sparse_assignment(bounds: CostBounds, *, tol):
-    """Optimal permutation found and certified with exact costs on a sparse candidate set.
-
-    The candidates start as about k entries per row with the smallest reduced lower bounds,
-    plus the identity pairing so that a perfect matching exists among them. Each round
-    solves the assignment on the candidates with exact costs, takes column potentials v
-    from shortest paths in the residual graph (``u`` follows), and asks
-    the bounds which entries they cannot prove dual feasible; those are computed exactly
-    and join the candidates. When none of them violates ``D_ij >= u_i + v_j`` the duals
-    are feasible everywhere: on candidates by exact costs, elsewhere by the bound.
-
-    Returns
-    -------
-    sigma, u, v : numpy.ndarray
-    matched : numpy.ndarray
-        Exact costs ``D[i, sigma[i]]``.
-    min_reduced : float
-        Smallest exact reduced cost over the candidates (all others are proven >= 0).
-    """
-    n = bounds.shape[0]
-    k = SPARSE_CANDIDATES
-    # The identity pairing guarantees a perfect matching among the candidates however the
-    # cheap entries crowd onto a few columns (near-duplicate neurons); pricing replaces it.
-    keys = np.union1d(bounds.candidates(k), np.arange(n) * np.int64(n + 1))
-    vals = bounds.exact(keys)
-    slack = tol / 8
-    ar = np.arange(n)
-    v = None
-    for _ in range(SPARSE_MAX_ROUNDS):
-        rows, cols = keys // n, keys % n
-        try:
-            sigma = _sparse_lap(n, rows, cols, vals)
-        except ValueError:  # no perfect matching among the candidates: widen them
-            k *= 2
-            if k > SPARSE_MAX_CANDIDATES:
-                raise SolverError(
-                    f"no perfect matching among {SPARSE_MAX_CANDIDATES} candidates per row"
-                ) from None
-            keys, vals, _, _ = _add_exact(keys, vals, bounds, bounds.candidates(k))
-            continue
-        matched = vals[np.searchsorted(keys, ar * np.int64(n) + sigma)]
-        # Any fixed point of the relaxation gives feasible duals tight on sigma, whatever the
-        # start, so the last round's potentials are a valid (and close) starting point.
-        v = _bellman_ford(n, sigma[rows], cols, vals - matched[rows], slack=slack, start=v)
-        u = matched - v[sigma]
-        # Far from optimal, the bounds doubt most entries; computing all of them would cost
-        # more than the dense product. The most doubtful few per row steer the next round;
-        # only when none of them is violated is everything doubtful computed (the proof).
-        flagged, complete = bounds.below(u, v, per_row=SPARSE_PER_ROUND)
-        keys, vals, new, new_vals = _add_exact(keys, vals, bounds, flagged)
-        if _violated(new, new_vals, u, v, slack):
-            continue
-        if not complete:
-            keys, vals, new, new_vals = _add_exact(keys, vals, bounds, bounds.below(u, v)[0])
-            if _violated(new, new_vals, u, v, slack):
-                continue
-        break
-    else:
-        raise SolverError(f"sparse assignment did not settle in {SPARSE_MAX_ROUNDS} rounds")
-    low = float((vals - u[keys // n] - v[keys % n]).min())
-    return sigma, u, v, matched, low
-
-
-def _violated(keys, exact, u, v, slack) -> bool:
-    """Whether any entry ``keys`` with exact costs ``exact`` violates the duals."""
-    n = u.size
-    return bool((exact - u[keys // n] - v[keys % n] < -slack).any())
-
-
-def _add_exact(keys, vals, bounds, candidates):
-    """Join the ``candidates`` not yet in ``keys``, with their exact costs.
-
-    Returns the merged sorted keys and costs, and the added keys and their costs.
-    """
-    new = np.setdiff1d(candidates, keys, assume_unique=True)
-    new_vals = bounds.exact(new)
-    keys = np.concatenate([keys, new])
-    order = np.argsort(keys, kind="stable")
-    return keys[order], np.concatenate([vals, new_vals])[order], new, new_vals
+#: Pairs with at least this many entries (``Nx·Ny``, after merging identical neurons) go
+#: to the sparse path first; below it the dense float64 path is faster.
+SPARSE_MIN_ENTRIES = 256 * 256
 
 
 def _replicated(D, *, tol):
@@ -653,66 +553,39 @@ def _run(D, order, *, tol, counts=None):
     )
 
 
-def _try_sparse(X, Y, norms, *, tol, device):
-    """:func:`_sparse_transport`, or None to take the dense path.
-
-    None when rows or columns are nearly tied (augmenting paths stall there) or when the
-    sparse path cannot certify; the dense path then solves the pair from scratch.
-    """
-    try:
-        return _sparse_transport(X, Y, norms, tol=tol, device=device)
-    except SolverError:
-        return None
-
-
 def _screenable(norms) -> bool:
     """Whether float32 bound matrices can hold these costs (squared norms 1e-30..1e30)."""
     peak = max(float(norms[0].max()), float(norms[1].max()))
     return 1e-30 < peak < 1e30
 
 
-def _sparse_transport(X, Y, norms, *, tol, device) -> Transport:
-    """Certified optimal assignment from :func:`_sparse_assignment` (equal widths).
+def _sparse(X, Y, norms, *, tol, device, counts=None, forced=False):
+    """Certified plan from :func:`smd_dist.sparse_simplex.solve_sparse`, dense-path shaped.
 
-    Refuses (:class:`SolverError`) costs outside float32's range, and more than
-    :data:`AMBIGUITY_LIMIT` nearly tied rows or columns (:func:`ambiguity`): on those
-    SciPy's LAPJVsp was seen to loop without end (n = 300, near-duplicate neurons), and a
-    loop in compiled code cannot be interrupted.
+    Returns ``(rows, cols, mass, u, v, certificate)``; raises :class:`SolverError` when the
+    sparse path cannot settle or certify the pair (the dense path then solves it afresh).
+    Unless ``forced``, it also gives up where the dense path would be faster.
     """
     if not _screenable(norms):
         raise SolverError("squared norms outside 1e-30..1e30: no float32 cost bounds")
-    bounds = CostBounds(X, Y, norms, device=resolve_device(device))
-    tied = ambiguity(bounds.lower)
-    if tied > AMBIGUITY_LIMIT:
-        raise SolverError(
-            f"{tied:.0%} of rows or columns are nearly tied (limit {AMBIGUITY_LIMIT:.0%}); "
-            "sparse augmenting paths stall on ties"
-        )
     try:
-        sigma, u, v, matched, low = _sparse_assignment(bounds, tol=tol)
-    except BoundViolation as err:
+        bounds = CostBounds(X, Y, norms, device=resolve_device(device))
+        fraction = 1.0 if forced else MAX_EXACT_FRACTION
+        sol = solve_sparse(bounds, tol=tol, counts=counts, max_exact_fraction=fraction)
+    except (SparseUnsuitable, BoundViolation) as err:
         raise SolverError(str(err)) from err
-    n = sigma.size
-    if np.bincount(sigma, minlength=n).max() != 1:
-        raise SolverError("sparse assignment returned no permutation")
-    primal = math.fsum(matched) / n
-    dual = (math.fsum(u) + math.fsum(v)) / n
+    a, b = _marginals(bounds.shape, counts)
+    primal = math.fsum(sol.mass * sol.costs)
+    dual = math.fsum(a * sol.u) + math.fsum(b * sol.v)
     cert = Certificate(
-        max_violation=max(0.0, -low), gap=primal - dual, tolerance=tol, primal=primal, dual=dual
+        max_violation=max(0.0, -sol.min_reduced),
+        gap=primal - dual,
+        tolerance=tol,
+        primal=primal,
+        dual=dual,
     )
     cert.raise_if_failed()
-    rows, mass = np.arange(n), np.full(n, 1.0 / n)
-    return Transport(
-        cost=plan_cost(X, Y, rows, sigma, mass),
-        rows=rows,
-        cols=sigma,
-        mass=mass,
-        u=u,
-        v=v,
-        shape=(n, n),
-        solver=SPARSE_ASSIGNMENT,
-        certificate=cert,
-    )
+    return sol.rows, sol.cols, sol.mass, sol.u, sol.v, cert
 
 
 def _c_transform(D, out):
@@ -736,10 +609,13 @@ def _check_finite(D, norms=None):
 def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     """Certified optimal transport between the columns of ``X`` and ``Y``.
 
-    Identical columns (dead units, copies) are interchangeable: with ``method="auto"`` each
-    group is merged into one neuron carrying the group's mass, the smaller problem is solved
-    by network simplex, and the plan is spread evenly back over the copies (same cost, same
-    duals, so the certificate carries over).
+    With ``method="auto"``, identical columns (dead units, copies) are first merged into one
+    neuron carrying the group's mass (same cost, same duals, so the certificate carries
+    over and the plan is spread evenly back over the copies). Pairs of at least
+    :data:`SPARSE_MIN_ENTRIES` entries then go to the sparse network simplex
+    (:mod:`smd_dist.sparse_simplex`); smaller ones, and any the sparse path cannot settle,
+    to the dense float64 cost matrix: the assignment solver for equal widths without near
+    ties, network simplex otherwise.
 
     Parameters
     ----------
@@ -748,10 +624,10 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     device : str or torch.device, optional
         Where the cross product is computed (see :func:`smd_dist.prepare.resolve_device`).
     method : str
-        ``"auto"`` (choose from the data, fall back to network simplex), or one of
-        ``"assignment"``, ``"replicated-assignment"``, ``"network-simplex"`` to force it.
+        ``"auto"``, or one of ``"sparse-network-simplex"``, ``"assignment"``,
+        ``"replicated-assignment"``, ``"network-simplex"`` to force it (no merging).
     D : numpy.ndarray, optional
-        Precomputed squared distances (Nx, Ny); computed when omitted.
+        Precomputed squared distances (Nx, Ny) for the dense methods; computed when omitted.
 
     Returns
     -------
@@ -763,54 +639,54 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
         When no method reaches and certifies optimality.
     """
     nx, ny = X.shape[1], Y.shape[1]
-    known = sorted([*_METHODS, SPARSE_ASSIGNMENT])
+    known = sorted([*_METHODS, SPARSE_SOLVER])
     if method != "auto" and method not in known:
         raise ValueError(f"unknown method {method!r}; choose from {known} or 'auto'")
-    if method in ("assignment", SPARSE_ASSIGNMENT) and nx != ny:
+    if method == "assignment" and nx != ny:
         raise ValueError(f"method {method!r} needs equal widths, got {nx} and {ny}")
+    if method == SPARSE_SOLVER and D is not None:
+        raise ValueError(f"method {SPARSE_SOLVER!r} computes its own costs; omit D")
     norms = (np.einsum("mi,mi->i", X, X), np.einsum("mj,mj->j", Y, Y))
     tol = _tolerance(*norms)
-    if method == SPARSE_ASSIGNMENT:
-        if D is not None:
-            raise ValueError("method 'sparse-assignment' computes its own costs; omit D")
-        return _sparse_transport(X, Y, norms, tol=tol, device=device)
-    if method == "auto" and D is None:
-        kx, gx, cx = _unique_columns(X)
-        ky, gy, cy = _unique_columns(Y)
-        if kx.size < nx or ky.size < ny:
-            Xu = X if kx.size == nx else X[:, kx]
-            Yu = Y if ky.size == ny else Y[:, ky]
-            Du = squared_distances(Xu, Yu, device=device, norms=(norms[0][kx], norms[1][ky]))
-            _check_finite(Du, (norms[0][kx], norms[1][ky]))
-            name, (r, c, m, u, v), cert = _run(Du, ["network-simplex"], tol=tol, counts=(cx, cy))
-            rows, cols, mass = _expand(r, c, m, gx, gy, cx, cy)
-            return Transport(
-                cost=plan_cost(Xu, Yu, r, c, m),
-                rows=rows,
-                cols=cols,
-                mass=mass,
-                u=u[gx],
-                v=v[gy],
-                shape=(nx, ny),
-                solver=f"merged-{name}",
-                certificate=cert,
-            )
-    if method == "auto" and D is None and nx == ny and nx >= SPARSE_MIN_WIDTH:
-        sparse = _try_sparse(X, Y, norms, tol=tol, device=device)
-        if sparse is not None:
-            return sparse
-    if D is None:
-        D = squared_distances(X, Y, device=device, norms=norms)
-        _check_finite(D, norms)
-    else:
-        _check_finite(D)
-    if method == "auto":
-        order = [choose_method(D)]
-        if order[0] != "network-simplex":
-            order.append("network-simplex")
-    else:
-        order = [method]
-    name, (rows, cols, mass, u, v, *_), cert = _run(D, order, tol=tol)
+    if method == SPARSE_SOLVER:
+        *out, cert = _sparse(X, Y, norms, tol=tol, device=device, forced=True)
+        return _transport(X, Y, out, cert, solver=SPARSE_SOLVER)
+    if method != "auto" or D is not None:
+        return _dense(X, Y, norms, tol=tol, device=device, D=D, method=method)
+    kx, gx, cx = _unique_columns(X)
+    ky, gy, cy = _unique_columns(Y)
+    merged = kx.size < nx or ky.size < ny
+    if merged:
+        X, Y = X[:, kx], Y[:, ky]
+        norms = (norms[0][kx], norms[1][ky])
+    counts = (cx, cy) if merged else None
+    compact = None
+    if kx.size * ky.size >= SPARSE_MIN_ENTRIES:
+        try:
+            *out, cert = _sparse(X, Y, norms, tol=tol, device=device, counts=counts)
+            compact = _transport(X, Y, out, cert, solver=SPARSE_SOLVER)
+        except SolverError:
+            compact = None
+    if compact is None:
+        compact = _dense(X, Y, norms, tol=tol, device=device, counts=counts)
+    if not merged:
+        return compact
+    rows, cols, mass = _expand(compact.rows, compact.cols, compact.mass, gx, gy, cx, cy)
+    return Transport(
+        cost=compact.cost,
+        rows=rows,
+        cols=cols,
+        mass=mass,
+        u=compact.u[gx],
+        v=compact.v[gy],
+        shape=(nx, ny),
+        solver=f"merged-{compact.solver}",
+        certificate=compact.certificate,
+    )
+
+
+def _transport(X, Y, out, cert, *, solver) -> Transport:
+    rows, cols, mass, u, v = out[:5]
     return Transport(
         cost=plan_cost(X, Y, rows, cols, mass),
         rows=rows,
@@ -818,7 +694,26 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
         mass=mass,
         u=u,
         v=v,
-        shape=(nx, ny),
-        solver=name,
+        shape=(X.shape[1], Y.shape[1]),
+        solver=solver,
         certificate=cert,
     )
+
+
+def _dense(X, Y, norms, *, tol, device, D=None, method="auto", counts=None) -> Transport:
+    """Certified plan on the dense float64 cost matrix (computed unless ``D`` is given)."""
+    if D is None:
+        D = squared_distances(X, Y, device=device, norms=norms)
+        _check_finite(D, norms)
+    else:
+        _check_finite(D)
+    if counts is not None:
+        order = ["network-simplex"]
+    elif method == "auto":
+        order = [choose_method(D)]
+        if order[0] != "network-simplex":
+            order.append("network-simplex")
+    else:
+        order = [method]
+    name, out, cert = _run(D, order, tol=tol, counts=counts)
+    return _transport(X, Y, out, cert, solver=name)

@@ -15,6 +15,8 @@ PROBE = """
 import json, resource
 import numpy as np
 
+from smd_dist.allocator import reuse_freed_memory
+
 def faults_per_array():
     np.ones(2**19).sum()  # 4 MiB: above glibc's default mmap threshold, below ours
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

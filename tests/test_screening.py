@@ -1,23 +1,15 @@
-"""The low-precision cost bounds and the sparse assignment they certify.
-
-Every bound is checked against float64 costs computed independently, and every sparse
-solve against ``ot.emd2`` with a high cap or brute force over permutations.
-"""
+"""The low-precision cost bounds: every bound against float64 costs computed independently."""
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
-import ot
 import pytest
 import torch
-from test_solvers import make, reference
+from test_solvers import make
 
-from smd_dist import screening, solvers
-from smd_dist.prepare import preprocess, squared_distances
+from smd_dist import screening
+from smd_dist.prepare import squared_distances
 from smd_dist.screening import BoundViolation, CostBounds
-from smd_dist.solvers import SolverError, solve
 
 DTYPES = [torch.bfloat16, torch.float32]
 
@@ -122,96 +114,6 @@ def test_candidates_cover_every_row_and_column():
     assert keys.size < 64 * 64 / 4  # sparse
 
 
-@pytest.mark.parametrize(
-    ("kind", "n"),
-    [(k, n) for k in ("random", "copy") for n in (2, 7, 40, 120, 256)]
-    + [("latent", 7), ("latent", 40), ("copy", 400)],
-)
-def test_sparse_assignment_matches_network_simplex(kind, n, product_dtype):
-    X, Y = make(kind, 60, n, n, seed=n + len(kind))
-    tr = solve(X, Y, method="sparse-assignment")
-    ref = reference(X, Y)
-    scale = np.einsum("ij,ij->j", X, X).max() + np.einsum("ij,ij->j", Y, Y).max()
-    assert tr.solver == "sparse-assignment"
-    assert abs(tr.cost - ref) <= 1e-10 * scale
-    cert = tr.certificate
-    assert cert.passed and cert.max_violation <= cert.tolerance
-    assert sorted(tr.cols.tolist()) == list(range(n))
-    # The duals certify the whole dense matrix, not only the candidates.
-    D = squared_distances(X, Y)
-    assert (D - tr.u[:, None] - tr.v[None, :]).min() >= -cert.tolerance
-
-
-@pytest.mark.parametrize("seed", range(8))
-@pytest.mark.parametrize("n", [2, 3, 5, 6])
-def test_sparse_assignment_brute_force(seed, n):
-    X, Y = make("random", 5, n, n, seed)
-    D = squared_distances(X, Y)
-    best = min(sum(D[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n))) / n
-    assert solve(X, Y, method="sparse-assignment").cost == pytest.approx(
-        best, rel=1e-12, abs=1e-12
-    )
-
-
-def wide_latent(n, seed, m=400):
-    """Two prepared layers reading a 16-dimensional latent: wide, and free of near ties."""
-    rng = np.random.default_rng(seed)
-    Z = rng.standard_normal((m, 16))
-    X = preprocess(Z @ rng.standard_normal((16, n)) + 0.3 * rng.standard_normal((m, n)))
-    Y = preprocess(Z @ rng.standard_normal((16, n)) + 0.3 * rng.standard_normal((m, n)))
-    return X, Y
-
-
-def test_auto_takes_the_sparse_path_on_wide_layers():
-    X, Y = wide_latent(800, 11)
-    tr = solve(X, Y)
-    assert tr.solver == "sparse-assignment"
-    ref = ot.emd2([], [], squared_distances(X, Y), numItermax=10**9)
-    assert tr.cost == pytest.approx(ref, rel=1e-12)
-    again = solve(X.copy(), Y.copy())  # bit-identical on a re-run
-    assert again.cost == tr.cost and np.array_equal(again.cols, tr.cols)
-
-
-def test_sparse_failure_falls_back_to_dense(monkeypatch):
-    X, Y = wide_latent(800, 6)
-
-    def broken(bounds, *, tol):
-        raise BoundViolation("simulated")
-
-    monkeypatch.setattr(solvers, "_sparse_assignment", broken)
-    tr = solve(X, Y)
-    assert tr.solver in ("assignment", "network-simplex") and tr.certificate.passed
-    assert tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
-    with pytest.raises(SolverError, match="simulated"):
-        solve(X, Y, method="sparse-assignment")
-
-
-def test_out_of_range_norms_skip_the_bounds():
-    X, Y = wide_latent(800, 7)
-    tr = solve(1e20 * X, 1e20 * Y)  # squared norms ~1e42: no float32 bound matrix
-    assert tr.solver != "sparse-assignment" and tr.certificate.passed
-    with pytest.raises(SolverError, match="float32"):
-        solve(1e20 * X, 1e20 * Y, method="sparse-assignment")
-
-
-@pytest.mark.parametrize("kind", ["redundant", "ties"])
-def test_auto_keeps_near_ties_off_the_sparse_path(kind):
-    X, Y = make(kind, 30, 800, 800, seed=9)
-    with pytest.raises(SolverError, match="nearly tied"):
-        solve(X, Y, method="sparse-assignment")
-    tr = solve(X, Y)
-    assert tr.solver != "sparse-assignment"
-    assert tr.cost == pytest.approx(reference(X, Y), rel=1e-12, abs=1e-12)
-
-
-def test_sparse_needs_equal_widths_and_no_cost_matrix():
-    X, Y = make("random", 10, 6, 7, 2)
-    with pytest.raises(ValueError, match="equal widths"):
-        solve(X, Y, method="sparse-assignment")
-    with pytest.raises(ValueError, match="omit D"):
-        solve(X, X, method="sparse-assignment", D=squared_distances(X, X))
-
-
 def test_product_precision_follows_the_hardware(monkeypatch):
     assert screening.product_dtype(torch.device("cuda")) == torch.float32
     for amx, expected in ((True, torch.bfloat16), (False, torch.float32)):
@@ -234,10 +136,3 @@ def test_a_product_that_breaks_the_bound_is_not_used(monkeypatch):
     monkeypatch.setattr(screening, "_PRODUCT_DTYPE", {})
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
     assert screening.product_dtype(torch.device("cpu")) == torch.float32
-
-
-def test_layout_does_not_change_results():
-    X, Y = wide_latent(800, 8)
-    a = solve(np.ascontiguousarray(X), np.ascontiguousarray(Y))
-    b = solve(np.asfortranarray(X), np.asfortranarray(Y))
-    assert a.cost == b.cost and np.array_equal(a.cols, b.cols)
