@@ -33,6 +33,7 @@ the assumptions would be caught rather than trusted.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 
 import numpy as np
@@ -47,6 +48,9 @@ _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float32: 0.0}
 _EVAL_SLACK = 2e-6
 
 _PRODUCT_DTYPE: dict[str, torch.dtype] = {}
+_PRODUCT_DTYPE_LOCK = threading.RLock()
+#: Elements per block of tuning curves converted at once (512 KiB of float32: in cache).
+_BLOCK_ELEMENTS = 1 << 17
 
 
 class BoundViolation(ArithmeticError):
@@ -64,16 +68,18 @@ def product_dtype(device: torch.device) -> torch.dtype:
     same choice and results stay bit-identical from run to run.
     """
     key = str(device)
-    if key not in _PRODUCT_DTYPE:
-        _PRODUCT_DTYPE[key] = torch.float32
-        if device.type == "cpu":
-            try:
-                amx = bool(torch.cpu.get_capabilities().get("amx_bf16"))
-            except (AttributeError, RuntimeError):  # older torch: no capability query
-                amx = False
-            if amx and _bound_holds(torch.bfloat16, device):
-                _PRODUCT_DTYPE[key] = torch.bfloat16
-    return _PRODUCT_DTYPE[key]
+    with _PRODUCT_DTYPE_LOCK:  # threads of one worker must not see a decision half-made
+        if key not in _PRODUCT_DTYPE:
+            chosen = torch.float32
+            if device.type == "cpu":
+                try:
+                    amx = bool(torch.cpu.get_capabilities().get("amx_bf16"))
+                except (AttributeError, RuntimeError):  # older torch: no capability query
+                    amx = False
+                if amx and _bound_holds(torch.bfloat16, device):
+                    chosen = torch.bfloat16
+            _PRODUCT_DTYPE[key] = chosen
+        return _PRODUCT_DTYPE[key]
 
 
 def _bound_holds(dtype: torch.dtype, device: torch.device) -> bool:
@@ -96,26 +102,42 @@ def _bound_holds(dtype: torch.dtype, device: torch.device) -> bool:
 def _low_precision(A: np.ndarray, sq_norms: np.ndarray, dtype: torch.dtype):
     """Scaled low-precision copy of ``A`` and, per column, ``||e||`` and ``||Ã||`` bounds.
 
-    Returns ``(scale, Ã, err, norm_low)`` with ``A·scale ≈ Ã`` and both norms over-estimated
-    (never under): float32 sums of squares carry a relative error of at most ``γ_M``.
+    Returns ``(scale, Ã, err, norm_low)`` with ``A·scale ≈ Ã`` (``Ã`` neuron-major, shape
+    (N, M)) and both norms over-estimated (never under): float32 sums of squares carry a
+    relative error of at most ``γ_M``. Done a block of tuning curves at a time, so that the
+    conversions and the error norms run in cache: one read of ``A``, one write of ``Ã``.
     """
-    m = A.shape[0]
+    m, n = A.shape
     peak = math.sqrt(float(sq_norms.max()))
     scale = 1.0 if peak == 0 else 2.0 ** -math.frexp(peak)[1]  # every column norm <= 1
-    A64 = torch.from_numpy(A)
-    if peak < 2.0**100:
-        A32 = A64.to(torch.float32).mul_(scale)  # power of two: exact
-    else:
-        A32 = (A64 * scale).to(torch.float32)
-    low = A32.to(dtype)
+    AT = torch.from_numpy(A.T)
+    if not AT.is_contiguous():  # stimulus-major input: one transposing copy
+        AT = AT.contiguous()
+    low = torch.empty((n, m), dtype=dtype)
+    measured = dtype != torch.float32
+    err = torch.zeros(n, dtype=torch.float32)
+    norm_low = torch.zeros(n, dtype=torch.float32)
+    step = max(1, _BLOCK_ELEMENTS // m)
+    for s in range(0, n, step):
+        if peak < 2.0**100:
+            block = AT[s : s + step].to(torch.float32).mul_(scale)  # power of two: exact
+        else:
+            block = (AT[s : s + step] * scale).to(torch.float32)
+        if not measured:
+            low[s : s + step] = block
+            continue
+        rounded = block.to(dtype)
+        low[s : s + step] = rounded
+        lowf = rounded.to(torch.float32)
+        norm_low[s : s + step] = torch.linalg.vector_norm(lowf, dim=1)
+        err[s : s + step] = torch.linalg.vector_norm(block.sub_(lowf), dim=1)
     inflate = 1.0 + 2 * (m + 2) * _U32
-    if dtype == torch.float32:
-        err = np.zeros(A.shape[1])
-        norm_low = np.sqrt(sq_norms) * scale
+    if measured:
+        err = err.double().numpy() * inflate
+        norm_low = norm_low.double().numpy() * inflate
     else:
-        lowf = low.to(torch.float32)
-        err = torch.linalg.vector_norm(A32 - lowf, dim=0).double().numpy() * inflate
-        norm_low = torch.linalg.vector_norm(lowf, dim=0).double().numpy() * inflate
+        err = np.zeros(n)
+        norm_low = np.sqrt(sq_norms) * scale
     # ``A·scale`` was rounded to float32 first: at most 2⁻²⁴ of it per entry, plus a
     # subnormal's absolute error (2⁻¹⁴⁹) on each of the M entries.
     err = err + _U32 * np.sqrt(sq_norms) * scale * inflate + m * 2.0**-149
@@ -152,7 +174,7 @@ class CostBounds:
         self.dtype = product_dtype(device) if dtype is None else dtype
         sx, Xl, ex, bx = _low_precision(X, self.nx, self.dtype)
         sy, Yl, ey, by = _low_precision(Y, self.ny, self.dtype)
-        self.lower = lower = (Xl.to(device).T @ Yl.to(device)).to(torch.float32)
+        self.lower = lower = (Xl.to(device) @ Yl.to(device).T).to(torch.float32)
         gamma = m * _U32 / (1 - m * _U32)
         u_out = _UNIT_ROUNDOFF[self.dtype]
         inflate = 1 + 1e-5  # float32 rounding of the bound's own terms
@@ -191,32 +213,54 @@ class CostBounds:
         for s in range(0, self.shape[0], step):
             yield s, self.lower[s : s + step]
 
-    def _select(self, u: torch.Tensor, v: torch.Tensor, threshold: float, per_row=None):
+    def _select(self, u, v, threshold: float, budget=None, per_row=None):
         """Sorted keys of the entries with ``lower - u_i - v_j < threshold`` (float32).
 
-        With ``per_row``, a row with more such entries keeps only its ``per_row`` smallest;
-        also returns whether nothing was left out.
+        With more than ``budget`` such entries, a row keeps only about its ``per_row``
+        smallest (the row's cut is read off a sample of its columns); also returns whether
+        nothing was left out.
         """
+        if budget is None:
+            return self._select_all(u, v, threshold, limit=math.inf), True
+        keys = self._select_all(u, v, threshold, limit=budget)
+        if keys is not None:
+            return keys, True
         ny = self.shape[1]
+        stride = max(1, ny // 128)
+        found = []
+        for s, R in self._reduced(u, v):
+            sub = R[:, ::stride]
+            q = max(1, round(per_row * sub.shape[1] / ny))
+            cut = torch.full((R.shape[0],), threshold, device=R.device)
+            if q < sub.shape[1]:
+                cut = torch.kthvalue(sub, q, dim=1).values.clamp_(max=threshold)
+            found.append(self._keys(R < cut[:, None], s))
+        return np.concatenate(found), False
+
+    def _select_all(self, u, v, threshold, *, limit):
+        """All keys below ``threshold``, or None as soon as there are more than ``limit``."""
+        found, total = [], 0
+        for s, R in self._reduced(u, v):
+            keys = self._keys(R < threshold, s)
+            total += keys.size
+            if total > limit:
+                return None
+            found.append(keys)
+        return np.concatenate(found) if found else np.empty(0, np.int64)
+
+    def _reduced(self, u: torch.Tensor, v: torch.Tensor):
+        """``(first row, lower - u_i - v_j)`` by row blocks (float32, one GEMM update each)."""
         right = torch.stack([torch.ones_like(v), v])
-        found, complete = [], True
         for s, block in self._blocks():
             ub = u[s : s + block.shape[0]]
-            R = torch.addmm(block, torch.stack([ub, torch.ones_like(ub)], 1), right, alpha=-1.0)
-            hits = R < threshold
-            if per_row is not None and per_row < ny and int(hits.sum(1).max()) > per_row:
-                complete = False
-                vals, idx = torch.topk(R, per_row, dim=1, largest=False, sorted=False)
-                rows = torch.arange(s, s + block.shape[0], device=R.device)[:, None]
-                keep = vals < threshold
-                keys = (rows.expand_as(idx)[keep] * ny + idx[keep]).cpu().numpy()
-                found.append(np.sort(keys.astype(np.int64)))
-                continue
-            hit = torch.nonzero(hits.ravel()).ravel()
-            if hit.numel():
-                found.append(hit.cpu().numpy().astype(np.int64) + s * np.int64(ny))
-        keys = np.concatenate(found) if found else np.empty(0, np.int64)
-        return keys, complete
+            yield (
+                s,
+                torch.addmm(block, torch.stack([ub, torch.ones_like(ub)], 1), right, alpha=-1.0),
+            )
+
+    def _keys(self, hits: torch.Tensor, first_row: int) -> np.ndarray:
+        hit = torch.nonzero(hits.ravel()).ravel()
+        return hit.cpu().numpy().astype(np.int64) + first_row * np.int64(self.shape[1])
 
     def candidates(self, k: int) -> np.ndarray:
         """Sorted keys of about k entries per row with the smallest reduced lower bounds.
@@ -237,18 +281,18 @@ class CostBounds:
         threshold = float(torch.kthvalue(R.ravel().cpu(), kth).values)
         return self._select(u, v, np.nextafter(np.float32(threshold), np.float32(np.inf)))[0]
 
-    def below(self, u: np.ndarray, v: np.ndarray, *, per_row: int | None = None):
+    def below(self, u: np.ndarray, v: np.ndarray, *, budget=None, per_row: int = 32):
         """Sorted keys of the entries whose bound does not prove ``D_ij - u_i - v_j >= 0``.
 
         Evaluated in float32 with a margin covering its rounding, so an entry left out is
-        proven dual feasible. With ``per_row``, only the ``per_row`` most doubtful entries of
-        each row are returned.
+        proven dual feasible. With a ``budget`` and more doubtful entries than it, only the
+        ``per_row`` most doubtful entries of each row are returned.
 
         Returns
         -------
         keys : numpy.ndarray of int64
         complete : bool
-            False when ``per_row`` left entries out (nothing is proven about those).
+            False when the budget left entries out (nothing is proven about those).
         """
         margin = 4 * _U32 * (self._abs_bound + np.abs(u).max() + np.abs(v).max())
         dev = self.lower.device
@@ -256,8 +300,14 @@ class CostBounds:
             torch.from_numpy(u.astype(np.float32)).to(dev),
             torch.from_numpy(v.astype(np.float32)).to(dev),
             float(margin),
+            budget=budget,
             per_row=per_row,
         )
+
+    def lower_at(self, keys: np.ndarray) -> np.ndarray:
+        """The lower bounds (float64) of the entries ``keys``."""
+        index = torch.from_numpy(keys).to(self.lower.device)
+        return self.lower.ravel()[index].double().cpu().numpy()
 
     def exact(self, keys: np.ndarray) -> np.ndarray:
         """``D_ij`` in float64 (the expansion) for sorted keys ``i*Ny + j``.
@@ -280,8 +330,7 @@ class CostBounds:
             )
             prod = torch.sparse.sampled_addmm(pattern, self._XT, self._YT.T).values().numpy()
         D = self.nx[rows] + self.ny[cols] - 2.0 * prod
-        low = self.lower.ravel()[torch.from_numpy(keys).to(self.lower.device)].double().cpu()
-        worst = float((low.numpy() - D).max()) if keys.size else -math.inf
+        worst = float((self.lower_at(keys) - D).max()) if keys.size else -math.inf
         if worst > 0:
             raise BoundViolation(
                 f"an exact cost lies {worst:.3g} below its {self.dtype} lower bound; the "

@@ -202,6 +202,10 @@ def tolerance(X: np.ndarray, Y: np.ndarray) -> float:
     return _tolerance(np.einsum("mi,mi->i", X, X), np.einsum("mj,mj->j", Y, Y))
 
 
+def _squared_norms(A: np.ndarray) -> np.ndarray:
+    return np.einsum("mi,mi->i", A, A)
+
+
 def _tolerance(sq_norms_x, sq_norms_y) -> float:
     return float(RELATIVE_TOLERANCE * (sq_norms_x.max() + sq_norms_y.max()))
 
@@ -646,7 +650,7 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
         raise ValueError(f"method {method!r} needs equal widths, got {nx} and {ny}")
     if method == SPARSE_SOLVER and D is not None:
         raise ValueError(f"method {SPARSE_SOLVER!r} computes its own costs; omit D")
-    norms = (np.einsum("mi,mi->i", X, X), np.einsum("mj,mj->j", Y, Y))
+    norms = (_squared_norms(X), _squared_norms(Y))
     tol = _tolerance(*norms)
     if method == SPARSE_SOLVER:
         *out, cert = _sparse(X, Y, norms, tol=tol, device=device, forced=True)

@@ -48,10 +48,13 @@ SOLVER = "sparse-network-simplex"
 #: Candidates per row (on average, times ``Ny / Nx`` when columns outnumber rows) of the
 #: first sparse solve.
 CANDIDATES = 16
-#: Most doubtful entries per row computed exactly in each round before the full proof.
-PER_ROUND = 32
 #: Rounds of "solve on the candidates, price every entry, add the violated ones".
 MAX_ROUNDS = 40
+#: A round computes every doubtful entry when they number at most this fraction of the
+#: matrix, else the :data:`PER_ROUND` most doubtful of each row.
+ROUND_BUDGET = 0.04
+#: Most doubtful entries per row computed exactly in a round over budget.
+PER_ROUND = 32
 #: The sparse path gives up when the bounds leave more than this fraction of the matrix
 #: undecided: the dense float64 product is cheaper then.
 MAX_EXACT_FRACTION = 0.25
@@ -140,7 +143,7 @@ class _Candidates:
 
     def add(self, keys: np.ndarray):
         """Join the ``keys`` not yet present; return the new keys and their exact costs."""
-        new = np.setdiff1d(keys, self.keys, assume_unique=True)
+        new = _missing(keys, self.keys)
         if new.size == 0:
             return new, np.empty(0)
         costs = self.bounds.exact(new)
@@ -189,8 +192,9 @@ def solve_sparse(
     cx, cy = counts if counts is not None else (np.ones(nx, np.int64), np.ones(ny, np.int64))
     a, b = cx / cx.sum(), cy / cy.sum()
     limit = max(max_exact_fraction * nx * ny, _SMALL)
+    budget = max(ROUND_BUDGET * nx * ny, _SMALL)
     k = CANDIDATES * max(1, round(ny / nx))
-    cand = _Candidates(bounds, np.union1d(bounds.candidates(k), north_west_corner(cx, cy)))
+    cand = _Candidates(bounds, _union(bounds.candidates(k), north_west_corner(cx, cy)))
     slack = tol / 8
     start = None
     rounds = 0
@@ -201,15 +205,16 @@ def solve_sparse(
         rows, cols, mass, u, v = _network_simplex(a, b, cand.keys, cand.costs, ny, start)
         start = (u, v)
         # Far from optimal the bounds doubt most entries, and computing all of them would
-        # cost more than the dense product: the most doubtful few per row steer the next
-        # round, and only when none of them is violated is everything doubtful computed.
-        flagged, complete = bounds.below(u, v, per_row=PER_ROUND)
+        # cost more than the dense product: beyond the round's budget the most doubtful few
+        # per row steer the next round, and only when none of them is violated is
+        # everything doubtful computed (the proof).
+        flagged, complete = bounds.below(u, v, budget=budget, per_row=PER_ROUND)
         violated = _violated(cand.add(flagged), u, v, ny, slack)
         if not (violated or complete):
-            doubtful = bounds.below(u, v)[0]
-            if doubtful.size > limit:
+            doubtful, complete = bounds.below(u, v, budget=limit)
+            if not complete:
                 raise SparseUnsuitable(
-                    f"the bounds leave {doubtful.size} of {nx * ny} entries undecided"
+                    f"the bounds leave more than {limit:.0f} of {nx * ny} entries undecided"
                 )
             violated = _violated(cand.add(doubtful), u, v, ny, slack)
         if cand.keys.size > limit:
@@ -235,3 +240,18 @@ def _violated(added, u, v, ny, slack) -> bool:
     """Whether any newly computed entry violates the duals."""
     keys, costs = added
     return bool((costs - u[keys // ny] - v[keys % ny] < -slack).any())
+
+
+def _union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted union of two sorted key arrays (a sort beats NumPy 2's hash-based unique)."""
+    keys = np.concatenate([a, b])
+    keys.sort()
+    return keys[np.r_[True, keys[1:] != keys[:-1]]]
+
+
+def _missing(keys: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """The sorted ``keys`` that are not in the sorted ``present``."""
+    if present.size == 0:
+        return keys
+    at = np.minimum(np.searchsorted(present, keys), present.size - 1)
+    return keys[present[at] != keys]

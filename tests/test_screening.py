@@ -136,3 +136,53 @@ def test_a_product_that_breaks_the_bound_is_not_used(monkeypatch):
     monkeypatch.setattr(screening, "_PRODUCT_DTYPE", {})
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
     assert screening.product_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_below_over_budget_keeps_the_most_doubtful_of_each_row(product_dtype):
+    X, Y = make("latent", 80, 64, 300, 3)
+    b, _ = _bounds(X, Y)
+    D = squared_distances(X, Y)
+    u = D.min(axis=1) + 0.5 * D.std()  # far from feasible: most entries are doubtful
+    v = np.zeros(300)
+    full, complete = b.below(u, v)
+    assert complete and full.size > 64 * 40
+    same, complete = b.below(u, v, budget=full.size, per_row=8)
+    assert complete and np.array_equal(same, full)
+    part, complete = b.below(u, v, budget=full.size // 4, per_row=8)
+    assert not complete
+    assert np.all(np.diff(part) > 0) and np.isin(part, full).all()
+    assert part.size < full.size / 4
+    assert set(np.unique(part // 300)) == set(np.unique(full // 300))  # every row steers
+    # What a row keeps is among its most doubtful: its reduced costs lie below the others'.
+    reduced = (D - u[:, None] - v[None, :]).ravel()
+    kept = np.zeros(D.size, bool)
+    kept[part] = True
+    for i in range(0, 64, 9):
+        row = slice(i * 300, (i + 1) * 300)
+        assert np.median(reduced[row][kept[row]]) < np.median(reduced[row][~kept[row]])
+
+
+def test_threads_never_see_a_precision_decision_half_made(monkeypatch):
+    """A worker's threads share the decision; one asking while the self-test runs waits."""
+    import threading
+    import time
+
+    monkeypatch.setattr(screening, "_PRODUCT_DTYPE", {})
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+
+    def slow_self_test(dtype, device):
+        time.sleep(0.3)
+        return True
+
+    monkeypatch.setattr(screening, "_bound_holds", slow_self_test)
+    seen = []
+    threads = [
+        threading.Thread(target=lambda: seen.append(screening.product_dtype(torch.device("cpu"))))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert seen == [torch.bfloat16] * 3

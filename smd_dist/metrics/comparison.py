@@ -19,9 +19,8 @@ import math
 
 import numpy as np
 
-from smd_dist.prepare import cross_product, preprocess
+from smd_dist.prepare import cross_product, prepare_pair
 from smd_dist.solvers import solve
-from smd_dist.validation import check_array, check_same_stimuli
 
 __all__ = [
     "linear_cka",
@@ -34,12 +33,7 @@ __all__ = [
 
 
 def _prepare(X, Y, center, normalize, names):
-    X, Y = check_array(X, name=names[0]), check_array(Y, name=names[1])
-    check_same_stimuli(X, Y, names=names)
-    return (
-        preprocess(X, center=center, normalize=normalize, name=names[0]),
-        preprocess(Y, center=center, normalize=normalize, name=names[1]),
-    )
+    return prepare_pair(X, Y, center=center, normalize=normalize, names=names)
 
 
 def permutation_prepared(Xp, Yp, *, device=None, names=("X", "Y")):

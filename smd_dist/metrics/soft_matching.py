@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import scipy.sparse as sp
 
-from smd_dist.prepare import preprocess
+from smd_dist.prepare import prepare_pair
 from smd_dist.solvers import Certificate, Transport, solve
-from smd_dist.validation import check_array, check_same_stimuli
 
 __all__ = [
     "SoftMatchingResult",
@@ -117,10 +116,7 @@ def soft_matching(
     .. [1] Khosla, M., & Williams, A. H. (2024). Soft matching distance: a metric on neural
        representations that captures single-neuron tuning. Proceedings of UniReps, PMLR 243.
     """
-    X, Y = check_array(X, name=names[0]), check_array(Y, name=names[1])
-    check_same_stimuli(X, Y, names=names)
-    Xp = preprocess(X, center=center, normalize=normalize, name=names[0])
-    Yp = preprocess(Y, center=center, normalize=normalize, name=names[1])
+    Xp, Yp = prepare_pair(X, Y, center=center, normalize=normalize, names=names)
     tr = transport(Xp, Yp, device=device)
     cost = max(tr.cost, 0.0)
     score = 1.0 - cost / 2.0 if (center and normalize == "unit") else None
