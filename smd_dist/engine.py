@@ -147,6 +147,7 @@ def _prepare_rep(
 ) -> dict:
     """Read one rep and apply each preprocessing it needs; keyed by prep key."""
     from smd_dist.allocator import reuse_freed_memory
+    from smd_dist.derived import freeze
     from smd_dist.prepare import preprocess
     from smd_dist.validation import check_array
 
@@ -157,7 +158,9 @@ def _prepare_rep(
     prepared = {}
     for key in preps:
         try:
-            prepared[key] = preprocess(array, **json.loads(key), name=name)
+            # Read-only: nothing downstream edits it, and it keeps its per-neuron quantities
+            # (norms, low-precision copy) across all the pairs it is part of.
+            prepared[key] = freeze(preprocess(array, **json.loads(key), name=name))
         except ValueError as err:
             raise InputError(f"{name} (shape {array.shape}): {err}") from err
     return prepared
@@ -172,6 +175,7 @@ def _check_rep(store_path, model, layer, content_hash, preps, device) -> tuple[i
 def _compare_pairs(pairs: list, prepared: dict, metric_specs: list, device) -> list[dict]:
     """Run every metric on every pair of one task; a failure is recorded, not raised."""
     from smd_dist.allocator import reuse_freed_memory
+    from smd_dist.derived import freeze
     from smd_dist.validation import check_same_stimuli
 
     reuse_freed_memory()
@@ -180,7 +184,9 @@ def _compare_pairs(pairs: list, prepared: dict, metric_specs: list, device) -> l
     for rep_a, rep_b in pairs:
         for name, prep in metric_specs:
             metric = metric_registry.get(name)
-            xa, xb = prepared[rep_a][prep], prepared[rep_b][prep]
+            # Received from another worker, an array arrives writeable; it is still the
+            # engine's own prepared copy, which nothing edits.
+            xa, xb = freeze(prepared[rep_a][prep]), freeze(prepared[rep_b][prep])
             record = {"metric": name, "rep_a": rep_a, "rep_b": rep_b, "worker": worker}
             if metric.equal_width_only and xa.shape[1] != xb.shape[1]:
                 record.update(value=float("nan"), solver="undefined: widths differ")

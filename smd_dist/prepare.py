@@ -20,6 +20,7 @@ __all__ = [
     "preprocess",
     "resolve_device",
     "squared_distances",
+    "tensor_view",
 ]
 
 
@@ -128,6 +129,16 @@ def neuron_major(X: np.ndarray, *, block: int = 64) -> np.ndarray:
     return out_t.T
 
 
+def tensor_view(A: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy(A)``, also for a read-only ``A`` (the engine's prepared arrays).
+
+    torch warns that it cannot protect read-only memory; every caller here only reads.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(A)
+
+
 def cross_product(X: np.ndarray, Y: np.ndarray, *, device=None, dtype=np.float64) -> np.ndarray:
     """``Xᵀ Y``: one torch matrix product on an accelerator, NumPy's BLAS on the host.
 
@@ -150,7 +161,7 @@ def cross_product(X: np.ndarray, Y: np.ndarray, *, device=None, dtype=np.float64
     Y = np.asarray(Y, dtype=dtype)
     if dev.type != "cpu":
         try:
-            return (torch.from_numpy(X).to(dev).T @ torch.from_numpy(Y).to(dev)).cpu().numpy()
+            return (tensor_view(X).to(dev).T @ tensor_view(Y).to(dev)).cpu().numpy()
         except RuntimeError as err:  # out of device memory, driver trouble: the CPU is exact too
             warnings.warn(f"{dev} product failed ({err}); using cpu", RuntimeWarning, stacklevel=2)
     # On the host NumPy's BLAS was measured as fast as torch's or faster (1.7x at 512 neurons,

@@ -35,11 +35,14 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["BoundViolation", "CostBounds", "product_dtype"]
+from smd_dist.prepare import tensor_view
+
+__all__ = ["BoundViolation", "CostBounds", "LowPrecision", "low_precision", "product_dtype"]
 
 _U32 = 2.0**-24
 _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float32: 0.0}
@@ -99,18 +102,41 @@ def _bound_holds(dtype: torch.dtype, device: torch.device) -> bool:
     return bool(np.all(lower <= exact))
 
 
-def _low_precision(A: np.ndarray, sq_norms: np.ndarray, dtype: torch.dtype):
-    """Scaled low-precision copy of ``A`` and, per column, ``||e||`` and ``||Ã||`` bounds.
+class LowPrecision(NamedTuple):
+    """A representation's scaled low-precision copy and its per-neuron error bounds.
 
-    Returns ``(scale, Ã, err, norm_low)`` with ``A·scale ≈ Ã`` (``Ã`` neuron-major, shape
-    (N, M)) and both norms over-estimated (never under): float32 sums of squares carry a
-    relative error of at most ``γ_M``. Done a block of tuning curves at a time, so that the
-    conversions and the error norms run in cache: one read of ``A``, one write of ``Ã``.
+    Attributes
+    ----------
+    scale : float
+        A power of two with ``||x_i|| · scale <= 1`` for every neuron.
+    low : torch.Tensor, shape (N, M)
+        ``x_i · scale`` rounded to the product precision, neuron-major.
+    err, norm_low : numpy.ndarray, shape (N,)
+        Upper bounds on ``||x_i·scale - low_i||`` and ``||low_i||``.
+    """
+
+    scale: float
+    low: torch.Tensor
+    err: np.ndarray
+    norm_low: np.ndarray
+
+    def take(self, columns: np.ndarray) -> LowPrecision:
+        """The same for a subset of neurons (the scale stays valid for any subset)."""
+        index = torch.from_numpy(columns)
+        return LowPrecision(self.scale, self.low[index], self.err[columns], self.norm_low[columns])
+
+
+def low_precision(A: np.ndarray, sq_norms: np.ndarray, dtype: torch.dtype) -> LowPrecision:
+    """Scaled low-precision copy of ``A`` (stimuli, neurons) and its error bounds.
+
+    Both norms are over-estimated (never under): float32 sums of squares carry a relative
+    error of at most ``γ_M``. Done a block of tuning curves at a time, so that the
+    conversions and the error norms run in cache: one read of ``A``, one write of the copy.
     """
     m, n = A.shape
     peak = math.sqrt(float(sq_norms.max()))
     scale = 1.0 if peak == 0 else 2.0 ** -math.frexp(peak)[1]  # every column norm <= 1
-    AT = torch.from_numpy(A.T)
+    AT = tensor_view(A.T)
     if not AT.is_contiguous():  # stimulus-major input: one transposing copy
         AT = AT.contiguous()
     low = torch.empty((n, m), dtype=dtype)
@@ -141,7 +167,7 @@ def _low_precision(A: np.ndarray, sq_norms: np.ndarray, dtype: torch.dtype):
     # ``A·scale`` was rounded to float32 first: at most 2⁻²⁴ of it per entry, plus a
     # subnormal's absolute error (2⁻¹⁴⁹) on each of the M entries.
     err = err + _U32 * np.sqrt(sq_norms) * scale * inflate + m * 2.0**-149
-    return scale, low, err, norm_low * (1 + _U32) + m * 2.0**-149
+    return LowPrecision(scale, low, err, norm_low * (1 + _U32) + m * 2.0**-149)
 
 
 class CostBounds:
@@ -157,6 +183,8 @@ class CostBounds:
         Where the low-precision product and the bound matrix live.
     dtype : torch.dtype, optional
         Precision of the product; :func:`product_dtype` decides when omitted.
+    low : tuple of LowPrecision, optional
+        Precomputed :func:`low_precision` copies of X and Y (their precision is used).
 
     Attributes
     ----------
@@ -167,13 +195,23 @@ class CostBounds:
     """
 
     def __init__(
-        self, X: np.ndarray, Y: np.ndarray, sq_norms, *, device: torch.device, dtype=None
+        self,
+        X: np.ndarray,
+        Y: np.ndarray,
+        sq_norms,
+        *,
+        device: torch.device,
+        dtype=None,
+        low: tuple[LowPrecision, LowPrecision] | None = None,
     ):
         m = X.shape[0]
         self.nx, self.ny = sq_norms
-        self.dtype = product_dtype(device) if dtype is None else dtype
-        sx, Xl, ex, bx = _low_precision(X, self.nx, self.dtype)
-        sy, Yl, ey, by = _low_precision(Y, self.ny, self.dtype)
+        if low is not None:
+            self.dtype = low[0].low.dtype
+        else:
+            self.dtype = product_dtype(device) if dtype is None else dtype
+            low = (low_precision(X, self.nx, self.dtype), low_precision(Y, self.ny, self.dtype))
+        (sx, Xl, ex, bx), (sy, Yl, ey, by) = low
         self.lower = lower = (Xl.to(device) @ Yl.to(device).T).to(torch.float32)
         gamma = m * _U32 / (1 - m * _U32)
         u_out = _UNIT_ROUNDOFF[self.dtype]
@@ -319,8 +357,8 @@ class CostBounds:
         """
         nx, ny = self.shape
         if self._XT is None:  # no copy for neuron-major (Fortran-order) input
-            self._XT = torch.from_numpy(self._X).T.contiguous()
-            self._YT = torch.from_numpy(self._Y).T.contiguous()
+            self._XT = tensor_view(self._X).T.contiguous()
+            self._YT = tensor_view(self._Y).T.contiguous()
         rows, cols = keys // ny, keys % ny
         crow = torch.from_numpy(np.searchsorted(rows, np.arange(nx + 1)))
         with warnings.catch_warnings():

@@ -77,8 +77,15 @@ import scipy.sparse as sp
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from smd_dist.derived import derived
 from smd_dist.prepare import resolve_device, squared_distances
-from smd_dist.screening import BoundViolation, CostBounds
+from smd_dist.screening import (
+    BoundViolation,
+    CostBounds,
+    LowPrecision,
+    low_precision,
+    product_dtype,
+)
 from smd_dist.sparse_simplex import MAX_EXACT_FRACTION, SparseUnsuitable, solve_sparse
 from smd_dist.sparse_simplex import SOLVER as SPARSE_SOLVER
 
@@ -563,17 +570,29 @@ def _screenable(norms) -> bool:
     return 1e-30 < peak < 1e30
 
 
-def _sparse(X, Y, norms, *, tol, device, counts=None, forced=False):
+def _low_precision(A, sq_norms, device) -> LowPrecision:
+    """``A``'s low-precision copy for the cost bounds (kept with a read-only ``A``)."""
+    dtype = product_dtype(device)
+    return derived(
+        A, f"low-precision/{device}/{dtype}", lambda a: low_precision(a, sq_norms, dtype)
+    )
+
+
+def _sparse(X, Y, norms, *, tol, device, counts=None, forced=False, low=None):
     """Certified plan from :func:`smd_dist.sparse_simplex.solve_sparse`, dense-path shaped.
 
     Returns ``(rows, cols, mass, u, v, certificate)``; raises :class:`SolverError` when the
     sparse path cannot settle or certify the pair (the dense path then solves it afresh).
-    Unless ``forced``, it also gives up where the dense path would be faster.
+    Unless ``forced``, it also gives up where the dense path would be faster. ``low``:
+    the two low-precision copies, when the caller has them.
     """
     if not _screenable(norms):
         raise SolverError("squared norms outside 1e-30..1e30: no float32 cost bounds")
+    device = resolve_device(device)
     try:
-        bounds = CostBounds(X, Y, norms, device=resolve_device(device))
+        if low is None:
+            low = (_low_precision(X, norms[0], device), _low_precision(Y, norms[1], device))
+        bounds = CostBounds(X, Y, norms, device=device, low=low)
         fraction = 1.0 if forced else MAX_EXACT_FRACTION
         sol = solve_sparse(bounds, tol=tol, counts=counts, max_exact_fraction=fraction)
     except (SparseUnsuitable, BoundViolation) as err:
@@ -650,24 +669,35 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
         raise ValueError(f"method {method!r} needs equal widths, got {nx} and {ny}")
     if method == SPARSE_SOLVER and D is not None:
         raise ValueError(f"method {SPARSE_SOLVER!r} computes its own costs; omit D")
-    norms = (_squared_norms(X), _squared_norms(Y))
+    norms = (
+        derived(X, "squared-norms", _squared_norms),
+        derived(Y, "squared-norms", _squared_norms),
+    )
     tol = _tolerance(*norms)
     if method == SPARSE_SOLVER:
         *out, cert = _sparse(X, Y, norms, tol=tol, device=device, forced=True)
         return _transport(X, Y, out, cert, solver=SPARSE_SOLVER)
     if method != "auto" or D is not None:
         return _dense(X, Y, norms, tol=tol, device=device, D=D, method=method)
-    kx, gx, cx = _unique_columns(X)
-    ky, gy, cy = _unique_columns(Y)
+    kx, gx, cx = derived(X, "identical-columns", _unique_columns)
+    ky, gy, cy = derived(Y, "identical-columns", _unique_columns)
     merged = kx.size < nx or ky.size < ny
+    full = (X, Y, norms)
     if merged:
         X, Y = X[:, kx], Y[:, ky]
         norms = (norms[0][kx], norms[1][ky])
     counts = (cx, cy) if merged else None
     compact = None
-    if kx.size * ky.size >= SPARSE_MIN_ENTRIES:
+    if kx.size * ky.size >= SPARSE_MIN_ENTRIES and _screenable(norms):
+        # The copies are made of the whole representation (kept across pairs) and cut down
+        # to the merged neurons, so both paths see the same bounds.
+        dev = resolve_device(device)
+        low = tuple(
+            _low_precision(A, n, dev).take(k) if merged else _low_precision(A, n, dev)
+            for A, n, k in zip(full[0:2], full[2], (kx, ky), strict=True)
+        )
         try:
-            *out, cert = _sparse(X, Y, norms, tol=tol, device=device, counts=counts)
+            *out, cert = _sparse(X, Y, norms, tol=tol, device=dev, counts=counts, low=low)
             compact = _transport(X, Y, out, cert, solver=SPARSE_SOLVER)
         except SolverError:
             compact = None
