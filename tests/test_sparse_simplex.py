@@ -152,11 +152,22 @@ def test_auto_takes_the_sparse_path_on_wide_layers(shape):
 
 
 def test_auto_merges_dead_units_before_the_sparse_path():
-    X, Y = make("redundant", 200, 400, 300, seed=3)
+    X, Y = wide_latent(400, 3, ny=300)
+    X[:, ::7] = 0.0  # dead units: exact ties, merged into one neuron per side
+    Y[:, ::5] = 0.0
     tr = solve(X, Y)
     assert tr.solver == f"merged-{SOLVER}"
     assert tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
     _check_dense_duals(X, Y, tr)
+
+
+def test_near_duplicate_neurons_go_dense_below_the_tied_threshold():
+    X, Y = make("redundant", 200, 400, 300, seed=3)  # near copies: most rows nearly tied
+    tr = solve(X, Y)
+    assert tr.solver == "merged-network-simplex"
+    assert tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
+    forced = solve(X, Y, method=SOLVER)  # forced, the sparse path still solves it
+    assert forced.cost == pytest.approx(tr.cost, rel=1e-12)
 
 
 @pytest.mark.parametrize("error", [BoundViolation, SparseUnsuitable])
