@@ -17,7 +17,7 @@ pair) next to the run's fixed costs (reading and preparing the reps before the f
 pair, assembling and writing the matrix after the last), the values' agreement with (a),
 and peak worker memory.
 
-Usage: ``python scripts/bench_engine.py [--quick] [--skip-naive]``
+Usage: ``python scripts/bench_engine.py [--quick] [--skip-naive] [--repeat N]``
 """
 
 from __future__ import annotations
@@ -174,10 +174,19 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _fastest(run, repeat: int, *, at: int):
+    """The outcome of ``run(k)`` for k < ``repeat`` whose element ``at`` (seconds) is least:
+    single runs on a shared virtual machine vary by ±30 %."""
+    return min((run(k) for k in range(max(1, repeat))), key=lambda out: out[at])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small workload (about a minute)")
     parser.add_argument("--skip-naive", action="store_true", help="skip (a)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of (a) and (b); the fastest of each counts"
+    )
     args = parser.parse_args(argv)
     spec = QUICK if args.quick else FULL
     n_stimuli = 500 if args.quick else 2000
@@ -190,8 +199,12 @@ def main(argv=None) -> int:
             f"workload: {len(spec)} reps, widths {sorted({w for _, w in spec})}, "
             f"M = {n_stimuli}, {n_pairs} pairs, {cores} cores"
         )
-        ds1, t1, peak1, _ = run_engine(store, 1, tmp / "out1")
-        ds2, t2, peak2, report2 = run_engine(store, 2, tmp / "out2")
+        ds1, t1, peak1, _ = _fastest(
+            lambda k: run_engine(store, 1, tmp / f"out1-{k}"), args.repeat, at=1
+        )
+        ds2, t2, peak2, report2 = _fastest(
+            lambda k: run_engine(store, 2, tmp / f"out2-{k}"), args.repeat, at=1
+        )
         lim, wins = limit(store, cores)
         seconds = ds2["soft_matching_seconds"].values
         kernel_total = float(np.nansum(np.triu(seconds, 1)))
@@ -214,7 +227,7 @@ def main(argv=None) -> int:
         print(f"(b, 2 workers) / (c): {t2 / lim:.2f}")
         assert ds1["soft_matching"].values.tobytes() == ds2["soft_matching"].values.tobytes()
         if not args.skip_naive:
-            values, tn = naive_loop(store)
+            values, tn = _fastest(lambda k: naive_loop(store), args.repeat, at=1)
             worst = max(
                 abs(ds2["soft_matching"].sel(rep_a=a, rep_b=b).item() - v) / max(v, 1e-300)
                 for (a, b), v in values.items()
