@@ -16,7 +16,7 @@ sparse set :math:`S` of candidate entries with exact float64 costs, and the entr
 (:class:`smd_dist.screening.CostBounds`, one low-precision product). An entry with
 :math:`L_{ij} - u_i - v_j \\ge 0` is proven dual feasible without its exact cost; the
 others are computed exactly and, when violated, join :math:`S` and the sparse problem is
-solved again, warm-started from the last duals. When no exact entry is violated the duals
+solved again. When no exact entry is violated the duals
 are feasible on the whole matrix: on :math:`S` by exact costs, elsewhere by the bounds,
 so the sparse plan is optimal for the dense problem and the certificate
 (:class:`smd_dist.solvers.Certificate`) covers every entry.
@@ -38,7 +38,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from ot.lp.emd_wrap import emd_c_sparse
+
+try:  # POT >= 0.9.7: network simplex on a sparse graph (what ot.emd runs for sparse costs)
+    from ot.lp.emd_wrap import emd_c_sparse
+except ImportError:  # pragma: no cover - older POT: the dense path serves every pair
+    emd_c_sparse = None
 
 from smd_dist.screening import CostBounds
 
@@ -119,11 +123,13 @@ def north_west_corner(counts_x: np.ndarray, counts_y: np.ndarray) -> np.ndarray:
     return i * np.int64(cy.size) + j
 
 
-def _network_simplex(a, b, keys, costs, ny, start):
+def _network_simplex(a, b, keys, costs, ny):
+    if emd_c_sparse is None:
+        raise SparseUnsuitable("this POT has no sparse network simplex (needs POT >= 0.9.7)")
     rows, cols = keys // ny, keys % ny
-    init = () if start is None else start
+    # Called directly: ot.emd would take a sparse matrix apart into these arrays every round.
     flow_r, flow_c, flow, _, u, v, code = emd_c_sparse(
-        a, b, rows.astype(np.uint64), cols.astype(np.uint64), costs, MAX_ITER, *init
+        a, b, rows.astype(np.uint64), cols.astype(np.uint64), costs, MAX_ITER
     )
     if code != _OPTIMAL:
         raise SparseUnsuitable(f"sparse network simplex ended with code {code}, not optimal")
@@ -196,14 +202,12 @@ def solve_sparse(
     k = CANDIDATES * max(1, round(ny / nx))
     cand = _Candidates(bounds, _union(bounds.candidates(k), north_west_corner(cx, cy)))
     slack = tol / 8
-    start = None
     rounds = 0
     while True:
         rounds += 1
         if rounds > MAX_ROUNDS:
             raise SparseUnsuitable(f"the candidate set did not settle in {MAX_ROUNDS} rounds")
-        rows, cols, mass, u, v = _network_simplex(a, b, cand.keys, cand.costs, ny, start)
-        start = (u, v)
+        rows, cols, mass, u, v = _network_simplex(a, b, cand.keys, cand.costs, ny)
         # Far from optimal the bounds doubt most entries, and computing all of them would
         # cost more than the dense product: beyond the round's budget the most doubtful few
         # per row steer the next round, and only when none of them is violated is

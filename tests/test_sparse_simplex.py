@@ -237,3 +237,12 @@ def test_layout_does_not_change_results():
     a = solve(np.ascontiguousarray(X), np.ascontiguousarray(Y))
     b = solve(np.asfortranarray(X), np.asfortranarray(Y))
     assert a.cost == b.cost and np.array_equal(a.cols, b.cols)
+
+
+def test_without_a_sparse_network_simplex_the_dense_path_serves(monkeypatch):
+    X, Y = wide_latent(300, 12)
+    monkeypatch.setattr(sparse_simplex, "emd_c_sparse", None)  # as with POT < 0.9.7
+    tr = solve(X, Y)
+    assert tr.solver != SOLVER and tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
+    with pytest.raises(SolverError, match="POT >= 0.9.7"):
+        solve(X, Y, method=SOLVER)
