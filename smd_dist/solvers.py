@@ -85,7 +85,7 @@ from smd_dist.screening import (
     low_precision,
     product_dtype,
 )
-from smd_dist.sparse_simplex import MAX_EXACT_FRACTION, SparseUnsuitable, solve_sparse
+from smd_dist.sparse_simplex import MAX_EXACT_FRACTION, MAX_ITER, SparseUnsuitable, solve_sparse
 from smd_dist.sparse_simplex import SOLVER as SPARSE_SOLVER
 
 __all__ = [
@@ -106,9 +106,8 @@ __all__ = [
 #: found in float32 was measured 2e-9 relatively suboptimal, which this rejects.
 RELATIVE_TOLERANCE = 1e-11
 
-#: Network simplex iteration cap: high enough never to bind (POT's default binds from about
-#: 2,500 neurons and silently returns a plan 0.2–2 % too costly).
-NETWORK_SIMPLEX_MAX_ITER = 10**13
+#: Network simplex iteration cap, dense as sparse: high enough never to bind.
+NETWORK_SIMPLEX_MAX_ITER = MAX_ITER
 
 #: ``method="replicated-assignment"`` refuses L = lcm(Nx, Ny) above this × max(Nx, Ny).
 REPLICATION_FACTOR = 4
@@ -205,7 +204,7 @@ class Transport:
 
 def tolerance(X: np.ndarray, Y: np.ndarray) -> float:
     """Certificate tolerance ``RELATIVE_TOLERANCE · (max ||x_i||² + max ||y_j||²)``."""
-    return _tolerance(np.einsum("mi,mi->i", X, X), np.einsum("mj,mj->j", Y, Y))
+    return _tolerance(_squared_norms(X), _squared_norms(Y))
 
 
 def _squared_norms(A: np.ndarray) -> np.ndarray:
@@ -583,6 +582,16 @@ def _low_precision(A, sq_norms, device) -> LowPrecision:
     )
 
 
+def _merged_low_precision(A, sq_norms, keep, device) -> LowPrecision:
+    """The low-precision copy of the neurons ``keep`` of ``A``.
+
+    Made of the whole representation (kept across pairs) and cut down, so a rep merged in
+    one pair and whole in another sees the same bounds.
+    """
+    low = _low_precision(A, sq_norms, device)
+    return low if keep.size == A.shape[1] else low.take(keep)
+
+
 def _sparse(X, Y, norms, *, tol, device, counts=None, forced=False, low=None):
     """Certified plan from :func:`smd_dist.sparse_simplex.solve_sparse`, dense-path shaped.
 
@@ -693,19 +702,17 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     kx, gx, cx = derived(X, "identical-columns", _unique_columns)
     ky, gy, cy = derived(Y, "identical-columns", _unique_columns)
     merged = kx.size < nx or ky.size < ny
-    full = (X, Y, norms)
+    X0, Y0, norms0 = X, Y, norms
     if merged:
         X, Y = X[:, kx], Y[:, ky]
         norms = (norms[0][kx], norms[1][ky])
     counts = (cx, cy) if merged else None
     compact = None
     if kx.size * ky.size >= SPARSE_MIN_ENTRIES and _screenable(norms):
-        # The copies are made of the whole representation (kept across pairs) and cut down
-        # to the merged neurons, so both paths see the same bounds.
         dev = resolve_device(device)
-        low = tuple(
-            _low_precision(A, n, dev).take(k) if merged else _low_precision(A, n, dev)
-            for A, n, k in zip(full[0:2], full[2], (kx, ky), strict=True)
+        low = (
+            _merged_low_precision(X0, norms0[0], kx, dev),
+            _merged_low_precision(Y0, norms0[1], ky, dev),
         )
         try:
             *out, cert = _sparse(X, Y, norms, tol=tol, device=dev, counts=counts, low=low)

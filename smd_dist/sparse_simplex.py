@@ -62,7 +62,8 @@ PER_ROUND = 32
 #: The sparse path gives up when the bounds leave more than this fraction of the matrix
 #: undecided: the dense float64 product is cheaper then.
 MAX_EXACT_FRACTION = 0.25
-#: Network simplex iteration cap on the sparse problem: high enough never to bind.
+#: Network simplex iteration cap: high enough never to bind (POT's default binds from about
+#: 2,500 neurons and silently returns a plan 0.2–2 % too costly).
 MAX_ITER = 10**13
 
 _OPTIMAL = 1

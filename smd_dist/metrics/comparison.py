@@ -32,10 +32,6 @@ __all__ = [
 ]
 
 
-def _prepare(X, Y, center, normalize, names):
-    return prepare_pair(X, Y, center=center, normalize=normalize, names=names)
-
-
 def permutation_prepared(Xp, Yp, *, device=None, names=("X", "Y")):
     """Permutation distance on prepared arrays; returns the :class:`~smd_dist.solvers.Transport`
     and the distance."""
@@ -62,7 +58,7 @@ def permutation_distance(X, Y, *, center=True, normalize=None, device=None, name
     ValueError
         If the widths differ.
     """
-    Xp, Yp = _prepare(X, Y, center, normalize, names)
+    Xp, Yp = prepare_pair(X, Y, center=center, normalize=normalize, names=names)
     return permutation_prepared(Xp, Yp, device=device, names=names)[1]
 
 
@@ -104,7 +100,7 @@ def procrustes_distance(X, Y, *, center=True, normalize=None, device=None, names
     Arrays are (stimuli, neurons). Unlike the soft matching distance it is blind to
     rotations of the neuron basis.
     """
-    Xp, Yp = _prepare(X, Y, center, normalize, names)
+    Xp, Yp = prepare_pair(X, Y, center=center, normalize=normalize, names=names)
     return procrustes_prepared(Xp, Yp, device=device)
 
 
@@ -139,5 +135,5 @@ def linear_cka(X, Y, *, names=("X", "Y")) -> float:
     on column-centred arrays (stimuli, neurons). Invariant to rotations and isotropic
     scaling of either representation.
     """
-    Xp, Yp = _prepare(X, Y, True, None, names)
+    Xp, Yp = prepare_pair(X, Y, center=True, normalize=None, names=names)
     return linear_cka_prepared(Xp, Yp, names=names)
