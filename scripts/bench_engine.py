@@ -5,7 +5,8 @@ Workload: 16 reps (widths 256–2048, M = 2000 stimuli) in the three regimes of
 
 (a) naive loop — for each pair: read both reps, centre, ``ot.dist``, ``ot.emd2`` with a cap
     high enough to be exact, one pair after another;
-(b) this engine on a LocalCluster with 1 and with 2 single-threaded worker processes
+(b) this engine on its own local cluster (:func:`smd_dist.cluster.make_client`, as
+    ``kind: local`` starts it) with 1 and with 2 single-threaded worker processes
     (cluster start-up excluded, reading and preparing the reps included);
 (c) the limit — per pair, the fastest exact solve available for it (``ot.emd2``, scipy's
     ``linear_sum_assignment`` where widths allow, this package's kernel), each timed alone
@@ -142,22 +143,11 @@ def limit(store: ActivationStore, cores: int) -> tuple[float, int]:
 
 
 def run_engine(store: ActivationStore, n_workers: int, output: Path):
-    from distributed import Client, LocalCluster
+    """The engine as a user gets it: the package's own local cluster, ``n_workers`` workers."""
+    from smd_dist.cluster import make_client
 
-    from smd_dist.cluster import SINGLE_THREAD_ENV
-
-    os.environ.update(SINGLE_THREAD_ENV)
-    with (
-        LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",
-            memory_limit="8GB",
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        client.run(lambda: torch.set_num_threads(1))
+    cluster = {"kind": "local", "n-workers": n_workers, "memory-limit": "8GB"}
+    with make_client({**cluster, "dashboard-address": ":0"}, quiet=True) as client:
         report = RunReport(0, 0, 0)
         start = time.perf_counter()
         ds = smd_dist.compute_distances(

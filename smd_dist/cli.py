@@ -47,6 +47,7 @@ def run(config_path: str, no_progress: bool) -> None:
             progress=not no_progress,
             run_config=cfg,
             report=report,
+            engine=cfg.get("engine"),
         )
     except (ConfigError, ValueError, OSError) as err:
         click.echo(f"smd-dist run: error: {err}", err=True)

@@ -72,6 +72,11 @@ LOCAL_KEYS = {
     "dashboard-address": "dashboard address (':8787'; ':0' picks a free port; null: none)",
     "local-directory": "workers' scratch folder",
 }
+# Read by the kinds that start their own scheduler and workers (local, slurm).
+DASK_KEYS = {
+    "profiler": "Dask's statistical profiler in every worker (default false)",
+    "tick-interval": "how often Dask's event loops wake to check they are not blocked",
+}
 ADDRESS_KEYS = {"address": "scheduler address, e.g. tcp://10.0.0.5:8786"}
 # Keys passed to dask-jobqueue as they are; unset ones come from ``jobqueue.slurm``.
 SLURM_JOBQUEUE_KEYS = {
@@ -105,7 +110,13 @@ SLURM_KEYS = {
     "check-interval": "how often lost jobs are looked for, e.g. '10s'",
     "close-timeout": "how long closing waits for the jobs to leave squeue, e.g. '60s'",
 }
-VALID_KEYS = {"kind": "local | address | slurm", **LOCAL_KEYS, **ADDRESS_KEYS, **SLURM_KEYS}
+VALID_KEYS = {
+    "kind": "local | address | slurm",
+    **LOCAL_KEYS,
+    **DASK_KEYS,
+    **ADDRESS_KEYS,
+    **SLURM_KEYS,
+}
 ADAPT_KEYS = {"minimum": "fewest jobs", "maximum": "most jobs"}
 
 # Stands in for the scheduler's address, known only once a cluster starts.
@@ -231,7 +242,8 @@ def _check_values(cfg: dict) -> None:
                 f"cluster 'memory-limit' must be 'auto', an amount such as '4GB', or a "
                 f"fraction of the machine's memory, got {limit!r}"
             ) from err
-    for key in ("lifetime", "lifetime-stagger", "check-interval", "close-timeout"):
+    durations = "lifetime", "lifetime-stagger", "check-interval", "close-timeout", "tick-interval"
+    for key in durations:
         if cfg.get(key) is not None:
             try:
                 parse_timedelta(cfg[key])
@@ -240,10 +252,9 @@ def _check_values(cfg: dict) -> None:
                     f"cluster {key!r} must be a duration such as '55m' or '30s', "
                     f"got {cfg[key]!r}"
                 ) from err
-    if cfg.get("lifetime-restart") not in (None, True, False):
-        raise ConfigError(
-            f"cluster 'lifetime-restart' must be true or false, got {cfg['lifetime-restart']!r}"
-        )
+    for key in ("lifetime-restart", "profiler"):
+        if cfg.get(key) not in (None, True, False):
+            raise ConfigError(f"cluster {key!r} must be true or false, got {cfg[key]!r}")
     for key in ("job-extra-directives", "job-script-prologue", "worker-extra-args"):
         value = cfg.get(key)
         if isinstance(value, str):
@@ -316,6 +327,28 @@ class SingleThreaded(WorkerPlugin):
             await loop.run_in_executor(executor, _limit_threads)
 
 
+def dask_settings(cfg: Mapping[str, Any]) -> dict:
+    """The Dask settings a cluster smd-dist starts gets (scheduler, nannies, workers).
+
+    Off by default, Dask's statistical profiler samples every task thread each 10 ms, and
+    every scheduler, nanny and worker event loop wakes each 20 ms (``tick``): on a 2-core
+    machine the two together took a fifth of a core with the cluster idle, time taken from
+    the solves. ``profiler: true`` brings back the dashboard's Profile page.
+    """
+    settings = {"distributed.worker.profile.enabled": bool(cfg.get("profiler"))}
+    if cfg.get("tick-interval") is not None:
+        settings["distributed.admin.tick.interval"] = cfg["tick-interval"]
+    return settings
+
+
+def _settings_environ(settings: Mapping[str, Any]) -> dict:
+    """``settings`` as the ``DASK_*`` environment variables a worker process reads."""
+    return {
+        "DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
+        for key, value in settings.items()
+    }
+
+
 # --- local ---------------------------------------------------------------------------------
 
 
@@ -338,7 +371,9 @@ def _make_local(cfg: dict):
     # and keeps it for restarts.
     env = {**dask.config.get("distributed.nanny.pre-spawn-environ", default={})}
     env.update(SINGLE_THREAD_ENV)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+    # The scheduler reads its settings when it starts, the nannies hand theirs to the
+    # worker processes they spawn (and respawn).
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env, **dask_settings(cfg)}):
         return LocalCluster(**kwargs)
 
 
@@ -406,7 +441,8 @@ def slurm_job_kwargs(cfg: Mapping[str, Any]) -> dict:
         if cfg.get("job-script-prologue") is not None
         else _jobqueue("job-script-prologue") or []
     )
-    prologue += [f"export {k}={v}" for k, v in SINGLE_THREAD_ENV.items()]
+    environ = {**SINGLE_THREAD_ENV, **_settings_environ(dask_settings(cfg))}
+    prologue += [f"export {k}={v}" for k, v in environ.items()]
     kwargs["job_script_prologue"] = prologue
     return kwargs
 
@@ -617,13 +653,14 @@ def _make_slurm(cfg: dict):
     jobs = None if adapt is not None else cfg.get("jobs")
     cls = _slurm_cluster_class()
     try:
-        cluster = cls(
-            keep_jobs=jobs,
-            check_interval=parse_timedelta(cfg.get("check-interval") or "10s"),
-            close_timeout=parse_timedelta(cfg.get("close-timeout") or "60s"),
-            scheduler_options=scheduler_options,
-            **kwargs,
-        )
+        with dask.config.set(dask_settings(cfg)):  # the scheduler reads them as it starts
+            cluster = cls(
+                keep_jobs=jobs,
+                check_interval=parse_timedelta(cfg.get("check-interval") or "10s"),
+                close_timeout=parse_timedelta(cfg.get("close-timeout") or "60s"),
+                scheduler_options=scheduler_options,
+                **kwargs,
+            )
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise

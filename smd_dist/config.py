@@ -37,7 +37,7 @@ RUN_CONFIG_KEYS = {
     "output": "path of the output zarr",
     "cluster": "{kind: local|address|slurm, ...}",
     "resume": "bool, skip pairs already in the output (default true)",
-    "engine": "engine tuning: flush-seconds, wave-size, max-pairs-per-task",
+    "engine": "engine tuning: flush-seconds, wave-size, max-pairs-per-task, task-entries",
 }
 
 

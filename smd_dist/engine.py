@@ -124,6 +124,52 @@ def resolve_metrics(names: Sequence[str] | str) -> list:
     return seen
 
 
+ENGINE_KEYS = {
+    "flush-seconds": "results reach the output at least this often (seconds)",
+    "wave-size": "tasks in flight at once (null: 4 per worker thread)",
+    "max-pairs-per-task": "most pairs batched into one task",
+    "task-entries": "pairs are batched into tasks of about this many cost entries (Nx*Ny)",
+}
+
+
+def engine_settings(overrides: dict | None = None) -> dict:
+    """The engine settings: ``overrides`` over the ``smd-dist.engine`` config, checked.
+
+    Keys may be spelt with ``-`` or ``_`` (environment variables such as
+    ``DASK_SMD_DIST__ENGINE__FLUSH_SECONDS`` arrive with ``_``).
+
+    Raises
+    ------
+    smd_dist.config.ConfigError
+        An unknown key (with the closest valid one) or a value out of range.
+    """
+    from smd_dist.config import ConfigError, check_keys
+
+    merged = {}
+    for source in (config.get("engine", {}) or {}, overrides or {}):
+        if not isinstance(source, dict):
+            raise ConfigError(f"engine settings must be a mapping, got {source!r}")
+        merged.update({str(k).replace("_", "-"): v for k, v in source.items()})
+    check_keys(merged, ENGINE_KEYS, where="engine settings")
+    out = {
+        "flush-seconds": merged.get("flush-seconds", 2.0),
+        "wave-size": merged.get("wave-size"),
+        "max-pairs-per-task": merged.get("max-pairs-per-task", 64),
+        "task-entries": merged.get("task-entries", 2**19),
+    }
+    seconds = out["flush-seconds"]
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+        raise ConfigError(f"engine setting 'flush-seconds' must be a number > 0, got {seconds!r}")
+    out["flush-seconds"] = float(seconds)
+    for key, low in (("wave-size", 1), ("max-pairs-per-task", 1), ("task-entries", 0)):
+        value = out[key]
+        if key == "wave-size" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"engine setting {key!r} must be an integer >= {low}, got {value!r}")
+    return out
+
+
 def _prep_key(prep: dict) -> str:
     return json.dumps(prep, sort_keys=True)
 
@@ -232,25 +278,32 @@ def pair_memory_bytes(n_stimuli: int, n_a: int, n_b: int) -> int:
     return int(12 * n_stimuli * (n_a + n_b) + 28 * n_a * n_b)
 
 
-def _plan_tasks(reps: list, todo: list[tuple[int, int]], *, small: int, per_task: int) -> list:
-    """Group pairs into tasks: blocks of small pairs, single large pairs; largest first.
+def _plan_tasks(
+    reps: list, todo: list[tuple[int, int]], *, task_entries: int, per_task: int
+) -> list:
+    """Group pairs into tasks of about ``task_entries`` cost entries; largest work first.
 
-    Pairs are grouped in tiles of reps (neighbouring tasks share inputs), and tasks are
-    ordered by their work, ``Σ Nx·Ny`` over their pairs, largest first (stable, so tiles
+    A pair of at least ``task_entries`` entries (``Nx·Ny``) is a task of its own; smaller
+    pairs are batched, in tiles of reps (neighbouring pairs share inputs), until a batch
+    holds ``task_entries`` entries or ``per_task`` pairs: each task carries a fixed cost in
+    the scheduler, the client and the worker's event loop, which small pairs would not
+    repay. Tasks are ordered by their work, ``Σ Nx·Ny``, largest first (stable, so tiles
     stay together among equals): a wide pair submitted last would leave every other
     worker idle while it runs.
     """
     tile = 8
     todo = sorted(todo, key=lambda ij: (ij[0] // tile, ij[1] // tile, ij[0], ij[1]))
-    tasks, batch = [], []
+    tasks, batch, entries = [], [], 0
     for i, j in todo:
-        if max(reps[i].n_neurons, reps[j].n_neurons) <= small:
-            batch.append((i, j))
-            if len(batch) >= per_task:
-                tasks.append(batch)
-                batch = []
-        else:
+        work = reps[i].n_neurons * reps[j].n_neurons
+        if work >= task_entries:
             tasks.append([(i, j)])
+            continue
+        batch.append((i, j))
+        entries += work
+        if entries >= task_entries or len(batch) >= per_task:
+            tasks.append(batch)
+            batch, entries = [], 0
     if batch:
         tasks.append(batch)
     tasks.sort(key=lambda task: -sum(reps[i].n_neurons * reps[j].n_neurons for i, j in task))
@@ -363,6 +416,7 @@ def compute_distances(
     progress: bool = True,
     run_config: dict | None = None,
     report: RunReport | None = None,
+    engine: dict | None = None,
 ) -> xr.Dataset:
     """Compare every pair of selected representations; return the labeled matrices.
 
@@ -402,6 +456,9 @@ def compute_distances(
         The run config, recorded in the output's attributes.
     report : RunReport, optional
         Filled in with counts, failures and repairs.
+    engine : dict, optional
+        Engine settings (:data:`ENGINE_KEYS`) over the ``smd-dist.engine`` config; a run
+        config's ``engine:`` section.
 
     Returns
     -------
@@ -421,6 +478,7 @@ def compute_distances(
     from smd_dist.store import ActivationStore
 
     started = time.perf_counter()
+    settings = engine_settings(engine)
     if center is None:
         center = config.get("preprocessing.center", True)
     if normalize == "default":
@@ -490,6 +548,7 @@ def compute_distances(
                     progress=progress,
                     already=n_pairs - len(todo),
                     total=n_pairs,
+                    settings=settings,
                     prepared=prepared,
                 )
                 report.seconds_pairs = time.perf_counter() - phase
@@ -620,6 +679,7 @@ def _run_pairs(
     progress,
     already,
     total,
+    settings,
     prepared=None,
 ):
     """Submit pair tasks in waves, write records as they arrive.
@@ -631,15 +691,14 @@ def _run_pairs(
     from distributed import wait
     from tqdm.auto import tqdm
 
-    engine_cfg = config.get("engine", {}) or {}
-    flush_seconds = float(engine_cfg.get("flush-seconds", 2.0))
+    flush_seconds = settings["flush-seconds"]
     tasks = _plan_tasks(
         chosen,
         todo,
-        small=int(engine_cfg.get("small-pair-neurons", 256)),
-        per_task=int(engine_cfg.get("max-pairs-per-task", 64)),
+        task_entries=settings["task-entries"],
+        per_task=settings["max-pairs-per-task"],
     )
-    fixed_wave = engine_cfg.get("wave-size")
+    fixed_wave = settings["wave-size"]
 
     def wave_size() -> int:
         # Recomputed as the run goes: on SLURM workers join (and leave) during the run.

@@ -192,6 +192,8 @@ class CostBounds:
         ``lower[i, j] <= D_ij``, with ``D`` the float64 expansion the certificate uses.
     dtype : torch.dtype
         Precision of the product (bfloat16 or float32).
+    scale : float
+        ``max ||x_i||² + max ||y_j||²``: every cost lies in ``[0, 2 · scale]``.
     """
 
     def __init__(
@@ -237,6 +239,7 @@ class CostBounds:
             torch.from_numpy(right.astype(np.float32)).to(device),
             beta=-2.0 * back,
         )
+        self.scale = scale
         self._abs_bound = 3.0 * scale  # >= max |lower|: |2·back·ĝ| <= (1 + 1e-2)·scale
         self._X, self._Y = X, Y
         self._XT = self._YT = None
@@ -322,12 +325,16 @@ class CostBounds:
         threshold = float(torch.kthvalue(R.ravel().cpu(), kth).values)
         return self._select(u, v, np.nextafter(np.float32(threshold), np.float32(np.inf)))[0]
 
-    def below(self, u: np.ndarray, v: np.ndarray, *, budget=None, per_row: int = 32):
+    def below(
+        self, u: np.ndarray, v: np.ndarray, *, budget=None, per_row: int = 32, cushion=0.0
+    ):
         """Sorted keys of the entries whose bound does not prove ``D_ij - u_i - v_j >= 0``.
 
         Evaluated in float32 with a margin covering its rounding, so an entry left out is
         proven dual feasible. With a ``budget`` and more doubtful entries than it, only the
-        ``per_row`` most doubtful entries of each row are returned.
+        ``per_row`` most doubtful entries of each row are returned. ``cushion`` (>= 0, in
+        cost units) also flags the entries whose bound proves ``D_ij - u_i - v_j`` smaller
+        than it: a superset, so a complete answer still leaves only proven entries out.
 
         Returns
         -------
@@ -335,7 +342,9 @@ class CostBounds:
         complete : bool
             False when the budget left entries out (nothing is proven about those).
         """
-        margin = 4 * _U32 * (self._abs_bound + np.abs(u).max() + np.abs(v).max())
+        if not cushion >= 0:
+            raise ValueError(f"cushion must be >= 0, got {cushion!r}")
+        margin = 4 * _U32 * (self._abs_bound + np.abs(u).max() + np.abs(v).max()) + cushion
         dev = self.lower.device
         return self._select(
             torch.from_numpy(u.astype(np.float32)).to(dev),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import dask.config
+import dask.utils
 import pytest
 from click.testing import CliRunner
 
@@ -85,6 +86,8 @@ def test_keys_of_another_kind_are_accepted():
         ({"memory": "lots"}, r"'memory' must be an amount of memory.*'lots'"),
         ({"lifetime": "soon"}, r"'lifetime' must be a duration.*'soon'"),
         ({"lifetime-restart": "yes"}, r"'lifetime-restart' must be true or false"),
+        ({"profiler": "on"}, r"'profiler' must be true or false, got 'on'"),
+        ({"tick-interval": "often"}, r"'tick-interval' must be a duration.*'often'"),
         ({"job-extra-directives": [1]}, r"'job-extra-directives' must be a list of strings"),
         ({"adapt": 3}, r"'adapt' must be a mapping"),
         ({"adapt": {"minimun": 1, "maximum": 2}}, r"unknown key 'minimun'.*'minimum'"),
@@ -147,6 +150,9 @@ def test_job_script_has_the_configured_directives(tmp_path, monkeypatch):
     assert "#SBATCH --gres=gpu:1" in lines
     for name, value in SINGLE_THREAD_ENV.items():
         assert f"export {name}={value}" in lines
+    # Workers read Dask settings from DASK_* variables: profiler off, a 1 s tick.
+    assert "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False" in lines
+    assert "export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=1s" in lines
     worker = lines[-1]
     assert "--lifetime 55m" in worker
     assert "--lifetime-stagger 5m" in worker
@@ -229,6 +235,27 @@ def test_local_client_has_single_threaded_worker_processes(capsys):
         cluster_obj = client.cluster
     assert cluster_obj.status.name == "closed"
     assert "dashboard http" in capsys.readouterr().err
+
+
+def _dask_settings_here():
+    import dask.config
+
+    return (
+        dask.config.get("distributed.worker.profile.enabled"),
+        dask.config.get("distributed.admin.tick.interval"),
+    )
+
+
+@pytest.mark.parametrize(("extra", "expected"), [({}, (False, "1s")),
+                                                 ({"profiler": True, "tick-interval": "50ms"},
+                                                  (True, "50ms"))])
+def test_local_workers_get_the_dask_settings(extra, expected):
+    cfg = {"kind": "local", "n-workers": 1, "dashboard-address": ":0", **extra}
+    with make_client(cfg, quiet=True) as client:
+        assert set(client.run(_dask_settings_here).values()) == {expected}
+        scheduler = client.cluster.scheduler
+        tick = dask.utils.parse_timedelta(expected[1])
+        assert scheduler.periodic_callbacks["tick"].callback_time == tick * 1000
 
 
 def test_address_client_connects_to_a_running_scheduler():

@@ -268,17 +268,58 @@ def test_cli_run_reports_config_errors(tmp_path):
     assert result.exit_code == 2 and "not valid YAML" in result.output
 
 
+def test_cli_run_refuses_bad_engine_settings(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("store: s\noutput: o\nengine: {flush-secnds: 1}\n")
+    result = CliRunner().invoke(main, ["run", str(cfg)])
+    assert result.exit_code == 2 and "did you mean 'flush-seconds'" in result.output
+    cfg.write_text("store: s\noutput: o\nengine: {task-entries: -1}\n")
+    result = CliRunner().invoke(main, ["run", str(cfg)])
+    assert result.exit_code == 2
+    assert "'task-entries' must be an integer >= 0, got -1" in result.output
+
+
+def test_engine_settings_take_env_spelling_and_run_config_over_defaults(monkeypatch):
+    import dask.config
+
+    from smd_dist.config import ConfigError
+
+    defaults = engine.engine_settings()
+    assert defaults["flush-seconds"] == 2.0 and defaults["task-entries"] == 2**19
+    # DASK_SMD_DIST__ENGINE__FLUSH_SECONDS=0.5 arrives as flush_seconds
+    with dask.config.set({"smd-dist.engine": {**dask.config.get("smd-dist.engine"),
+                                              "flush_seconds": 0.5}}):
+        assert engine.engine_settings()["flush-seconds"] == 0.5
+        # a run config's engine: section wins over the config
+        over = engine.engine_settings({"flush_seconds": 3, "task-entries": 0})
+        assert over["flush-seconds"] == 3.0 and over["task-entries"] == 0
+    for bad in ({"flush-seconds": 0}, {"wave-size": 0}, {"max-pairs-per-task": 1.5},
+                {"task-entries": True}, "fast"):
+        with pytest.raises(ConfigError, match="engine setting"):
+            engine.engine_settings(bad)
+
+
 def test_tasks_cover_each_pair_once_largest_work_first():
     from types import SimpleNamespace
 
     widths = [300, 16, 2048, 8, 700, 16, 12, 1024]
     reps = [SimpleNamespace(n_neurons=w) for w in widths]
     todo = [(i, j) for i in range(len(reps)) for j in range(i + 1, len(reps))]
-    tasks = engine._plan_tasks(reps, todo, small=256, per_task=4)
+    entries = 64 * 64
+    tasks = engine._plan_tasks(reps, todo, task_entries=entries, per_task=4)
     pairs = [pair for task in tasks for pair in task]
     assert sorted(pairs) == todo
     work = [sum(widths[i] * widths[j] for i, j in task) for task in tasks]
     assert work == sorted(work, reverse=True)
     assert tasks[0] == [(2, 7)]
-    assert all(len(task) == 1 for task in tasks if max(widths[i] for p in task for i in p) > 256)
-    assert max(len(task) for task in tasks) == 4
+    # a pair of task_entries or more is alone; smaller ones are batched, at most per_task
+    big = [(i, j) for i, j in todo if widths[i] * widths[j] >= entries]
+    assert all([pair] in tasks for pair in big)
+    batches = [task for task in tasks if len(task) > 1]
+    assert batches and max(len(task) for task in batches) == 4
+    assert all(widths[i] * widths[j] < entries for task in batches for i, j in task)
+    # every batch but the last one formed is full: enough entries, or per_task pairs
+    full = [w >= entries or len(t) == 4 for t, w in zip(tasks, work, strict=True) if len(t) > 1]
+    assert full.count(False) <= 1
+    # task_entries=0: one pair per task
+    assert all(len(t) == 1 for t in engine._plan_tasks(reps, todo, task_entries=0, per_task=4))

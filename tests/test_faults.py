@@ -90,7 +90,7 @@ def cli(*args, env_extra=None, **kwargs):
     env = {
         **os.environ,
         "DASK_SMD_DIST__ENGINE__FLUSH_SECONDS": "0.2",
-        "DASK_SMD_DIST__ENGINE__SMALL_PAIR_NEURONS": "0",
+        "DASK_SMD_DIST__ENGINE__TASK_ENTRIES": "0",
         **(env_extra or {}),
     }
     return subprocess.Popen(
@@ -138,7 +138,7 @@ def test_worker_killed_mid_run_gives_identical_matrix(heavy_workload, tmp_path):
         killer.start()
         report = RunReport(0, 0, 0)
         with dask.config.set({"smd-dist.engine.flush-seconds": 0.1,
-                              "smd-dist.engine.small-pair-neurons": 0}):
+                              "smd-dist.engine.task-entries": 0}):
             ds = compute_distances(store, output=output, client=client, progress=False,
                                    report=report)
         finished_at = time.monotonic()

@@ -162,6 +162,28 @@ def test_below_over_budget_keeps_the_most_doubtful_of_each_row(product_dtype):
         assert np.median(reduced[row][kept[row]]) < np.median(reduced[row][~kept[row]])
 
 
+def test_below_with_a_cushion_adds_the_nearly_tight_entries(product_dtype):
+    X, Y = make("latent", 80, 64, 300, 3)
+    b, _ = _bounds(X, Y)
+    D = squared_distances(X, Y)
+    u, v = D.min(axis=1), np.zeros(300)  # feasible, tight at each row's minimum
+    plain, complete = b.below(u, v)
+    assert complete
+    cushion = 0.05 * b.scale
+    wide, complete = b.below(u, v, cushion=cushion)
+    assert complete and np.isin(plain, wide).all() and wide.size > plain.size
+    reduced = (D - u[:, None] - v[None, :]).ravel()
+    # everything proven a cushion away from tight is left out; what is left in is not far
+    assert (reduced[np.setdiff1d(np.arange(D.size), wide)] >= cushion * (1 - 1e-6)).all()
+    lower = b.lower.double().numpy().ravel() - u.repeat(300)
+    assert (lower[wide] < cushion * (1 + 1e-5)).all()
+    assert b.scale == pytest.approx(
+        (X * X).sum(0).max() + (Y * Y).sum(0).max(), rel=1e-12
+    )
+    with pytest.raises(ValueError, match="cushion must be >= 0, got -1"):
+        b.below(u, v, cushion=-1.0)
+
+
 def test_threads_never_see_a_precision_decision_half_made(monkeypatch):
     """A worker's threads share the decision; one asking while the self-test runs waits."""
     import threading

@@ -147,7 +147,7 @@ def demo(tmp_path_factory):
 # while, some pairs are in the output and others in flight when a job is cancelled. The
 # reference runs keep the default task grouping: values must not depend on it.
 ONE_PAIR_PER_TASK = {"smd-dist.engine.max-pairs-per-task": 1,
-                     "smd-dist.engine.small-pair-neurons": 0,
+                     "smd-dist.engine.task-entries": 0,
                      "smd-dist.engine.flush-seconds": 0.5}
 
 
