@@ -47,7 +47,7 @@ from dask.utils import parse_bytes, parse_timedelta
 from distributed import Client
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from smd_dist.config import ConfigError, check_keys, suggest
+from smd_dist.config import ConfigError, check_keys, normalize_keys, suggest
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +152,11 @@ def resolve_config(cluster_config: Mapping[str, Any] | None = None) -> dict:
             f"cluster config must be a mapping of keys to values, "
             f"got {type(cluster_config).__name__}: {cluster_config!r}"
         )
-    user = _normalize_keys(cluster_config)
+    user = normalize_keys(cluster_config, where="cluster config")
     check_keys(user, VALID_KEYS, where="cluster config")
-    defaults = _normalize_keys(dask.config.get("smd-dist.cluster", default={}) or {})
+    defaults = normalize_keys(
+        dask.config.get("smd-dist.cluster", default={}) or {}, where="cluster config"
+    )
     cfg = {**{k: v for k, v in defaults.items() if k in VALID_KEYS}, **user}
 
     kind = cfg.get("kind") or "local"
@@ -200,16 +202,6 @@ def read_cluster_section(path: str | os.PathLike) -> dict:
             f"'cluster' in run config {str(path)!r} must be a mapping, got {section!r}"
         )
     return section
-
-
-def _normalize_keys(mapping: Mapping) -> dict:
-    out = {}
-    for key, value in mapping.items():
-        norm = str(key).replace("_", "-")
-        if norm in out:
-            raise ConfigError(f"cluster config gives {norm!r} twice (as {key!r} too)")
-        out[norm] = value
-    return out
 
 
 def _positive_int(cfg: dict, key: str, *, minimum: int = 1) -> None:

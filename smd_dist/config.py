@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,31 @@ RUN_CONFIG_KEYS = {
 def get(key: str, default: Any = None) -> Any:
     """Read ``smd-dist.<key>`` from :mod:`dask.config`."""
     return dask.config.get(f"smd-dist.{key}", default=default)
+
+
+def package_default(key: str) -> Any:
+    """``smd-dist.<key>`` as the package ships it (``smd_dist.yaml``), whatever is set since."""
+    value = _DEFAULTS["smd-dist"]
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def normalize_keys(mapping: Mapping, *, where: str) -> dict:
+    """``mapping`` with its keys spelt with ``-`` (environment variables arrive with ``_``).
+
+    Raises
+    ------
+    ConfigError
+        When two keys differ only in that spelling.
+    """
+    out = {}
+    for key, value in mapping.items():
+        norm = str(key).replace("_", "-")
+        if norm in out:
+            raise ConfigError(f"{where} gives {norm!r} twice (as {key!r} too)")
+        out[norm] = value
+    return out
 
 
 def suggest(name: str, valid: list[str] | tuple[str, ...]) -> str:

@@ -143,30 +143,28 @@ def engine_settings(overrides: dict | None = None) -> dict:
     smd_dist.config.ConfigError
         An unknown key (with the closest valid one) or a value out of range.
     """
-    from smd_dist.config import ConfigError, check_keys
-
     merged = {}
-    for source in (config.get("engine", {}) or {}, overrides or {}):
-        if not isinstance(source, dict):
-            raise ConfigError(f"engine settings must be a mapping, got {source!r}")
-        merged.update({str(k).replace("_", "-"): v for k, v in source.items()})
-    check_keys(merged, ENGINE_KEYS, where="engine settings")
-    out = {
-        "flush-seconds": merged.get("flush-seconds", 2.0),
-        "wave-size": merged.get("wave-size"),
-        "max-pairs-per-task": merged.get("max-pairs-per-task", 64),
-        "task-entries": merged.get("task-entries", 2**19),
-    }
+    layers = (config.package_default("engine"), config.get("engine", {}) or {}, overrides or {})
+    for layer in layers:
+        if not isinstance(layer, dict):
+            raise config.ConfigError(f"engine settings must be a mapping, got {layer!r}")
+        merged.update(config.normalize_keys(layer, where="engine settings"))
+    config.check_keys(merged, ENGINE_KEYS, where="engine settings")
+    out = {key: merged[key] for key in ENGINE_KEYS}
     seconds = out["flush-seconds"]
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
-        raise ConfigError(f"engine setting 'flush-seconds' must be a number > 0, got {seconds!r}")
+        raise config.ConfigError(
+            f"engine setting 'flush-seconds' must be a number > 0, got {seconds!r}"
+        )
     out["flush-seconds"] = float(seconds)
     for key, low in (("wave-size", 1), ("max-pairs-per-task", 1), ("task-entries", 0)):
         value = out[key]
         if key == "wave-size" and value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"engine setting {key!r} must be an integer >= {low}, got {value!r}")
+            raise config.ConfigError(
+                f"engine setting {key!r} must be an integer >= {low}, got {value!r}"
+            )
     return out
 
 

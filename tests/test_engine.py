@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import ot
@@ -258,43 +259,50 @@ def test_cli_run_and_status(store, tmp_path, monkeypatch):
     assert set(json.loads(ds.attrs["metrics"])) == {"soft_matching", "linear_cka"}
 
 
-def test_cli_run_reports_config_errors(tmp_path):
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("store: s\noutput: o\nmetrcs: [soft_matching]\n", "metrics"),
+        ("store: [unclosed\n", "not valid YAML"),
+        ("store: s\noutput: o\nengine: {flush-secnds: 1}\n", "did you mean 'flush-seconds'"),
+        (
+            "store: s\noutput: o\nengine: {task-entries: -1}\n",
+            "'task-entries' must be an integer >= 0, got -1",
+        ),
+    ],
+)
+def test_cli_run_reports_config_errors(tmp_path, text, message):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("store: s\noutput: o\nmetrcs: [soft_matching]\n")
+    cfg.write_text(text)
     result = CliRunner().invoke(main, ["run", str(cfg)])
-    assert result.exit_code == 2 and "metrics" in result.output
-    cfg.write_text("store: [unclosed\n")
-    result = CliRunner().invoke(main, ["run", str(cfg)])
-    assert result.exit_code == 2 and "not valid YAML" in result.output
+    assert result.exit_code == 2 and message in result.output
 
 
-def test_cli_run_refuses_bad_engine_settings(tmp_path):
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text("store: s\noutput: o\nengine: {flush-secnds: 1}\n")
-    result = CliRunner().invoke(main, ["run", str(cfg)])
-    assert result.exit_code == 2 and "did you mean 'flush-seconds'" in result.output
-    cfg.write_text("store: s\noutput: o\nengine: {task-entries: -1}\n")
-    result = CliRunner().invoke(main, ["run", str(cfg)])
-    assert result.exit_code == 2
-    assert "'task-entries' must be an integer >= 0, got -1" in result.output
+def test_engine_settings_take_env_spelling_and_run_config_over_defaults():
+    import subprocess
+    import sys
 
-
-def test_engine_settings_take_env_spelling_and_run_config_over_defaults(monkeypatch):
     import dask.config
 
     from smd_dist.config import ConfigError
 
     defaults = engine.engine_settings()
     assert defaults["flush-seconds"] == 2.0 and defaults["task-entries"] == 2**19
-    # DASK_SMD_DIST__ENGINE__FLUSH_SECONDS=0.5 arrives as flush_seconds
-    with dask.config.set({"smd-dist.engine": {**dask.config.get("smd-dist.engine"),
-                                              "flush_seconds": 0.5}}):
+    # An environment variable reaches dask.config spelt with "_" (read at import).
+    read = "from smd_dist.engine import engine_settings as s; print(s()['flush-seconds'])"
+    env = {**os.environ, "DASK_SMD_DIST__ENGINE__FLUSH_SECONDS": "0.5"}
+    out = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "0.5", out.stderr
+    with dask.config.set({"smd-dist.engine.flush-seconds": 0.5}):
         assert engine.engine_settings()["flush-seconds"] == 0.5
         # a run config's engine: section wins over the config
         over = engine.engine_settings({"flush_seconds": 3, "task-entries": 0})
         assert over["flush-seconds"] == 3.0 and over["task-entries"] == 0
+    # a config whose engine mapping lost keys still gets the package's defaults
+    with dask.config.set({"smd-dist.engine": {"wave-size": 8}}):
+        assert engine.engine_settings() == {**defaults, "wave-size": 8}
     for bad in ({"flush-seconds": 0}, {"wave-size": 0}, {"max-pairs-per-task": 1.5},
-                {"task-entries": True}, "fast"):
+                {"task-entries": True}, "fast", {"flush-seconds": 1, "flush_seconds": 2}):
         with pytest.raises(ConfigError, match="engine setting"):
             engine.engine_settings(bad)
 
