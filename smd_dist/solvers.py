@@ -76,7 +76,7 @@ import scipy.sparse as sp
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from smd_dist.derived import derived
+from smd_dist.derived import derived, freeze
 from smd_dist.prepare import resolve_device, squared_distances
 from smd_dist.screening import (
     BoundViolation,
@@ -585,11 +585,20 @@ def _low_precision(A, sq_norms, device) -> LowPrecision:
 def _merged_low_precision(A, sq_norms, keep, device) -> LowPrecision:
     """The low-precision copy of the neurons ``keep`` of ``A``.
 
-    Made of the whole representation (kept across pairs) and cut down, so a rep merged in
-    one pair and whole in another sees the same bounds.
+    Made of the whole representation and cut down, so a rep merged in one pair and whole
+    in another sees the same bounds; both are kept with a read-only ``A``.
     """
     low = _low_precision(A, sq_norms, device)
-    return low if keep.size == A.shape[1] else low.take(keep)
+    if keep.size == A.shape[1]:
+        return low
+    return derived(A, f"merged-low-precision/{device}/{low.low.dtype}", lambda a: low.take(keep))
+
+
+def _merged_columns(A, keep) -> np.ndarray:
+    """``A[:, keep]``, read-only, kept with a read-only ``A`` (a copy costs a pass over A)."""
+    if keep.size == A.shape[1]:
+        return A
+    return derived(A, "merged-columns", lambda a: freeze(a[:, keep]))
 
 
 def _sparse(X, Y, norms, *, tol, device, counts=None, forced=False, low=None):
@@ -704,7 +713,7 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     merged = kx.size < nx or ky.size < ny
     X0, Y0, norms0 = X, Y, norms
     if merged:
-        X, Y = X[:, kx], Y[:, ky]
+        X, Y = _merged_columns(X, kx), _merged_columns(Y, ky)
         norms = (norms[0][kx], norms[1][ky])
     counts = (cx, cy) if merged else None
     compact = None

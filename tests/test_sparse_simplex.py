@@ -246,3 +246,27 @@ def test_without_a_sparse_network_simplex_the_dense_path_serves(monkeypatch):
     assert tr.solver != SOLVER and tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
     with pytest.raises(SolverError, match="POT >= 0.9.7"):
         solve(X, Y, method=SOLVER)
+
+
+def test_later_rounds_start_from_the_previous_duals_and_reach_the_same_optimum(monkeypatch):
+    X, Y = wide_latent(400, 3)
+    real = sparse_simplex.emd_c_sparse
+    calls = []
+
+    def recording(a, b, rows, cols, costs, max_iter, *warm):
+        out = real(a, b, rows, cols, costs, max_iter, *warm)
+        calls.append(((a, b, rows, cols, costs), warm, out))
+        return out
+
+    monkeypatch.setattr(sparse_simplex, "emd_c_sparse", recording)
+    tr = solve(X, Y, method=SOLVER)
+    assert len(calls) >= 2, "this pair should need more than one round"
+    assert calls[0][1] == ()
+    for (_, warm, _), (_, _, before) in zip(calls[1:], calls[:-1], strict=True):
+        np.testing.assert_array_equal(warm[0], before[4])
+        np.testing.assert_array_equal(warm[1], before[5])
+    problem, _, warm_out = calls[-1]
+    cold = real(*problem, sparse_simplex.MAX_ITER)
+    assert warm_out[-1] == cold[-1] == 1
+    assert warm_out[3] == pytest.approx(cold[3], rel=1e-13)
+    assert tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
