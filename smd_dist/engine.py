@@ -1,8 +1,9 @@
 """The all-pairs engine: which pairs, the Dask graph, incremental writes, resume.
 
-Data flow: the store is read on workers (a rep is read and prepared once per run, the
-prepared arrays live in worker memory as Dask futures and reach pair tasks by key);
-pair tasks run the metric kernels; the client collects records as they finish and
+Data flow: the store is read on workers (each worker reads and prepares a rep once and
+keeps it within a share of its memory, :mod:`smd_dist.worker_cache`; pair tasks name
+their reps and never carry their data); pair tasks run the metric kernels; the client
+collects records as they finish and
 appends them to the output's ledger every ``flush-seconds``. The labeled matrix is
 assembled from the ledger at the end. The engine knows nothing of solvers' internals.
 """
@@ -18,7 +19,6 @@ import shutil
 import socket
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +39,8 @@ from smd_dist.results import (
     summarize,
 )
 
-#: Prepared reps stay in worker memory from the input check to their last pair when they
-#: take at most this fraction of the cluster's memory; otherwise they are read again.
+#: Each worker keeps the reps it has prepared (:mod:`smd_dist.worker_cache`) within this
+#: fraction of its memory limit; beyond it, the least recently used are read again.
 KEEP_PREPARED_FRACTION = 0.25
 
 
@@ -210,27 +210,52 @@ def _prepare_rep(
     return prepared
 
 
-def _check_rep(store_path, model, layer, content_hash, preps, device) -> tuple[int, int]:
-    """Validate one rep as a pair task would see it; return its shape, keep nothing."""
-    prepared = _prepare_rep(store_path, model, layer, content_hash, preps, device)
-    return next(iter(prepared.values())).shape
+@dataclass(frozen=True)
+class RepSource:
+    """Where a pair task finds one rep: the store, the rep and its content hash at the
+    start of the run, and the preprocessings it needs (a few hundred bytes in the graph)."""
+
+    store: str
+    model: str
+    layer: str
+    content_hash: str
+    preps: tuple[str, ...]
 
 
-def _compare_pairs(pairs: list, prepared: dict, metric_specs: list, device) -> list[dict]:
+def _prepared(source: RepSource, keep_fraction: float) -> dict:
+    """The rep's prepared arrays: kept by this worker, or read and prepared now."""
+    from smd_dist import worker_cache
+
+    return worker_cache.kept(
+        source,
+        lambda: _prepare_rep(
+            source.store, source.model, source.layer, source.content_hash, source.preps, None
+        ),
+        budget=int(keep_fraction * worker_cache.memory_limit()),
+    )
+
+
+def _check_rep(source: RepSource, keep_fraction: float) -> tuple[int, int]:
+    """Validate one rep as a pair task would see it (and keep it, within the budget);
+    return its shape."""
+    return next(iter(_prepared(source, keep_fraction).values())).shape
+
+
+def _compare_pairs(
+    pairs: list, sources: dict, metric_specs: list, device, keep_fraction: float
+) -> list[dict]:
     """Run every metric on every pair of one task; a failure is recorded, not raised."""
     from smd_dist.allocator import reuse_freed_memory
-    from smd_dist.derived import freeze
     from smd_dist.validation import check_same_stimuli
 
     reuse_freed_memory()
     worker = _worker_name()
+    prepared = {rep: _prepared(source, keep_fraction) for rep, source in sources.items()}
     out = []
     for rep_a, rep_b in pairs:
         for name, prep in metric_specs:
             metric = metric_registry.get(name)
-            # Received from another worker, an array arrives writeable; it is still the
-            # engine's own prepared copy, which nothing edits.
-            xa, xb = freeze(prepared[rep_a][prep]), freeze(prepared[rep_b][prep])
+            xa, xb = prepared[rep_a][prep], prepared[rep_b][prep]
             record = {"metric": name, "rep_a": rep_a, "rep_b": rep_b, "worker": worker}
             if metric.equal_width_only and xa.shape[1] != xb.shape[1]:
                 record.update(value=float("nan"), solver="undefined: widths differ")
@@ -530,24 +555,23 @@ def compute_distances(
                 if progress and client is not None:  # make_client prints it for its own
                     print(f"smd-dist: dashboard {active.dashboard_link}", file=sys.stderr)
                 phase = time.perf_counter()
-                prepared = _check_inputs(active, store, chosen, todo, preps_needed, device)
+                sources = _sources(store, chosen, preps_needed)
+                _check_inputs(active, chosen, todo, sources)
                 _check_memory(active, store, chosen, todo)
                 report.seconds_inputs = time.perf_counter() - phase
                 phase = time.perf_counter()
                 report.n_computed, report.n_records_written = _run_pairs(
                     active,
-                    store,
                     chosen,
                     todo,
                     specs,
-                    preps_needed,
                     device,
                     sink,
                     progress=progress,
                     already=n_pairs - len(todo),
                     total=n_pairs,
                     settings=settings,
-                    prepared=prepared,
+                    sources=sources,
                 )
                 report.seconds_pairs = time.perf_counter() - phase
         phase = time.perf_counter()
@@ -599,31 +623,26 @@ def _client_context(client, cluster_config):
         yield made
 
 
-def _check_inputs(client, store, chosen, todo, preps, device) -> dict:
+def _sources(store, chosen, preps) -> list[RepSource]:
+    """Each selected rep's :class:`RepSource` (by index into ``chosen``)."""
+    return [
+        RepSource(str(store.path), r.model, r.layer, r.content_hash, tuple(preps)) for r in chosen
+    ]
+
+
+def _check_inputs(client, chosen, todo, sources) -> None:
     """Read and validate every rep that takes part, on the workers, before any pair.
 
-    When all prepared reps fit in the cluster's memory (``KEEP_PREPARED_FRACTION``), the
-    prepared arrays are kept and returned as futures by rep index, so pair tasks use them
-    without reading the store again; otherwise only the verdicts are kept ({} returned).
+    Each rep is checked once, by whichever worker is free; that worker keeps it prepared
+    (within ``KEEP_PREPARED_FRACTION`` of its memory) for the pairs it later computes.
     """
     from distributed import wait
 
     involved = sorted({i for pair in todo for i in pair})
-    n_stimuli = store.n_stimuli or 0
-    prepared_bytes = sum(8 * n_stimuli * chosen[i].n_neurons * len(preps) for i in involved)
-    memory = sum(w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values())
-    keep = prepared_bytes <= (memory * KEEP_PREPARED_FRACTION if memory else 2**31)
-    token = dask.base.tokenize(str(store.path), preps, time.time_ns())
+    token = dask.base.tokenize(sources[0].store, sources[0].preps, time.time_ns())
     futures = {
         i: client.submit(
-            _prepare_rep if keep else _check_rep,
-            str(store.path),
-            chosen[i].model,
-            chosen[i].layer,
-            chosen[i].content_hash,
-            preps,
-            device,
-            key=f"{'prepare' if keep else 'check'}-{i}-{token}",
+            _check_rep, sources[i], KEEP_PREPARED_FRACTION, key=f"check-{i}-{token}"
         )
         for i in involved
     }
@@ -636,12 +655,12 @@ def _check_inputs(client, store, chosen, todo, preps, device) -> dict:
             if chosen[i].rep_id not in message:
                 message = f"{chosen[i].rep_id}: {message}"
             problems.append(message)
+        future.release()
     if problems:
         raise InputError(
             f"{len(problems)} representation(s) cannot be compared; nothing was computed:\n  "
             + "\n  ".join(problems)
         )
-    return futures if keep else {}
 
 
 def _check_memory(client, store, chosen, todo) -> None:
@@ -666,11 +685,9 @@ def _check_memory(client, store, chosen, todo) -> None:
 
 def _run_pairs(
     client,
-    store,
     chosen,
     todo,
     specs,
-    preps,
     device,
     sink,
     *,
@@ -678,13 +695,13 @@ def _run_pairs(
     already,
     total,
     settings,
-    prepared=None,
+    sources,
 ):
     """Submit pair tasks in waves, write records as they arrive.
 
-    ``prepared`` maps rep index to a future of its prepared arrays where the input check
-    kept them; other reps are read and prepared when their first pair is submitted.
-    Returns the number of pairs computed and of records written.
+    A task names its reps by :class:`RepSource`; the worker that runs it uses the prepared
+    arrays it keeps, or reads them from the store. Returns the number of pairs computed
+    and of records written.
     """
     from distributed import wait
     from tqdm.auto import tqdm
@@ -705,37 +722,20 @@ def _run_pairs(
         threads = sum(client.nthreads().values())
         return 4 * max(threads, 1)
 
-    uses = Counter(i for task in tasks for pair in task for i in pair)
-    prepared: dict[int, object] = dict(prepared or {})
-    token = dask.base.tokenize(str(store.path), preps, time.time_ns())
-
-    def prepared_future(i):
-        if i not in prepared:
-            rep = chosen[i]
-            prepared[i] = client.submit(
-                _prepare_rep,
-                str(store.path),
-                rep.model,
-                rep.layer,
-                rep.content_hash,
-                preps,
-                device,
-                key=f"prepare-{i}-{token}",
-            )
-        return prepared[i]
+    token = dask.base.tokenize(sources[0].store, sources[0].preps, time.time_ns())
 
     def submit(task):
         reps_in = sorted({i for pair in task for i in pair})
         ids = [(chosen[i].rep_id, chosen[j].rep_id) for i, j in task]
-        future = client.submit(
+        return client.submit(
             _compare_pairs,
             ids,
-            {chosen[i].rep_id: prepared_future(i) for i in reps_in},
+            {chosen[i].rep_id: sources[i] for i in reps_in},
             specs,
             device,
+            KEEP_PREPARED_FRACTION,
             key=f"pairs-{task[0][0]}-{task[0][1]}-{len(task)}-{token}",
         )
-        return future
 
     hashes = {r.rep_id: r.content_hash for r in chosen}
     buffer: list[PairRecord] = []
@@ -807,10 +807,6 @@ def _run_pairs(
                     )
                 computed += len(task)
                 bar.update(len(task))
-                for i in {i for pair in task for i in pair}:
-                    uses[i] -= 1
-                    if uses[i] == 0 and i in prepared:
-                        prepared.pop(i).release()
             if buffer and (time.monotonic() - last_flush >= flush_seconds or not pending):
                 flush()
     finally:

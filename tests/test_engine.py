@@ -109,11 +109,30 @@ def test_new_reps_compute_only_new_pairs(store, client, tmp_path):
     assert not np.isnan(ds["soft_matching"].values).any()
 
 
+def test_each_rep_is_read_and_prepared_once_per_worker(store, client):
+    from smd_dist import worker_cache
+
+    worker_cache.clear()
+    before = worker_cache.stats()
+    compute_distances(store, client=client, progress=False)
+    after = worker_cache.stats()
+    # The input check prepares each of the 4 reps once; the pair tasks find them kept.
+    assert after["made"] - before["made"] == len(WIDTHS)
+    assert after["hits"] - before["hits"] >= len(WIDTHS)
+    worker_cache.clear()
+
+
 def test_reps_too_big_to_keep_are_checked_then_read_again(store, client, monkeypatch):
+    from smd_dist import worker_cache
+
     kept = compute_distances(store, client=client, progress=False)
     monkeypatch.setattr(engine, "KEEP_PREPARED_FRACTION", 0.0)
+    before = worker_cache.stats()["made"]
     reread = compute_distances(store, client=client, progress=False)
     assert reread["soft_matching"].values.tobytes() == kept["soft_matching"].values.tobytes()
+    # Nothing kept: each check reads its rep, and each pair task reads both of its own.
+    assert worker_cache.stats()["made"] - before >= len(WIDTHS) + 2
+    assert worker_cache.stats()["kept_bytes"] == 0
     bad = np.random.default_rng(1).standard_normal((M, 4))
     bad[:, 1] = 2.0
     store.write("net-c", "flat", bad)

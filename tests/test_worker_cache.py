@@ -1,0 +1,100 @@
+"""What a worker process keeps between tasks: made once, within a byte budget, LRU out."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import psutil
+import pytest
+
+from smd_dist import worker_cache
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    worker_cache.clear()
+    yield
+    worker_cache.clear()
+
+
+def _maker(nbytes, log):
+    def make():
+        log.append(nbytes)
+        return {"prep": np.zeros(nbytes // 8)}
+
+    return make
+
+
+def test_a_value_is_made_once_while_it_fits():
+    log = []
+    first = worker_cache.kept("a", _maker(800, log), budget=10_000)
+    again = worker_cache.kept("a", _maker(800, log), budget=10_000)
+    assert first is again and log == [800]
+    stats = worker_cache.stats()
+    assert stats["kept_bytes"] == 800
+    assert stats["made"] >= 1 and stats["hits"] >= 1
+
+
+def test_least_recently_used_leaves_first():
+    log = []
+    for key in "abc":
+        worker_cache.kept(key, _maker(400, log), budget=1000)  # room for two
+    assert log == [400, 400, 400]
+    worker_cache.kept("c", _maker(400, log), budget=1000)  # kept: most recent
+    worker_cache.kept("b", _maker(400, log), budget=1000)  # kept
+    assert len(log) == 3
+    worker_cache.kept("a", _maker(400, log), budget=1000)  # left first: made again
+    assert len(log) == 4
+    assert worker_cache.stats()["kept_bytes"] <= 1000
+
+
+def test_a_value_larger_than_the_budget_is_returned_but_not_kept():
+    log = []
+    value = worker_cache.kept("big", _maker(4000, log), budget=1000)
+    assert value["prep"].nbytes == 4000
+    worker_cache.kept("big", _maker(4000, log), budget=1000)
+    assert log == [4000, 4000]
+    assert worker_cache.stats()["kept_bytes"] == 0
+
+
+def test_a_zero_budget_keeps_nothing_and_a_new_budget_starts_empty():
+    log = []
+    worker_cache.kept("a", _maker(80, log), budget=0)
+    worker_cache.kept("a", _maker(80, log), budget=0)
+    assert len(log) == 2
+    worker_cache.kept("a", _maker(80, log), budget=1000)
+    worker_cache.kept("a", _maker(80, log), budget=2000)  # another budget: made again
+    assert len(log) == 4
+    assert worker_cache.clear() == 80
+    assert worker_cache.stats()["kept_bytes"] == 0
+
+
+def test_threads_asking_at_once_get_one_kept_copy():
+    barrier = threading.Barrier(4)
+    seen = []
+
+    def make():
+        barrier.wait(timeout=10)  # all four miss before any is kept
+        return np.zeros(10)
+
+    def ask():
+        seen.append(worker_cache.kept("k", make, budget=10_000))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    kept = worker_cache.kept("k", lambda: pytest.fail("should be kept"), budget=10_000)
+    assert sum(v is kept for v in seen) >= 1
+    assert worker_cache.stats()["kept_bytes"] == 80
+
+
+def test_nbytes_counts_arrays_inside_mappings_and_sequences():
+    value = {"a": np.zeros(3), "b": [np.zeros(2, np.float32), (np.zeros(1),)], "c": "text"}
+    assert worker_cache.nbytes(value) == 24 + 8 + 8
+
+
+def test_memory_limit_outside_a_worker_is_the_machine_memory():
+    assert worker_cache.memory_limit() == psutil.virtual_memory().total
