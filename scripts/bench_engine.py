@@ -13,10 +13,14 @@ Workload: 16 reps (widths 256–2048, M = 2000 stimuli) in the three regimes of
     on a precomputed cost, plus one float32 cross product; summed and divided by the cores.
 
 Prints the times, the ratios (a)/(b), (b)/(c), the 2-worker parallel efficiency, the
-per-pair scheduling overhead (worker time in the pair phase not spent in kernels, per
-pair) next to the run's fixed costs (reading and preparing the reps before the first
-pair, assembling and writing the matrix after the last), the values' agreement with (a),
-and peak worker memory.
+per-pair scheduling overhead (worker time from the first check to the last pair spent
+neither in kernels nor in reading and preparing reps, per pair) next to the workers'
+reading and the run's fixed costs (assembling and writing the matrix after the last
+pair), the values' agreement with (a), and peak worker memory.
+
+With ``--repeat N`` the whole set runs N times round-robin and each measurement keeps its
+fastest run ((c): each pair's fastest time of each solver), so a slow spell of a shared
+machine hits all of them alike.
 
 Usage: ``python scripts/bench_engine.py [--quick] [--skip-naive] [--repeat N]``
 """
@@ -104,15 +108,15 @@ def naive_loop(store: ActivationStore) -> tuple[dict, float]:
     return values, time.perf_counter() - start
 
 
-def limit(store: ActivationStore, cores: int) -> tuple[float, int]:
-    """Σ over pairs of (fastest exact solve + one float32 product) / cores."""
+def solver_times(store: ActivationStore) -> dict:
+    """Per pair: seconds of each exact solver on a precomputed cost, and of one float32
+    cross product (for the limit (c))."""
     records = store.list()
     arrays = {}
     for r in records:
         x = store.read(r.model, r.layer).astype(np.float64)
         arrays[r.rep_id] = x - x.mean(0)
-    total = 0.0
-    wins = {}
+    out = {}
     for i, a in enumerate(records):
         for b in records[i + 1 :]:
             x, y = arrays[a.rep_id], arrays[b.rep_id]
@@ -135,15 +139,31 @@ def limit(store: ActivationStore, cores: int) -> tuple[float, int]:
                 times["lsa"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             smd_dist.soft_matching(x, y, center=False)
-            times["kernel"] = time.perf_counter() - t0 - product
-            best = min(times, key=times.get)
-            wins[best] = wins.get(best, 0) + 1
-            total += max(times[best], 0.0) + product
+            times["kernel"] = max(time.perf_counter() - t0 - product, 0.0)
+            out[(a.rep_id, b.rep_id)] = (product, times)
+    return out
+
+
+def limit(timings: list[dict], cores: int) -> tuple[float, dict]:
+    """Σ over pairs of (fastest exact solve + one float32 product) / cores, each time the
+    least over the runs in ``timings``."""
+    total, wins = 0.0, {}
+    for pair in timings[0]:
+        product = min(t[pair][0] for t in timings)
+        times = {name: min(t[pair][1][name] for t in timings) for name in timings[0][pair][1]}
+        best = min(times, key=times.get)
+        wins[best] = wins.get(best, 0) + 1
+        total += times[best] + product
     return total / cores, wins
 
 
 def run_engine(store: ActivationStore, n_workers: int, output: Path):
-    """The engine as a user gets it: the package's own local cluster, ``n_workers`` workers."""
+    """The engine as a user gets it: the package's own local cluster, ``n_workers`` workers.
+
+    Returns the dataset, the seconds of the call, peak worker memory, the run report and
+    the workers' seconds spent reading and preparing reps.
+    """
+    from smd_dist import worker_cache
     from smd_dist.cluster import make_client
 
     cluster = {"kind": "local", "n-workers": n_workers, "memory-limit": "8GB"}
@@ -155,7 +175,8 @@ def run_engine(store: ActivationStore, n_workers: int, output: Path):
         )
         seconds = time.perf_counter() - start
         peak = max(client.run(_peak_rss).values())
-    return ds, seconds, peak, report
+        reading = sum(s["seconds_making"] for s in client.run(worker_cache.stats).values())
+    return ds, seconds, peak, report, reading
 
 
 def _peak_rss() -> int:
@@ -164,18 +185,15 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _fastest(run, repeat: int, *, at: int):
-    """The outcome of ``run(k)`` for k < ``repeat`` whose element ``at`` (seconds) is least:
-    single runs on a shared virtual machine vary by ±30 %."""
-    return min((run(k) for k in range(max(1, repeat))), key=lambda out: out[at])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small workload (about a minute)")
     parser.add_argument("--skip-naive", action="store_true", help="skip (a)")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="runs of (a) and (b); the fastest of each counts"
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of (b), (c) and (a), one after the other; each keeps its fastest",
     )
     args = parser.parse_args(argv)
     spec = QUICK if args.quick else FULL
@@ -189,35 +207,46 @@ def main(argv=None) -> int:
             f"workload: {len(spec)} reps, widths {sorted({w for _, w in spec})}, "
             f"M = {n_stimuli}, {n_pairs} pairs, {cores} cores"
         )
-        ds1, t1, peak1, _ = _fastest(
-            lambda k: run_engine(store, 1, tmp / f"out1-{k}"), args.repeat, at=1
-        )
-        ds2, t2, peak2, report2 = _fastest(
-            lambda k: run_engine(store, 2, tmp / f"out2-{k}"), args.repeat, at=1
-        )
-        lim, wins = limit(store, cores)
+        # Round-robin, so that a slow spell of a shared machine hits every measurement
+        # alike rather than one of them.
+        one = two = naive = None
+        timings = []
+        for k in range(max(1, args.repeat)):
+            run = run_engine(store, 1, tmp / f"out1-{k}")
+            one = run if one is None or run[1] < one[1] else one
+            run = run_engine(store, 2, tmp / f"out2-{k}")
+            two = run if two is None or run[1] < two[1] else two
+            timings.append(solver_times(store))
+            if not args.skip_naive:
+                run = naive_loop(store)
+                naive = run if naive is None or run[1] < naive[1] else naive
+        ds1, t1, peak1, _, _ = one
+        ds2, t2, peak2, report2, reading2 = two
+        lim, wins = limit(timings, cores)
         seconds = ds2["soft_matching_seconds"].values
         kernel_total = float(np.nansum(np.triu(seconds, 1)))
         print(f"(b) engine, 1 worker : {t1:8.2f} s   peak worker RSS {peak1 / 2**20:7.0f} MiB")
         print(f"(b) engine, 2 workers: {t2:8.2f} s   peak worker RSS {peak2 / 2**20:7.0f} MiB")
         print(f"(c) limit            : {lim:8.2f} s   fastest solver per pair: {wins}")
         print(f"parallel efficiency (2 workers): {t1 / (2 * t2):.2f}")
-        in_pairs = 2 * report2.seconds_pairs
+        worker_time = 2 * (report2.seconds_inputs + report2.seconds_pairs)
+        overhead = worker_time - kernel_total - reading2
         print(
-            f"scheduling overhead per pair (2 workers, pair phase): "
-            f"{(in_pairs - kernel_total) / n_pairs * 1e3:.1f} ms "
-            f"({100 * (in_pairs - kernel_total) / in_pairs:.1f} % of worker time)"
+            f"scheduling overhead per pair (2 workers): {overhead / n_pairs * 1e3:.1f} ms "
+            f"({100 * overhead / worker_time:.1f} % of worker time: neither in a kernel nor "
+            "reading a rep)"
         )
         print(
-            f"  fixed costs: reading + preparing reps {report2.seconds_inputs:.2f} s, "
+            f"  workers reading + preparing reps {reading2:.2f} s (each worker prepares "
+            f"each rep it meets once); before the first pair {report2.seconds_inputs:.2f} s, "
             f"assembling + writing the matrix {report2.seconds_finish:.2f} s; all non-kernel "
             f"time {(2 * t2 - kernel_total) / n_pairs * 1e3:.1f} ms per pair "
             f"({100 * (2 * t2 - kernel_total) / (2 * t2):.1f} %)"
         )
         print(f"(b, 2 workers) / (c): {t2 / lim:.2f}")
         assert ds1["soft_matching"].values.tobytes() == ds2["soft_matching"].values.tobytes()
-        if not args.skip_naive:
-            values, tn = _fastest(lambda k: naive_loop(store), args.repeat, at=1)
+        if naive is not None:
+            values, tn = naive
             worst = max(
                 abs(ds2["soft_matching"].sel(rep_a=a, rep_b=b).item() - v) / max(v, 1e-300)
                 for (a, b), v in values.items()
