@@ -193,12 +193,10 @@ def _prepare_rep(
     from smd_dist.allocator import reuse_freed_memory
     from smd_dist.derived import freeze
     from smd_dist.prepare import preprocess
-    from smd_dist.validation import check_array
 
     reuse_freed_memory()
     array = _read_rep(store_path, model, layer, content_hash)
     name = f"{model}/{layer}"
-    check_array(array, name=name)
     prepared = {}
     for key in preps:
         try:

@@ -14,6 +14,7 @@ __all__ = [
     "check_normalizable",
     "check_pair",
     "check_same_stimuli",
+    "checked_columns",
     "checked_with_sums",
     "describe_indices",
 ]
@@ -60,6 +61,17 @@ def checked_with_sums(X, *, name: str = "X") -> tuple[np.ndarray, np.ndarray]:
     The sums are ``arr.sum(axis=0)`` exactly, so ``sums / M`` is bit-identical to
     ``arr.mean(axis=0)``: preprocessing centres with them instead of a second pass.
     """
+    arr, sums = checked_columns(X, name=name)
+    return np.asarray(arr, dtype=np.float64), sums
+
+
+def checked_columns(X, *, name: str = "X") -> tuple[np.ndarray, np.ndarray]:
+    """The checks of :func:`check_array` without its float64 copy.
+
+    Returns ``X`` as a contiguous array of its own real dtype (no copy when it already is
+    one) and its float64 column sums, bit-identical to those of the float64 copy: a float32
+    store read is converted once, by whoever makes the array it keeps.
+    """
     if hasattr(X, "detach") and hasattr(X, "cpu"):  # torch tensor on any device
         X = X.detach().cpu().numpy()
     arr = np.asarray(X)
@@ -78,12 +90,11 @@ def checked_with_sums(X, *, name: str = "X") -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{name} has zero neurons (shape {shape})")
     if m < 2:
         raise ValueError(f"{name} has {m} stimulus/stimuli (shape {shape}); at least 2 are needed")
-    arr = np.asarray(arr, dtype=np.float64)
     if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
         arr = np.ascontiguousarray(arr)
     # Any NaN or ±Inf makes its column's sum non-finite: one cheap pass, details only on failure.
     with np.errstate(invalid="ignore", over="ignore"):
-        sums = arr.sum(axis=0)
+        sums = arr.sum(axis=0, dtype=np.float64)
         sums_finite = np.isfinite(sums).all()
     if not sums_finite and not (finite := np.isfinite(arr)).all():
         bad_rows = np.flatnonzero(~finite.all(axis=1))
