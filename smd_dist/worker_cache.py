@@ -15,6 +15,7 @@ takes nothing with it that another worker cannot rebuild.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -84,7 +85,8 @@ def clear() -> int:
 
 
 def memory_limit() -> int:
-    """This worker's memory limit in bytes (Dask's), else the machine's physical memory."""
+    """This worker's memory limit in bytes (Dask's); without one, a core's share of the
+    machine's physical memory (a worker per core is the usual layout)."""
     try:
         from distributed import get_worker
 
@@ -94,5 +96,5 @@ def memory_limit() -> int:
     if not limit:
         import psutil
 
-        limit = psutil.virtual_memory().total
+        limit = psutil.virtual_memory().total // max(1, os.cpu_count() or 1)
     return int(limit)

@@ -122,6 +122,14 @@ def test_each_rep_is_read_and_prepared_once_per_worker(store, client):
     worker_cache.clear()
 
 
+def test_the_keep_budget_follows_the_workers_memory_limit(client):
+    from smd_dist import worker_cache
+
+    limits = {w["id"]: w["memory_limit"] for w in client.scheduler_info()["workers"].values()}
+    seen = client.submit(worker_cache.memory_limit, pure=False).result()
+    assert seen in limits.values() and seen > 0
+
+
 def test_reps_too_big_to_keep_are_checked_then_read_again(store, client, monkeypatch):
     from smd_dist import worker_cache
 

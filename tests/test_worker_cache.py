@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -96,5 +97,5 @@ def test_nbytes_counts_arrays_inside_mappings_and_sequences():
     assert worker_cache.nbytes(value) == 24 + 8 + 8
 
 
-def test_memory_limit_outside_a_worker_is_the_machine_memory():
-    assert worker_cache.memory_limit() == psutil.virtual_memory().total
+def test_memory_limit_outside_a_worker_is_a_cores_share_of_the_machine():
+    assert worker_cache.memory_limit() == psutil.virtual_memory().total // os.cpu_count()
