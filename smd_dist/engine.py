@@ -3,9 +3,9 @@
 Data flow: the store is read on workers (each worker reads and prepares a rep once and
 keeps it within a share of its memory, :mod:`smd_dist.worker_cache`; pair tasks name
 their reps and never carry their data); pair tasks run the metric kernels; the client
-collects records as they finish and
-appends them to the output's ledger every ``flush-seconds``. The labeled matrix is
-assembled from the ledger at the end. The engine knows nothing of solvers' internals.
+collects records as they finish and appends them to the output's ledger every
+``flush-seconds``. The labeled matrix is assembled from the ledger at the end. The engine
+knows nothing of solvers' internals.
 """
 
 from __future__ import annotations
@@ -173,41 +173,6 @@ def _prep_key(prep: dict) -> str:
 
 
 # -- worker side --------------------------------------------------------------------------
-def _read_rep(store_path: str, model: str, layer: str, expected_hash: str) -> np.ndarray:
-    from smd_dist.store import ActivationStore
-
-    store = ActivationStore(store_path, mode="r")
-    recorded = store.record(model, layer).content_hash
-    if recorded != expected_hash:
-        raise InputError(
-            f"{model}/{layer} changed in the store during the run "
-            f"(content hash {expected_hash[:19]} at start, {recorded[:19]} now)"
-        )
-    return store.read(model, layer, verify=True)
-
-
-def _prepare_rep(
-    store_path: str, model: str, layer: str, content_hash: str, preps: list[str], device
-) -> dict:
-    """Read one rep and apply each preprocessing it needs; keyed by prep key."""
-    from smd_dist.allocator import reuse_freed_memory
-    from smd_dist.derived import freeze
-    from smd_dist.prepare import preprocess
-
-    reuse_freed_memory()
-    array = _read_rep(store_path, model, layer, content_hash)
-    name = f"{model}/{layer}"
-    prepared = {}
-    for key in preps:
-        try:
-            # Read-only: nothing downstream edits it, and it keeps its per-neuron quantities
-            # (norms, low-precision copy) across all the pairs it is part of.
-            prepared[key] = freeze(preprocess(array, **json.loads(key), name=name))
-        except ValueError as err:
-            raise InputError(f"{name} (shape {array.shape}): {err}") from err
-    return prepared
-
-
 @dataclass(frozen=True)
 class RepSource:
     """Where a pair task finds one rep: the store, the rep and its content hash at the
@@ -219,6 +184,42 @@ class RepSource:
     content_hash: str
     preps: tuple[str, ...]
 
+    @property
+    def rep_id(self) -> str:
+        return f"{self.model}/{self.layer}"
+
+
+def _read_rep(source: RepSource) -> np.ndarray:
+    from smd_dist.store import ActivationStore
+
+    store = ActivationStore(source.store, mode="r")
+    recorded = store.record(source.model, source.layer).content_hash
+    if recorded != source.content_hash:
+        raise InputError(
+            f"{source.rep_id} changed in the store during the run "
+            f"(content hash {source.content_hash[:19]} at start, {recorded[:19]} now)"
+        )
+    return store.read(source.model, source.layer, verify=True)
+
+
+def _prepare_rep(source: RepSource) -> dict:
+    """Read one rep and apply each preprocessing it needs; keyed by prep key."""
+    from smd_dist.allocator import reuse_freed_memory
+    from smd_dist.derived import freeze
+    from smd_dist.prepare import preprocess
+
+    reuse_freed_memory()
+    array = _read_rep(source)
+    prepared = {}
+    for key in source.preps:
+        try:
+            # Read-only: nothing downstream edits it, and it keeps its per-neuron quantities
+            # (norms, low-precision copy) across all the pairs it is part of.
+            prepared[key] = freeze(preprocess(array, **json.loads(key), name=source.rep_id))
+        except ValueError as err:
+            raise InputError(f"{source.rep_id} (shape {array.shape}): {err}") from err
+    return prepared
+
 
 def _prepared(source: RepSource, keep_fraction: float) -> dict:
     """The rep's prepared arrays: kept by this worker, or read and prepared now."""
@@ -226,9 +227,7 @@ def _prepared(source: RepSource, keep_fraction: float) -> dict:
 
     return worker_cache.kept(
         source,
-        lambda: _prepare_rep(
-            source.store, source.model, source.layer, source.content_hash, source.preps, None
-        ),
+        lambda: _prepare_rep(source),
         budget=int(keep_fraction * worker_cache.memory_limit()),
     )
 
@@ -554,7 +553,8 @@ def compute_distances(
                     print(f"smd-dist: dashboard {active.dashboard_link}", file=sys.stderr)
                 phase = time.perf_counter()
                 sources = _sources(store, chosen, preps_needed)
-                _check_inputs(active, chosen, todo, sources)
+                token = dask.base.tokenize(str(store.path), preps_needed, time.time_ns())
+                _check_inputs(active, chosen, todo, sources, token=token)
                 _check_memory(active, store, chosen, todo)
                 report.seconds_inputs = time.perf_counter() - phase
                 phase = time.perf_counter()
@@ -570,6 +570,7 @@ def compute_distances(
                     total=n_pairs,
                     settings=settings,
                     sources=sources,
+                    token=token,
                 )
                 report.seconds_pairs = time.perf_counter() - phase
         phase = time.perf_counter()
@@ -628,7 +629,7 @@ def _sources(store, chosen, preps) -> list[RepSource]:
     ]
 
 
-def _check_inputs(client, chosen, todo, sources) -> None:
+def _check_inputs(client, chosen, todo, sources, *, token: str) -> None:
     """Read and validate every rep that takes part, on the workers, before any pair.
 
     Each rep is checked once, by whichever worker is free; that worker keeps it prepared
@@ -637,7 +638,6 @@ def _check_inputs(client, chosen, todo, sources) -> None:
     from distributed import wait
 
     involved = sorted({i for pair in todo for i in pair})
-    token = dask.base.tokenize(sources[0].store, sources[0].preps, time.time_ns())
     futures = {
         i: client.submit(
             _check_rep, sources[i], KEEP_PREPARED_FRACTION, key=f"check-{i}-{token}"
@@ -694,6 +694,7 @@ def _run_pairs(
     total,
     settings,
     sources,
+    token,
 ):
     """Submit pair tasks in waves, write records as they arrive.
 
@@ -719,8 +720,6 @@ def _run_pairs(
             return int(fixed_wave)
         threads = sum(client.nthreads().values())
         return 4 * max(threads, 1)
-
-    token = dask.base.tokenize(sources[0].store, sources[0].preps, time.time_ns())
 
     def submit(task):
         reps_in = sorted({i for pair in task for i in pair})

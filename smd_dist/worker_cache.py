@@ -6,11 +6,11 @@ first, within a share of its memory, so a rep is read and prepared about once pe
 rather than once per pair, and the arrays keep their per-neuron quantities
 (:mod:`smd_dist.derived`) across all the pairs they take part in.
 
-The values never travel between workers: reading a rep from the store was measured
-cheaper than receiving it prepared from another worker (engine benchmark, 2 workers on 2
-cores: 350 MB of prepared arrays crossed Dask's comms at about 185 MB/s, against about
-400 MB/s for reading, decompressing and preparing them again), and a worker that dies
-takes nothing with it that another worker cannot rebuild.
+The values never travel between workers: on the engine benchmark (2 workers on 2 cores)
+the prepared arrays that crossed Dask's comms, 350 MB a run, cost more than each worker
+reading and preparing the reps again (median run 9.0 s against 8.4 s over six
+interleaved runs), and a worker that dies takes nothing with it that another worker
+cannot rebuild.
 """
 
 from __future__ import annotations
