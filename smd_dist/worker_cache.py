@@ -52,9 +52,10 @@ def kept(key: Hashable, make: Callable[[], T], *, budget: int) -> T:
     the same missing key may both make it; one copy is kept.
     """
     global _CACHE
+    budget = max(int(budget), 0)
     with _LOCK:
         if _CACHE.maxsize != budget:
-            _CACHE = LRUCache(maxsize=max(int(budget), 0), getsizeof=nbytes)
+            _CACHE = LRUCache(maxsize=budget, getsizeof=nbytes)
         value = _CACHE.get(key)
         if value is not None:
             _STATS["hits"] += 1
