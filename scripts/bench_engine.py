@@ -185,6 +185,11 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _faster(best, run):
+    """The faster of two outcomes whose element 1 is seconds (``best`` may be None)."""
+    return run if best is None or run[1] < best[1] else best
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small workload (about a minute)")
@@ -212,14 +217,11 @@ def main(argv=None) -> int:
         one = two = naive = None
         timings = []
         for k in range(max(1, args.repeat)):
-            run = run_engine(store, 1, tmp / f"out1-{k}")
-            one = run if one is None or run[1] < one[1] else one
-            run = run_engine(store, 2, tmp / f"out2-{k}")
-            two = run if two is None or run[1] < two[1] else two
+            one = _faster(one, run_engine(store, 1, tmp / f"out1-{k}"))
+            two = _faster(two, run_engine(store, 2, tmp / f"out2-{k}"))
             timings.append(solver_times(store))
             if not args.skip_naive:
-                run = naive_loop(store)
-                naive = run if naive is None or run[1] < naive[1] else naive
+                naive = _faster(naive, naive_loop(store))
         ds1, t1, peak1, _, _ = one
         ds2, t2, peak2, report2, reading2 = two
         lim, wins = limit(timings, cores)
