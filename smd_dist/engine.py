@@ -207,6 +207,7 @@ def _prepare_rep(source: RepSource) -> dict:
     from smd_dist.allocator import reuse_freed_memory
     from smd_dist.derived import freeze
     from smd_dist.prepare import preprocess
+    from smd_dist.solvers import representatives_first
 
     reuse_freed_memory()
     array = _read_rep(source)
@@ -215,7 +216,11 @@ def _prepare_rep(source: RepSource) -> dict:
         try:
             # Read-only: nothing downstream edits it, and it keeps its per-neuron quantities
             # (norms, low-precision copy) across all the pairs it is part of.
-            prepared[key] = freeze(preprocess(array, **json.loads(key), name=source.rep_id))
+            # Identical neurons first-of-group first: the solvers' merged problem is then
+            # a view of it, not a second copy (every metric is blind to neuron order).
+            prepared[key] = freeze(
+                representatives_first(preprocess(array, **json.loads(key), name=source.rep_id))
+            )
         except ValueError as err:
             raise InputError(f"{source.rep_id} (shape {array.shape}): {err}") from err
     return prepared

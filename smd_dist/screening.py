@@ -125,6 +125,10 @@ class LowPrecision(NamedTuple):
         index = torch.from_numpy(columns)
         return LowPrecision(self.scale, self.low[index], self.err[columns], self.norm_low[columns])
 
+    def head(self, n: int) -> LowPrecision:
+        """The same for the first ``n`` neurons, as views."""
+        return LowPrecision(self.scale, self.low[:n], self.err[:n], self.norm_low[:n])
+
 
 def low_precision(A: np.ndarray, sq_norms: np.ndarray, dtype: torch.dtype) -> LowPrecision:
     """Scaled low-precision copy of ``A`` (stimuli, neurons) and its error bounds.

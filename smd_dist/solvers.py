@@ -94,6 +94,7 @@ __all__ = [
     "Transport",
     "certify",
     "plan_cost",
+    "representatives_first",
     "solve",
     "solve_assignment",
     "tolerance",
@@ -528,6 +529,44 @@ def _unique_columns(X):
     return reps, inverse, counts.astype(np.int64)
 
 
+def representatives_first(X: np.ndarray) -> np.ndarray:
+    """``X`` with its columns reordered so that one of each group of identical columns
+    comes first, in order, and the other copies after them.
+
+    :func:`solve` merges identical columns (dead units, exact copies) into one neuron
+    carrying the group's mass. On an array in this order the merged problem's columns are
+    a prefix, a view, so a prepared rep kept for many pairs is not copied without its
+    copies, once in float64 and once in low precision. Every metric here is invariant to
+    permuting neurons, so the engine prepares reps this way.
+
+    Parameters
+    ----------
+    X : numpy.ndarray, shape (M, N), float64, Fortran order, writeable
+        Reordered in place (no copy: a copy of each kept rep is what this avoids).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``X`` itself.
+    """
+    keep, group, _ = _unique_columns(X)
+    if keep.size == X.shape[1]:
+        return X
+    # keep is ascending, so keep[q] >= q: moving left never overwrites a representative
+    # that has not moved yet, only copies, whose values their representative still holds.
+    for q, j in enumerate(keep):
+        if q != j:
+            X[:, q] = X[:, j]
+    copies = np.setdiff1d(np.arange(X.shape[1]), keep, assume_unique=True)
+    for t, j in enumerate(copies, start=keep.size):
+        X[:, t] = X[:, group[j]]  # the copy's representative, now at its group's number
+    return X
+
+
+def _is_prefix(keep: np.ndarray) -> bool:
+    return keep.size == 0 or int(keep[-1]) == keep.size - 1
+
+
 def _expand(rows, cols, mass, gx, gy, cx, cy):
     """Spread each merged plan entry evenly over all pairs of the merged neurons' copies."""
     mx = np.argsort(gx, kind="stable")
@@ -591,13 +630,20 @@ def _merged_low_precision(A, sq_norms, keep, device) -> LowPrecision:
     low = _low_precision(A, sq_norms, device)
     if keep.size == A.shape[1]:
         return low
+    if _is_prefix(keep):
+        return derived(
+            A, f"merged-low-precision/{device}/{low.low.dtype}", lambda a: low.head(keep.size)
+        )
     return derived(A, f"merged-low-precision/{device}/{low.low.dtype}", lambda a: low.take(keep))
 
 
 def _merged_columns(A, keep) -> np.ndarray:
-    """``A[:, keep]``, read-only, kept with a read-only ``A`` (a copy costs a pass over A)."""
+    """``A[:, keep]``, read-only, kept with a read-only ``A``: a view where ``keep`` is a
+    prefix (:func:`representatives_first`), else a copy (a pass over ``A``)."""
     if keep.size == A.shape[1]:
         return A
+    if _is_prefix(keep):
+        return derived(A, "merged-columns", lambda a: freeze(a[:, : keep.size]))
     return derived(A, "merged-columns", lambda a: freeze(a[:, keep]))
 
 

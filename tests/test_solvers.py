@@ -262,6 +262,51 @@ def test_unique_columns_groups_by_first_occurrence():
     assert counts.tolist() == [2, 2, 1]
 
 
+def test_representatives_first_puts_one_of_each_group_first_in_place():
+    rng = np.random.default_rng(11)
+    X = np.asfortranarray(rng.standard_normal((20, 12)))
+    X[:, [2, 9]] = X[:, [7]]  # a group of three
+    X[:, [0, 4, 10]] = 0.0  # dead units
+    before = sorted(map(bytes, np.ascontiguousarray(X.T)))
+    original = X.copy()
+    out = solvers.representatives_first(X)
+    assert out is X
+    assert sorted(map(bytes, np.ascontiguousarray(X.T))) == before  # same neurons
+    keep, group, counts = solvers._unique_columns(X)
+    assert keep.tolist() == list(range(8))  # the merged problem is a prefix
+    assert sorted(counts.tolist()) == [1] * 6 + [3, 3]
+    # representatives keep their relative order
+    firsts = solvers._unique_columns(original)[0]
+    assert np.array_equal(X[:, :8], original[:, firsts])
+
+
+def test_representatives_first_without_copies_changes_nothing():
+    X = np.asfortranarray(np.random.default_rng(12).standard_normal((15, 6)))
+    same = X.copy()
+    assert solvers.representatives_first(X) is X
+    assert np.array_equal(X, same)
+
+
+def test_merged_problem_of_a_reordered_rep_is_a_view_with_the_same_optimum():
+    X, Y = make("redundant", 60, 48, 40, 13)
+    X = np.asfortranarray(X)
+    X[:, 1::7] = 0.0
+    reference = ot.emd2(
+        np.full(48, 1 / 48), np.full(40, 1 / 40), squared_distances(X, Y), numItermax=10**9
+    )
+    Xr = solvers.representatives_first(X.copy(order="F"))
+    Xr.flags.writeable = False
+    keep = solvers._unique_columns(Xr)[0]
+    merged = solvers._merged_columns(Xr, keep)
+    assert merged.shape[1] == keep.size < 48 and np.shares_memory(merged, Xr)
+    assert solvers._merged_columns(Xr, keep) is merged  # kept with the rep
+    low = solvers._merged_low_precision(Xr, (Xr * Xr).sum(0), keep, solvers.resolve_device("cpu"))
+    assert low.low.shape[0] == keep.size
+    tr = solve(Xr, Y, device="cpu")
+    assert tr.solver.startswith("merged-")
+    assert math.isclose(tr.cost, reference, rel_tol=1e-12)
+
+
 def test_replication_refuses_huge_lcm():
     X, Y = make("random", 10, 7, 11, 1)
     with pytest.raises(SolverError, match="too large"):
