@@ -202,16 +202,12 @@ def _read_rep(source: RepSource) -> np.ndarray:
     return store.read(source.model, source.layer, verify=True)
 
 
-def _prepare_rep(source: RepSource, device=None) -> dict:
-    """Read one rep and apply each preprocessing it needs; keyed by prep key.
-
-    The first preprocessing's low-precision copy (the sparse solver's, for ``device``) is
-    made here too, into the memory of the float32 read, which nothing needs any more.
-    """
+def _prepare_rep(source: RepSource) -> dict:
+    """Read one rep and apply each preprocessing it needs; keyed by prep key."""
     from smd_dist.allocator import reuse_freed_memory
     from smd_dist.derived import freeze
     from smd_dist.prepare import preprocess
-    from smd_dist.solvers import keep_low_precision, representatives_first
+    from smd_dist.solvers import representatives_first
 
     reuse_freed_memory()
     array = _read_rep(source)
@@ -227,25 +223,24 @@ def _prepare_rep(source: RepSource, device=None) -> dict:
             )
         except ValueError as err:
             raise InputError(f"{source.rep_id} (shape {array.shape}): {err}") from err
-    if prepared:
-        keep_low_precision(next(iter(prepared.values())), device=device, spare=array)
     return prepared
 
 
-def _prepared(source: RepSource, keep_fraction: float, device=None) -> dict:
+def _prepared(source: RepSource, keep_fraction: float) -> dict:
     """The rep's prepared arrays: kept by this worker, or read and prepared now."""
     from smd_dist import worker_cache
 
     return worker_cache.kept(
         source,
-        lambda: _prepare_rep(source, device),
+        lambda: _prepare_rep(source),
         budget=int(keep_fraction * worker_cache.memory_limit()),
     )
 
 
-def _check_rep(source: RepSource, keep_fraction: float, device=None) -> None:
-    """Validate one rep as a pair task would see it (and keep it, within the budget)."""
-    _prepared(source, keep_fraction, device)
+def _check_rep(source: RepSource, keep_fraction: float) -> tuple[int, int]:
+    """Validate one rep as a pair task would see it (and keep it, within the budget);
+    return its shape."""
+    return next(iter(_prepared(source, keep_fraction).values())).shape
 
 
 def _compare_pairs(
@@ -257,7 +252,7 @@ def _compare_pairs(
 
     reuse_freed_memory()
     worker = _worker_name()
-    prepared = {rep: _prepared(source, keep_fraction, device) for rep, source in sources.items()}
+    prepared = {rep: _prepared(source, keep_fraction) for rep, source in sources.items()}
     out = []
     for rep_a, rep_b in pairs:
         for name, prep in metric_specs:
@@ -564,7 +559,7 @@ def compute_distances(
                 phase = time.perf_counter()
                 sources = _sources(store, chosen, preps_needed)
                 token = dask.base.tokenize(str(store.path), preps_needed, time.time_ns())
-                _check_inputs(active, chosen, todo, sources, device=device, token=token)
+                _check_inputs(active, chosen, todo, sources, token=token)
                 _check_memory(active, store, chosen, todo)
                 report.seconds_inputs = time.perf_counter() - phase
                 phase = time.perf_counter()
@@ -639,7 +634,7 @@ def _sources(store, chosen, preps) -> list[RepSource]:
     ]
 
 
-def _check_inputs(client, chosen, todo, sources, *, device, token: str) -> None:
+def _check_inputs(client, chosen, todo, sources, *, token: str) -> None:
     """Read and validate every rep that takes part, on the workers, before any pair.
 
     Each rep is checked once, by whichever worker is free; that worker keeps it prepared
@@ -650,7 +645,7 @@ def _check_inputs(client, chosen, todo, sources, *, device, token: str) -> None:
     involved = sorted({i for pair in todo for i in pair})
     futures = {
         i: client.submit(
-            _check_rep, sources[i], KEEP_PREPARED_FRACTION, device, key=f"check-{i}-{token}"
+            _check_rep, sources[i], KEEP_PREPARED_FRACTION, key=f"check-{i}-{token}"
         )
         for i in involved
     }

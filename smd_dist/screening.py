@@ -130,16 +130,12 @@ class LowPrecision(NamedTuple):
         return LowPrecision(self.scale, self.low[:n], self.err[:n], self.norm_low[:n])
 
 
-def low_precision(
-    A: np.ndarray, sq_norms: np.ndarray, dtype: torch.dtype, *, out: torch.Tensor | None = None
-) -> LowPrecision:
+def low_precision(A: np.ndarray, sq_norms: np.ndarray, dtype: torch.dtype) -> LowPrecision:
     """Scaled low-precision copy of ``A`` (stimuli, neurons) and its error bounds.
 
     Both norms are over-estimated (never under): float32 sums of squares carry a relative
     error of at most ``γ_M``. Done a block of tuning curves at a time, so that the
     conversions and the error norms run in cache: one read of ``A``, one write of the copy.
-    ``out``, a CPU tensor of shape (N, M) and ``dtype`` not overlapping ``A``, receives the
-    copy (memory the caller has done with); a new one is made when omitted.
     """
     m, n = A.shape
     peak = math.sqrt(float(sq_norms.max()))
@@ -147,14 +143,7 @@ def low_precision(
     AT = tensor_view(A.T)
     if not AT.is_contiguous():  # stimulus-major input: one transposing copy
         AT = AT.contiguous()
-    if out is None:
-        low = torch.empty((n, m), dtype=dtype)
-    elif tuple(out.shape) != (n, m) or out.dtype != dtype:
-        raise ValueError(
-            f"out must be a ({n}, {m}) tensor of {dtype}, got {tuple(out.shape)} {out.dtype}"
-        )
-    else:
-        low = out
+    low = torch.empty((n, m), dtype=dtype)
     measured = dtype != torch.float32
     err = torch.zeros(n, dtype=torch.float32)
     norm_low = torch.zeros(n, dtype=torch.float32)

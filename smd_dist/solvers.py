@@ -93,7 +93,6 @@ __all__ = [
     "SolverError",
     "Transport",
     "certify",
-    "keep_low_precision",
     "plan_cost",
     "representatives_first",
     "solve",
@@ -614,46 +613,12 @@ def _screenable(norms) -> bool:
     return 1e-30 < peak < 1e30
 
 
-def _low_precision(A, sq_norms, device, out=None) -> LowPrecision:
+def _low_precision(A, sq_norms, device) -> LowPrecision:
     """``A``'s low-precision copy for the cost bounds (kept with a read-only ``A``)."""
     dtype = product_dtype(device)
     return derived(
-        A, f"low-precision/{device}/{dtype}", lambda a: low_precision(a, sq_norms, dtype, out=out)
+        A, f"low-precision/{device}/{dtype}", lambda a: low_precision(a, sq_norms, dtype)
     )
-
-
-def keep_low_precision(A: np.ndarray, *, device=None, spare: np.ndarray | None = None) -> None:
-    """Make now, and keep with the read-only ``A``, the low-precision copy that
-    :func:`solve` would make for ``A`` at its first pair on ``device``.
-
-    ``spare``, a writeable C-contiguous array the caller has done with (the engine passes
-    the float32 store read that ``A`` was prepared from: the same number of bytes), is
-    overwritten with the copy instead of new memory being taken for it; a worker keeps
-    both for every rep it holds, and fresh memory costs more than the copy.
-    Nothing happens for a writeable ``A`` (nothing would be kept) or costs outside the
-    range the bounds can hold.
-    """
-    if A.flags.writeable or A.ndim != 2:
-        return
-    dev = resolve_device(device)
-    norms = derived(A, "squared-norms", _squared_norms)
-    if not _screenable((norms, norms)):
-        return
-    dtype = product_dtype(dev)
-    m, n = A.shape
-    nbytes = m * n * torch.empty((), dtype=dtype).element_size()
-    out = None
-    if (
-        dev.type == "cpu"
-        and spare is not None
-        and spare.flags.writeable
-        and spare.flags.c_contiguous
-        and spare.nbytes >= nbytes
-        and not np.shares_memory(spare, A)
-    ):
-        flat = spare.reshape(-1).view(np.uint8)[:nbytes]
-        out = torch.from_numpy(flat).view(dtype).view(n, m)
-    _low_precision(A, norms, dev, out=out)
 
 
 def _merged_low_precision(A, sq_norms, keep, device) -> LowPrecision:

@@ -122,34 +122,6 @@ def test_each_rep_is_read_and_prepared_once_per_worker(store, client):
     worker_cache.clear()
 
 
-def test_a_prepared_rep_has_its_copies_last_and_its_bound_copy_made(tmp_path):
-    from smd_dist import solvers
-    from smd_dist.derived import derived
-
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((M, 10))
-    x[:, [1, 6]] = 0.0  # dead units
-    x[:, 8] = x[:, 2]  # a copy
-    store = ActivationStore(tmp_path / "s", mode="a")
-    store.write("net", "dup", x)
-    record = store.record("net", "dup")
-    prep = engine._prep_key({"center": True, "normalize": None})
-    source = engine.RepSource(str(store.path), "net", "dup", record.content_hash, (prep,))
-    A = engine._prepare_rep(source, "cpu")[prep]
-    assert not A.flags.writeable
-    keep = solvers._unique_columns(A)[0]
-    assert keep.tolist() == list(range(8))  # the merged problem is a prefix, a view
-    direct = smd_dist.soft_matching_distance(store.read("net", "dup"), x[:, ::-1])
-    assert engine.metric_registry.get("soft_matching").compute(
-        A, solvers.representatives_first(np.asfortranarray(x[:, ::-1] - x.mean(0)[::-1]))
-    ).value == pytest.approx(direct, rel=1e-12)
-    from smd_dist.screening import product_dtype
-
-    cpu = solvers.resolve_device("cpu")
-    low = derived(A, f"low-precision/{cpu}/{product_dtype(cpu)}", lambda a: None)
-    assert low is not None and tuple(low.low.shape) == (10, M)
-
-
 def test_the_keep_budget_follows_the_workers_memory_limit(client):
     from smd_dist import worker_cache
 

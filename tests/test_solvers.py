@@ -307,41 +307,6 @@ def test_merged_problem_of_a_reordered_rep_is_a_view_with_the_same_optimum():
     assert math.isclose(tr.cost, reference, rel_tol=1e-12)
 
 
-def test_low_precision_copy_kept_in_the_spare_buffer_equals_a_fresh_one():
-    import torch
-
-    from smd_dist.derived import freeze
-    from smd_dist.screening import low_precision, product_dtype
-
-    rng = np.random.default_rng(14)
-    raw = rng.standard_normal((50, 30)).astype(np.float32)
-    A = freeze(np.asfortranarray(raw, dtype=np.float64) - 0.5)
-    solvers.keep_low_precision(A, device="cpu", spare=raw)
-    kept = solvers._low_precision(A, solvers._squared_norms(A), solvers.resolve_device("cpu"))
-    assert kept.low.untyped_storage().data_ptr() == raw.ctypes.data  # no new memory taken
-    dtype = product_dtype(solvers.resolve_device("cpu"))
-    fresh = low_precision(A.copy(order="K"), solvers._squared_norms(A), dtype)
-    assert torch.equal(kept.low, fresh.low)
-    assert np.array_equal(kept.err, fresh.err) and np.array_equal(kept.norm_low, fresh.norm_low)
-
-
-@pytest.mark.parametrize("case", ["writeable", "too-small", "overlapping"])
-def test_low_precision_copy_never_takes_a_buffer_it_must_not(case):
-    from smd_dist.derived import freeze
-
-    rng = np.random.default_rng(15)
-    A = np.asfortranarray(rng.standard_normal((40, 20)))
-    spare = np.zeros((40, 19 if case == "too-small" else 20), np.float32)
-    if case == "overlapping":  # a writeable float32 view of the very memory A lives in
-        spare = A.T.reshape(-1).view(np.float32)
-        A = A[:, :]
-    if case != "writeable":
-        freeze(A)
-    before = spare.copy()
-    solvers.keep_low_precision(A, device="cpu", spare=spare)
-    assert spare.tobytes() == before.tobytes()  # untouched
-
-
 def test_replication_refuses_huge_lcm():
     X, Y = make("random", 10, 7, 11, 1)
     with pytest.raises(SolverError, match="too large"):
