@@ -643,13 +643,16 @@ def _check_inputs(client, chosen, todo, sources, *, token: str) -> None:
     from distributed import wait
 
     involved = sorted({i for pair in todo for i in pair})
-    futures = {
-        i: client.submit(
-            _check_rep, sources[i], KEEP_PREPARED_FRACTION, key=f"check-{i}-{token}"
-        )
-        for i in involved
-    }
-    wait(list(futures.values()))
+    # One submission for all: each call is a round trip through the scheduler's event
+    # loop, which shares the machine with the workers.
+    submitted = client.map(
+        _check_rep,
+        [sources[i] for i in involved],
+        [KEEP_PREPARED_FRACTION] * len(involved),
+        key=[f"check-{i}-{token}" for i in involved],
+    )
+    futures = dict(zip(involved, submitted, strict=True))
+    wait(submitted)
     problems = []
     for i, future in futures.items():
         if future.status == "error":
