@@ -122,6 +122,49 @@ def test_each_rep_is_read_and_prepared_once_per_worker(store, client):
     worker_cache.clear()
 
 
+def test_long_lived_objects_are_frozen_for_the_run_and_handed_back(store, client, monkeypatch):
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    seen = []
+    real = engine._run_pairs
+
+    def spy(*args, **kwargs):
+        seen.append(gc.get_freeze_count())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_run_pairs", spy)
+    compute_distances(store, client=client, progress=False)
+    assert seen and seen[0] > 1000  # the scheduler's process skips them in full collections
+    assert gc.get_freeze_count() == 0
+    with engine._gc_frozen():
+        with engine._gc_frozen():
+            pass
+        assert gc.get_freeze_count() > 0  # an inner run does not thaw an outer one
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_prepared_rep_has_its_copies_last(tmp_path):
+    from smd_dist import solvers
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((M, 10))
+    x[:, [1, 6]] = 0.0  # dead units
+    x[:, 8] = x[:, 2]  # a copy
+    store = ActivationStore(tmp_path / "s", mode="a")
+    store.write("net", "dup", x)
+    record = store.record("net", "dup")
+    prep = engine._prep_key({"center": True, "normalize": None})
+    source = engine.RepSource(str(store.path), "net", "dup", record.content_hash, (prep,))
+    A = engine._prepare_rep(source)[prep]
+    assert not A.flags.writeable
+    assert solvers._unique_columns(A)[0].tolist() == list(range(8))  # merged: a prefix
+    y = rng.standard_normal((M, 7))
+    direct = smd_dist.soft_matching_distance(store.read("net", "dup"), y)
+    value = metrics.get("soft_matching").compute(A, y - y.mean(0)).value
+    assert value == pytest.approx(direct, rel=1e-12)
+
+
 def test_the_keep_budget_follows_the_workers_memory_limit(client):
     from smd_dist import worker_cache
 
