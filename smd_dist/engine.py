@@ -672,7 +672,9 @@ def _check_inputs(client, chosen, todo, sources, *, token: str) -> None:
     """
     from distributed import wait
 
-    involved = sorted({i for pair in todo for i in pair})
+    # Widest first: the phase ends when its last read does, and a narrow rep read last
+    # keeps the other workers' wait for it short.
+    involved = sorted({i for pair in todo for i in pair}, key=lambda i: -chosen[i].n_neurons)
     # One submission for all: each call is a round trip through the scheduler's event
     # loop, which shares the machine with the workers.
     submitted = client.map(
@@ -684,7 +686,7 @@ def _check_inputs(client, chosen, todo, sources, *, token: str) -> None:
     futures = dict(zip(involved, submitted, strict=True))
     wait(submitted)
     problems = []
-    for i, future in futures.items():
+    for i, future in sorted(futures.items()):
         if future.status == "error":
             err = future.exception()
             message = str(err)

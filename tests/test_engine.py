@@ -165,6 +165,32 @@ def test_a_prepared_rep_has_its_copies_last(tmp_path):
     assert value == pytest.approx(direct, rel=1e-12)
 
 
+def test_input_checks_are_submitted_widest_first_in_one_call(store, monkeypatch):
+    import distributed
+
+    calls = []
+
+    class Done:
+        status = "finished"
+
+        def release(self):
+            pass
+
+    class Recorder:
+        def map(self, func, *iterables, key):
+            calls.append(key)
+            return [Done() for _ in key]
+
+    monkeypatch.setattr(distributed, "wait", lambda futures: None)
+    chosen = store.list()
+    todo = [(i, j) for i in range(len(chosen)) for j in range(i + 1, len(chosen))]
+    sources = engine._sources(store, chosen, ["{}"])
+    engine._check_inputs(Recorder(), chosen, todo, sources, token="t")
+    assert len(calls) == 1
+    widths = [chosen[int(k.split("-")[1])].n_neurons for k in calls[0]]
+    assert widths == sorted(widths, reverse=True) and len(widths) == len(chosen)
+
+
 def test_the_keep_budget_follows_the_workers_memory_limit(client):
     from smd_dist import worker_cache
 
