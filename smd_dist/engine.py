@@ -218,8 +218,9 @@ def _prepare_rep(source: RepSource) -> dict:
         try:
             # Read-only: nothing downstream edits it, and it keeps its per-neuron quantities
             # (norms, low-precision copy) across all the pairs it is part of.
-            # Identical neurons first-of-group first: the solvers' merged problem is then
-            # a view of it, not a second copy (every metric is blind to neuron order).
+            # One neuron of each group of identical ones first, the copies after: the
+            # solvers' merged problem is then a view of it, not a second copy kept next to
+            # it (every metric ignores the order of neurons).
             prepared[key] = freeze(
                 representatives_first(preprocess(array, **json.loads(key), name=source.rep_id))
             )

@@ -535,14 +535,15 @@ def representatives_first(X: np.ndarray) -> np.ndarray:
 
     :func:`solve` merges identical columns (dead units, exact copies) into one neuron
     carrying the group's mass. On an array in this order the merged problem's columns are
-    a prefix, a view, so a prepared rep kept for many pairs is not copied without its
-    copies, once in float64 and once in low precision. Every metric here is invariant to
+    a prefix of it, a view, and the kernel keeps no second, merged copy of a prepared rep
+    next to it (in float64 and in low precision). Every metric here is invariant to
     permuting neurons, so the engine prepares reps this way.
 
     Parameters
     ----------
-    X : numpy.ndarray, shape (M, N), float64, Fortran order, writeable
-        Reordered in place (no copy: a copy of each kept rep is what this avoids).
+    X : numpy.ndarray, shape (M, N), writeable
+        Reordered in place (no copy: a copy of each kept rep is what this avoids). In
+        Fortran (neuron-major) order the prefix is contiguous.
 
     Returns
     -------
@@ -630,11 +631,8 @@ def _merged_low_precision(A, sq_norms, keep, device) -> LowPrecision:
     low = _low_precision(A, sq_norms, device)
     if keep.size == A.shape[1]:
         return low
-    if _is_prefix(keep):
-        return derived(
-            A, f"merged-low-precision/{device}/{low.low.dtype}", lambda a: low.head(keep.size)
-        )
-    return derived(A, f"merged-low-precision/{device}/{low.low.dtype}", lambda a: low.take(keep))
+    cut = (lambda a: low.head(keep.size)) if _is_prefix(keep) else (lambda a: low.take(keep))
+    return derived(A, f"merged-low-precision/{device}/{low.low.dtype}", cut)
 
 
 def _merged_columns(A, keep) -> np.ndarray:
@@ -642,9 +640,8 @@ def _merged_columns(A, keep) -> np.ndarray:
     prefix (:func:`representatives_first`), else a copy (a pass over ``A``)."""
     if keep.size == A.shape[1]:
         return A
-    if _is_prefix(keep):
-        return derived(A, "merged-columns", lambda a: freeze(a[:, : keep.size]))
-    return derived(A, "merged-columns", lambda a: freeze(a[:, keep]))
+    columns = slice(keep.size) if _is_prefix(keep) else keep
+    return derived(A, "merged-columns", lambda a: freeze(a[:, columns]))
 
 
 def _sparse(X, Y, norms, *, tol, device, counts=None, forced=False, low=None):
