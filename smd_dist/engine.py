@@ -40,6 +40,7 @@ from smd_dist.results import (
     canonical_pair,
     summarize,
 )
+from smd_dist.store import rep_id
 
 #: Each worker keeps the reps it has prepared (:mod:`smd_dist.worker_cache`) within this
 #: fraction of its memory limit; beyond it, the least recently used are read again.
@@ -188,7 +189,7 @@ class RepSource:
 
     @property
     def rep_id(self) -> str:
-        return f"{self.model}/{self.layer}"
+        return rep_id(self.model, self.layer)
 
 
 def _read_rep(source: RepSource) -> np.ndarray:
@@ -240,10 +241,9 @@ def _prepared(source: RepSource, keep_fraction: float) -> dict:
     )
 
 
-def _check_rep(source: RepSource, keep_fraction: float) -> tuple[int, int]:
-    """Validate one rep as a pair task would see it (and keep it, within the budget);
-    return its shape."""
-    return next(iter(_prepared(source, keep_fraction).values())).shape
+def _check_rep(source: RepSource, keep_fraction: float) -> None:
+    """Validate one rep as a pair task would see it (and keep it, within the budget)."""
+    _prepared(source, keep_fraction)
 
 
 def _compare_pairs(
