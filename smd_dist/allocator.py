@@ -18,12 +18,24 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
+import mmap
 import sys
 
-__all__ = ["MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES", "reuse_freed_memory"]
+import numpy as np
+
+__all__ = [
+    "HUGE_PAGE_ADVICE_BYTES",
+    "MMAP_THRESHOLD_BYTES",
+    "TRIM_THRESHOLD_BYTES",
+    "reuse_freed_memory",
+    "small_page_empty",
+]
 
 #: Blocks below this come from the heap (glibc refuses more than 32 MiB on 64-bit systems).
 MMAP_THRESHOLD_BYTES = 32 * 2**20
+#: NumPy advises arrays from this size up for transparent huge pages.
+HUGE_PAGE_ADVICE_BYTES = 4 * 2**20
 #: Free heap kept for reuse before it is returned to the operating system.
 TRIM_THRESHOLD_BYTES = 256 * 2**20
 
@@ -52,3 +64,24 @@ def reuse_freed_memory() -> bool:
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
         and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     )
+
+
+def small_page_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised C-ordered float64 array on 4 KiB pages, in its own mapping.
+
+    The mapping is advised against transparent huge pages and unmapped (its memory
+    returned to the system) when the array and every view of it are released. Arrays
+    below :data:`HUGE_PAGE_ADVICE_BYTES` (which NumPy does not advise for huge pages
+    either), and any where ``madvise`` is unavailable (not Linux), come from
+    :func:`numpy.empty`.
+    """
+    shape = tuple(int(n) for n in shape)
+    size = math.prod(shape)
+    advice = getattr(mmap, "MADV_NOHUGEPAGE", None)
+    if 8 * size < HUGE_PAGE_ADVICE_BYTES or advice is None or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return np.empty(shape)
+    # Private: Python's default for an anonymous mapping is shared (shmem), which faults
+    # in slower (0.63-0.78 against 0.45-0.53 ms per MiB here) and is reported as shmem.
+    pages = mmap.mmap(-1, 8 * size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    pages.madvise(advice)
+    return np.frombuffer(pages, dtype=np.float64, count=size).reshape(shape)
