@@ -122,9 +122,9 @@ def solver_times(store: ActivationStore) -> dict:
     records = store.list()
     arrays, prepared = {}, {}
     for r in records:
-        x = store.read(r.model, r.layer).astype(np.float64)
-        arrays[r.rep_id] = x - x.mean(0)
         read = store.read(r.model, r.layer)
+        x = read.astype(np.float64)
+        arrays[r.rep_id] = x - x.mean(0)
         prepared[r.rep_id] = freeze(representatives_first(preprocess(read)))
     out = {}
     for i, a in enumerate(records):
