@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from typing import TypeVar
 
 import numpy as np
@@ -31,6 +32,8 @@ T = TypeVar("T")
 _LOCK = threading.Lock()
 _CACHE: LRUCache = LRUCache(maxsize=0)
 _STATS = {"hits": 0, "made": 0, "seconds_making": 0.0}
+# Values being made now, by key: the threads that ask meanwhile wait on the Future.
+_MAKING: dict[Hashable, Future] = {}
 
 
 def nbytes(value) -> int:
@@ -48,8 +51,10 @@ def kept(key: Hashable, make: Callable[[], T], *, budget: int) -> T:
     """``make()``, kept under ``key`` in this process while the cache fits in ``budget`` bytes.
 
     The least recently used values leave first; a value larger than ``budget`` is made and
-    returned but not kept. A new ``budget`` starts an empty cache. Two threads asking for
-    the same missing key may both make it; one copy is kept.
+    returned but not kept. A new ``budget`` starts an empty cache. A thread asking for a
+    key that another thread of the process is making waits for that value (or its
+    exception) instead of making it a second time: the task threads of a worker start
+    their pairs together and often need the same reps.
     """
     global _CACHE
     budget = max(int(budget), 0)
@@ -60,13 +65,32 @@ def kept(key: Hashable, make: Callable[[], T], *, budget: int) -> T:
         if value is not None:
             _STATS["hits"] += 1
             return value
+        pending = _MAKING.get(key)
+        if pending is None:
+            pending = _MAKING[key] = Future()
+            maker = True
+        else:
+            maker = False
+    if not maker:
+        value = pending.result()
+        with _LOCK:
+            _STATS["hits"] += 1
+        return value
     start = time.perf_counter()
-    value = make()
+    try:
+        value = make()
+    except BaseException as err:
+        with _LOCK:
+            del _MAKING[key]
+        pending.set_exception(err)
+        raise
     with _LOCK:
         _STATS["made"] += 1
         _STATS["seconds_making"] += time.perf_counter() - start
         if nbytes(value) <= _CACHE.maxsize:
             value = _CACHE.setdefault(key, value)
+        del _MAKING[key]
+    pending.set_result(value)
     return value
 
 

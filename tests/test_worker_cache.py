@@ -71,25 +71,60 @@ def test_a_zero_budget_keeps_nothing_and_a_new_budget_starts_empty():
     assert worker_cache.stats()["kept_bytes"] == 0
 
 
-def test_threads_asking_at_once_get_one_kept_copy():
-    barrier = threading.Barrier(4)
+def _ask_from_threads(n, make, budget=10_000):
+    """``kept("k", make)`` from ``n`` threads at once; their values or exceptions."""
     seen = []
 
-    def make():
-        barrier.wait(timeout=10)  # all four miss before any is kept
-        return np.zeros(10)
-
     def ask():
-        seen.append(worker_cache.kept("k", make, budget=10_000))
+        try:
+            seen.append(worker_cache.kept("k", make, budget=budget))
+        except Exception as err:  # noqa: BLE001 - what each thread got is the point
+            seen.append(err)
 
-    threads = [threading.Thread(target=ask) for _ in range(4)]
+    threads = [threading.Thread(target=ask) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    kept = worker_cache.kept("k", lambda: pytest.fail("should be kept"), budget=10_000)
-    assert sum(v is kept for v in seen) >= 1
-    assert worker_cache.stats()["kept_bytes"] == 80
+        t.join(timeout=30)
+    return seen
+
+
+def test_threads_asking_at_once_make_the_value_once():
+    calls, release = [], threading.Event()
+
+    def make():
+        calls.append(1)
+        release.wait(timeout=10)  # the other threads ask while this one makes
+        return np.zeros(10)
+
+    before = worker_cache.stats()
+    threading.Timer(0.3, release.set).start()
+    seen = _ask_from_threads(4, make)
+    assert len(calls) == 1
+    assert len(seen) == 4 and all(v is seen[0] for v in seen)
+    assert worker_cache.kept("k", lambda: pytest.fail("should be kept"), budget=10_000) is seen[0]
+    stats = worker_cache.stats()
+    assert stats["made"] - before["made"] == 1
+    assert stats["hits"] - before["hits"] == 4  # three waiters and the call above
+    assert stats["kept_bytes"] == 80
+
+
+def test_threads_waiting_on_a_failed_make_get_its_error_and_nothing_is_kept():
+    calls, release = [], threading.Event()
+
+    def make():
+        calls.append(1)
+        release.wait(timeout=10)
+        raise ValueError("rep-x/layer: NaN at stimulus 3")
+
+    before = worker_cache.stats()
+    threading.Timer(0.3, release.set).start()
+    seen = _ask_from_threads(3, make)
+    assert len(calls) == 1
+    assert len(seen) == 3 and all(isinstance(v, ValueError) for v in seen)
+    assert all("NaN at stimulus 3" in str(v) for v in seen)
+    assert worker_cache.kept("k", lambda: np.ones(2), budget=10_000).tolist() == [1.0, 1.0]
+    assert worker_cache.stats()["made"] - before["made"] == 1  # the later success only
 
 
 def test_nbytes_counts_arrays_inside_mappings_and_sequences():
