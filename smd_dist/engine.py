@@ -703,8 +703,10 @@ def _check_inputs(client, chosen, todo, sources, *, token: str) -> None:
 
 
 def _check_memory(client, store, chosen, todo) -> None:
-    """Refuse pairs that cannot fit in one worker's memory, before compute."""
-    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
+    """Refuse pairs that cannot fit in one worker thread's share of its process's memory,
+    before compute (the threads of a worker solve their pairs at the same time)."""
+    workers = client.scheduler_info()["workers"].values()
+    limits = [(w.get("memory_limit") or 0) // max(1, w.get("nthreads") or 1) for w in workers]
     limit = min((m for m in limits if m), default=0)
     if not limit:
         return
@@ -715,10 +717,11 @@ def _check_memory(client, store, chosen, todo) -> None:
     if need > 0.7 * limit:
         raise InputError(
             f"pair {a.rep_id} ({a.n_neurons} neurons) vs {b.rep_id} ({b.n_neurons} neurons) "
-            f"needs about {need / 2**30:.2f} GiB to solve exactly, workers have "
-            f"{limit / 2**30:.2f} GiB each; remedies: pool the layer at extraction "
-            "(pooling='mean'), give workers more memory (cluster.memory-limit, or fewer "
-            "workers per node), or leave these reps out (reps: ...)"
+            f"needs about {need / 2**30:.2f} GiB to solve exactly, worker threads have "
+            f"{limit / 2**30:.2f} GiB each (a worker's memory limit over its threads); "
+            "remedies: pool the layer at extraction (pooling='mean'), give workers more "
+            "memory (cluster.memory-limit, or fewer workers or threads per node), or leave "
+            "these reps out (reps: ...)"
         )
 
 

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from smd_dist.cli import main
 from smd_dist.cluster import (
     SINGLE_THREAD_ENV,
+    default_layout,
     job_script,
     make_client,
     make_cluster,
@@ -40,8 +41,29 @@ SLURM = {
 def test_defaults_are_a_local_cluster():
     cfg = resolve_config(None)
     assert cfg["kind"] == "local"
-    assert cfg["threads-per-worker"] == 1
+    assert cfg["threads-per-worker"] is None and cfg["n-workers"] is None
     assert resolve_config({})["kind"] == "local"
+
+
+@pytest.mark.parametrize(
+    ("cores", "n_workers", "threads", "expected"),
+    [
+        (1, None, None, (1, 1)),
+        (2, None, None, (2, 1)),
+        (8, None, None, (8, 1)),
+        (2, 2, None, (2, 1)),
+        (8, 2, None, (2, 4)),
+        (8, 16, None, (16, 1)),
+        (8, None, 1, (8, 1)),
+        (8, None, 3, (2, 3)),
+        (2, None, 4, (1, 4)),
+        (8, 3, 5, (3, 5)),
+    ],
+)
+def test_default_layout_fills_the_cores(
+    cores, n_workers, threads, expected
+):
+    assert default_layout(cores, n_workers=n_workers, threads=threads) == expected
 
 
 def test_unknown_kind_names_it_and_suggests():
@@ -221,7 +243,8 @@ def _thread_state():
 
 
 def test_local_client_has_single_threaded_worker_processes(capsys):
-    with make_client({"kind": "local", "n-workers": 2, "dashboard-address": ":0"}) as client:
+    cfg = {"kind": "local", "n-workers": 2, "threads-per-worker": 1, "dashboard-address": ":0"}
+    with make_client(cfg) as client:
         workers = client.scheduler_info()["workers"]
         assert len(workers) == 2
         assert all(w["nthreads"] == 1 for w in workers.values())
@@ -235,6 +258,26 @@ def test_local_client_has_single_threaded_worker_processes(capsys):
         cluster_obj = client.cluster
     assert cluster_obj.status.name == "closed"
     assert "dashboard http" in capsys.readouterr().err
+
+
+def _thread_state_slowly():
+    import threading
+    import time
+
+    time.sleep(0.2)  # long enough that the worker's other thread takes the next task
+    return threading.get_ident(), _thread_state()
+
+
+def test_one_local_worker_fills_the_cores_with_single_threaded_task_threads():
+    cfg = {"kind": "local", "n-workers": 1, "dashboard-address": ":0"}
+    with make_client(cfg, quiet=True) as client:
+        (worker,) = client.scheduler_info()["workers"].values()
+        assert worker["nthreads"] == default_layout(os.cpu_count() or 1, n_workers=1)[1]
+        futures = [client.submit(_thread_state_slowly, pure=False) for _ in range(6)]
+        seen = [f.result() for f in futures]
+    assert {state for _, state in seen} == {("1", "1", 1)}
+    if worker["nthreads"] > 1:
+        assert len({ident for ident, _ in seen}) > 1  # both threads ran tasks
 
 
 def _dask_settings_here():
@@ -277,7 +320,8 @@ def test_make_cluster_local_sized_to_the_machine():
 
     with dask.config.set({"smd-dist.cluster.memory-limit": "1GB"}):
         with make_cluster({"dashboard-address": ":0"}) as local:
-            assert len(local.workers) == CPU_COUNT
+            processes, threads = default_layout(CPU_COUNT)
+            assert len(local.workers) == processes
             spec = next(iter(local.worker_spec.values()))["options"]
-            assert spec["nthreads"] == 1 and spec["memory_limit"] == "1GB"
+            assert spec["nthreads"] == threads and spec["memory_limit"] == "1GB"
 

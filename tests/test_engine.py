@@ -338,6 +338,16 @@ def test_too_wide_pair_is_refused_with_remedies(store, client, monkeypatch):
         compute_distances(store, client=client, progress=False)
 
 
+def test_a_pair_must_fit_in_a_worker_threads_share_of_memory(store, client, monkeypatch):
+    worker = next(iter(client.scheduler_info()["workers"].values()))
+    limit, threads = worker["memory_limit"], worker["nthreads"]
+    assert threads == 2
+    need = int(0.5 * limit)  # fits the process, not two pairs solved at once by its threads
+    monkeypatch.setattr(engine, "pair_memory_bytes", lambda m, a, b: need)
+    with pytest.raises(InputError, match=rf"worker threads have {limit / 2 / 2**30:.2f} GiB"):
+        compute_distances(store, client=client, progress=False)
+
+
 def test_cli_run_and_status(store, tmp_path, monkeypatch):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(
