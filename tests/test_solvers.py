@@ -352,3 +352,18 @@ def test_c_transform_cannot_rescue_a_suboptimal_plan():
         worst = np.roll(cols, 1)
     bad = (np.arange(8), worst, np.full(8, 1 / 8), u, v)
     assert not certify(D, *solvers._c_transform(D, bad), tol=tol).passed
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_exact_costs_are_squared_differences_and_leave_inputs_alone(order):
+    rng = np.random.default_rng(11)
+    X = np.asarray(rng.standard_normal((3000, 9)), order=order)  # blocks of 10 entries
+    Y = np.asarray(rng.standard_normal((3000, 12)) + 1e3, order=order)
+    X.flags.writeable = Y.flags.writeable = False
+    before = X.copy(), Y.copy()
+    rows = np.repeat(np.arange(9), 40)  # 360 entries, repeated pairs among them
+    cols = rng.integers(0, 12, rows.size)
+    got = solvers.exact_costs(X, Y, rows, cols)
+    want = [math.fsum((X[:, i] - Y[:, j]) ** 2) for i, j in zip(rows, cols, strict=True)]
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
+    assert np.array_equal(X, before[0]) and np.array_equal(Y, before[1])
