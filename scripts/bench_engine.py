@@ -6,8 +6,10 @@ Workload: 16 reps (widths 256–2048, M = 2000 stimuli) in the three regimes of
 (a) naive loop — for each pair: read both reps, centre, ``ot.dist``, ``ot.emd2`` with a cap
     high enough to be exact, one pair after another;
 (b) this engine on its own local cluster (:func:`smd_dist.cluster.make_client`, as
-    ``kind: local`` starts it) with 1 and with 2 single-threaded worker processes
-    (cluster start-up excluded, reading and preparing the reps included);
+    ``kind: local`` starts it) with one single-threaded worker process, with the default
+    layout (one single-threaded process per core), and with one process whose threads fill
+    the cores and share the reps it reads (cluster start-up excluded, reading and
+    preparing the reps included);
 (c) the limit — per pair, the fastest exact solve available for it (``ot.emd2``, scipy's
     ``linear_sum_assignment`` where widths allow, this package's kernel), each timed alone
     on a precomputed cost, plus one float32 cross product; summed and divided by the cores.
@@ -15,11 +17,11 @@ Workload: 16 reps (widths 256–2048, M = 2000 stimuli) in the three regimes of
     per rep (a neuron-major copy, norms, the low-precision copy); the limit is also printed
     with the kernel timed as the engine runs it (prepared reps, second solve of the pair).
 
-Prints the times, the ratios (a)/(b), (b)/(c), the 2-worker parallel efficiency, the
-per-pair scheduling overhead (worker time from the first check to the last pair spent
-neither in kernels nor in reading and preparing reps, per pair) next to the workers'
-reading and the run's fixed costs (assembling and writing the matrix after the last
-pair), the values' agreement with (a), and peak worker memory.
+Prints the times, the ratios (a)/(b), (b)/(c), each multi-core layout's parallel
+efficiency, the per-pair scheduling overhead (worker time from the first check to the
+last pair spent neither in kernels nor in reading and preparing reps, per pair) next to
+the workers' reading and the run's fixed costs (assembling and writing the matrix after
+the last pair), the values' agreement with (a), and peak worker memory.
 
 With ``--repeat N`` the whole set runs N times round-robin and each measurement keeps its
 fastest run ((c): each pair's fastest time of each solver), so a slow spell of a shared
@@ -48,6 +50,7 @@ from scipy.optimize import linear_sum_assignment
 
 import smd_dist
 from smd_dist import synthetic
+from smd_dist.cluster import default_layout
 from smd_dist.derived import freeze
 from smd_dist.engine import RunReport
 from smd_dist.prepare import preprocess
@@ -173,16 +176,22 @@ def limit(timings: list[dict], cores: int, *, prepared: bool = False) -> tuple[f
     return total / cores, wins
 
 
-def run_engine(store: ActivationStore, n_workers: int, output: Path):
-    """The engine as a user gets it: the package's own local cluster, ``n_workers`` workers.
+def run_engine(store: ActivationStore, output: Path, *, n_workers: int, threads: int):
+    """The engine as a user gets it: the package's own local cluster, ``n_workers`` worker
+    processes with ``threads`` task threads each.
 
-    Returns the dataset, the seconds of the call, peak worker memory, the run report and
-    the workers' seconds spent reading and preparing reps.
+    Returns the dataset, the seconds of the call, peak worker memory (the largest process),
+    the run report and the workers' seconds spent reading and preparing reps.
     """
     from smd_dist import worker_cache
     from smd_dist.cluster import make_client
 
-    cluster = {"kind": "local", "n-workers": n_workers, "memory-limit": "8GB"}
+    cluster = {
+        "kind": "local",
+        "n-workers": n_workers,
+        "threads-per-worker": threads,
+        "memory-limit": f"{8 * threads}GB",
+    }
     with make_client({**cluster, "dashboard-address": ":0"}, quiet=True) as client:
         report = RunReport(0, 0, 0)
         start = time.perf_counter()
@@ -195,7 +204,52 @@ def run_engine(store: ActivationStore, n_workers: int, output: Path):
     return ds, seconds, peak, report, reading
 
 
+def _layout_label(n_workers: int, threads: int) -> str:
+    processes = f"{n_workers} worker process" + ("es" if n_workers > 1 else "")
+    return f"{processes} x {threads} thread" + ("s" if threads > 1 else "")
+
+
+def _summary(label, run, *, t1, cores, n_pairs, lim, lim_prepared) -> None:
+    """Efficiency, overhead, reading and (b)/(c) of one multi-core layout's run."""
+    _, seconds, _, report, reading = run
+    ds = run[0]
+    kernel_total = float(np.nansum(np.triu(ds["soft_matching_seconds"].values, 1)))
+    print(f"-- {label}:")
+    print(f"  parallel efficiency ({cores} cores): {t1 / (cores * seconds):.2f}")
+    worker_time = cores * (report.seconds_inputs + report.seconds_pairs)
+    overhead = worker_time - kernel_total - reading
+    print(
+        f"  scheduling overhead per pair: {overhead / n_pairs * 1e3:.1f} ms "
+        f"({100 * overhead / worker_time:.1f} % of worker time: neither in a kernel nor "
+        "reading a rep)"
+    )
+    print(
+        f"  workers reading + preparing reps {reading:.2f} s (each worker process prepares "
+        f"each rep it meets once); before the first pair {report.seconds_inputs:.2f} s, "
+        f"assembling + writing the matrix {report.seconds_finish:.2f} s; all non-kernel "
+        f"time {(cores * seconds - kernel_total) / n_pairs * 1e3:.1f} ms per pair "
+        f"({100 * (cores * seconds - kernel_total) / (cores * seconds):.1f} %)"
+    )
+    print(
+        f"  (b) / (c): {seconds / lim:.2f}   (against the limit with the kernel on "
+        f"prepared reps: {seconds / lim_prepared:.2f})"
+    )
+
+
 def _peak_rss() -> int:
+    """This process's peak resident memory in bytes.
+
+    ``VmHWM`` where Linux has it: ``ru_maxrss`` survives ``execve``, so a worker spawned
+    (fork, exec) by a large parent starts at the parent's size; in this script that parent
+    holds every rep for (c), and worker peaks read 1.1-1.2 GiB whatever the workers did.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -230,58 +284,67 @@ def main(argv=None) -> int:
         )
         # Round-robin, so that a slow spell of a shared machine hits every measurement
         # alike rather than one of them.
-        one = two = naive = None
+        layouts = {"one": (1, 1), "default": default_layout(cores)}
+        if cores > 1:
+            layouts["threads"] = (1, cores)  # one process, its threads sharing the reps
+        runs = dict.fromkeys(layouts)
+        naive = None
         timings = []
         for k in range(max(1, args.repeat)):
-            one = _faster(one, run_engine(store, 1, tmp / f"out1-{k}"))
-            two = _faster(two, run_engine(store, 2, tmp / f"out2-{k}"))
+            for name, (n_workers, threads) in layouts.items():
+                out = tmp / f"out-{name}-{k}"
+                run = run_engine(store, out, n_workers=n_workers, threads=threads)
+                runs[name] = _faster(runs[name], run)
             timings.append(solver_times(store))
             if not args.skip_naive:
                 naive = _faster(naive, naive_loop(store))
-        ds1, t1, peak1, _, _ = one
-        ds2, t2, peak2, report2, reading2 = two
         lim, wins = limit(timings, cores)
         lim_prepared, wins_prepared = limit(timings, cores, prepared=True)
-        seconds = ds2["soft_matching_seconds"].values
-        kernel_total = float(np.nansum(np.triu(seconds, 1)))
-        print(f"(b) engine, 1 worker : {t1:8.2f} s   peak worker RSS {peak1 / 2**20:7.0f} MiB")
-        print(f"(b) engine, 2 workers: {t2:8.2f} s   peak worker RSS {peak2 / 2**20:7.0f} MiB")
-        print(f"(c) limit            : {lim:8.2f} s   fastest solver per pair: {wins}")
+        t1 = runs["one"][1]
+        for name, (n_workers, threads) in layouts.items():
+            _, seconds, peak, _, _ = runs[name]
+            label = _layout_label(n_workers, threads) + (
+                " (the default layout)" if name == "default" else ""
+            )
+            print(
+                f"(b) engine, {label:<60s}: {seconds:7.2f} s   peak worker RSS "
+                f"{peak / 2**20:6.0f} MiB"
+            )
+        print(f"(c) limit: {lim:.2f} s   fastest solver per pair: {wins}")
         print(
             f"    with the kernel on prepared reps: {lim_prepared:.2f} s   fastest solver per "
             f"pair: {wins_prepared}"
         )
-        print(f"parallel efficiency (2 workers): {t1 / (2 * t2):.2f}")
-        worker_time = 2 * (report2.seconds_inputs + report2.seconds_pairs)
-        overhead = worker_time - kernel_total - reading2
-        print(
-            f"scheduling overhead per pair (2 workers): {overhead / n_pairs * 1e3:.1f} ms "
-            f"({100 * overhead / worker_time:.1f} % of worker time: neither in a kernel nor "
-            "reading a rep)"
-        )
-        print(
-            f"  workers reading + preparing reps {reading2:.2f} s (each worker prepares "
-            f"each rep it meets once); before the first pair {report2.seconds_inputs:.2f} s, "
-            f"assembling + writing the matrix {report2.seconds_finish:.2f} s; all non-kernel "
-            f"time {(2 * t2 - kernel_total) / n_pairs * 1e3:.1f} ms per pair "
-            f"({100 * (2 * t2 - kernel_total) / (2 * t2):.1f} %)"
-        )
-        print(
-            f"(b, 2 workers) / (c): {t2 / lim:.2f}   (against the limit with the kernel on "
-            f"prepared reps: {t2 / lim_prepared:.2f})"
-        )
-        assert ds1["soft_matching"].values.tobytes() == ds2["soft_matching"].values.tobytes()
+        for name in ("default", "threads"):
+            if name not in runs or (name == "threads" and layouts[name] == layouts["default"]):
+                continue
+            n_workers, threads = layouts[name]
+            _summary(
+                _layout_label(n_workers, threads),
+                runs[name],
+                t1=t1,
+                cores=cores,
+                n_pairs=n_pairs,
+                lim=lim,
+                lim_prepared=lim_prepared,
+            )
+        for name in layouts:
+            same = runs[name][0]["soft_matching"].values.tobytes()
+            assert same == runs["one"][0]["soft_matching"].values.tobytes(), name
         if naive is not None:
             values, tn = naive
+            ds = runs["default"][0]
             worst = max(
-                abs(ds2["soft_matching"].sel(rep_a=a, rep_b=b).item() - v) / max(v, 1e-300)
+                abs(ds["soft_matching"].sel(rep_a=a, rep_b=b).item() - v) / max(v, 1e-300)
                 for (a, b), v in values.items()
             )
-            print(f"(a) naive loop       : {tn:8.2f} s")
-            print(
-                f"speed-up (a)/(b, 2 workers): {tn / t2:.2f}x   (a)/(b, 1 worker): {tn / t1:.2f}x"
+            print(f"(a) naive loop: {tn:.2f} s")
+            speedups = "   ".join(
+                f"(a)/(b, {_layout_label(*layouts[name])}): {tn / runs[name][1]:.2f}x"
+                for name in layouts
             )
-            print(f"max relative difference engine vs naive: {worst:.2e}")
+            print(f"speed-up {speedups}")
+            print(f"max relative difference engine (default layout) vs naive: {worst:.2e}")
     return 0
 
 
