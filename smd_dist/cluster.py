@@ -125,12 +125,13 @@ VALID_KEYS = {
 ADAPT_KEYS = {"minimum": "fewest jobs", "maximum": "most jobs"}
 
 #: Task threads per worker process when neither ``n-workers`` nor ``threads-per-worker``
-#: is set. Measured on the engine benchmark (2 cores), one process with two threads ran as
-#: fast as two single-threaded processes (eight alternating pairs of fresh clusters: 7.46-
-#: 7.80 s against 6.96-7.91 s) with half the memory, since its threads share the reps it
-#: keeps; the kernel's Python glue holding the GIL costs what the saved reading gains.
-#: Processes stay the default: measured no slower, and a worker lost to a crash takes one
-#: core's work with it. See the README.
+#: is set. On the engine benchmark (2 cores), one process with two threads was within
+#: noise of two single-threaded processes (faster in 9 of 11 alternating pairs of fresh
+#: clusters, 3 % on the means; 5.74-7.04 s against 5.83-6.65 s in four benchmark runs,
+#: faster in one) with about half the memory, since its threads share the reps it keeps:
+#: the reading it saves is what the kernel's Python glue loses waiting for the GIL.
+#: Processes stay the default: no slower, and a worker process that crashes loses the
+#: pair of one thread, not of several.
 THREADS_PER_WORKER = 1
 
 # Stands in for the scheduler's address, known only once a cluster starts.
