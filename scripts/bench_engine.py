@@ -211,8 +211,7 @@ def _layout_label(n_workers: int, threads: int) -> str:
 
 def _summary(label, run, *, t1, cores, n_pairs, lim, lim_prepared) -> None:
     """Efficiency, overhead, reading and (b)/(c) of one multi-core layout's run."""
-    _, seconds, _, report, reading = run
-    ds = run[0]
+    ds, seconds, _, report, reading = run
     kernel_total = float(np.nansum(np.triu(ds["soft_matching_seconds"].values, 1)))
     print(f"-- {label}:")
     print(f"  parallel efficiency ({cores} cores): {t1 / (cores * seconds):.2f}")

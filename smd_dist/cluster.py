@@ -7,8 +7,8 @@ under ``smd-dist.cluster`` (see ``smd_dist.yaml``). Keys may be spelt with ``-``
     A :class:`distributed.LocalCluster` sized to the machine: ``n-workers`` worker processes
     with ``threads-per-worker`` task threads each (default :func:`default_layout`: one
     single-threaded process per core; given one of the two, the other fills the cores),
-    ``memory-limit`` each
-    (default ``auto``: the machine's memory divided among the processes).
+    ``memory-limit`` each (default ``auto``: the machine's memory divided among the
+    processes).
 ``kind: address``
     A :class:`distributed.Client` connected to the scheduler at ``address``.
 ``kind: slurm``
@@ -768,7 +768,7 @@ def make_client(
             client.register_plugin(SingleThreaded(), name=SingleThreaded.name)
             if not quiet:
                 where = {
-                    "local": f"local cluster, {len(client.scheduler_info()['workers'])} workers",
+                    "local": "local cluster, " + _local_size(client),
                     "address": f"scheduler {cfg.get('address')}",
                     "slurm": "SLURM cluster, " + _slurm_size(cfg),
                 }[cfg["kind"]]
@@ -781,6 +781,16 @@ def make_client(
     finally:
         if cluster is not None:
             cluster.close()
+
+
+def _local_size(client) -> str:
+    """``"2 workers"``, or ``"1 worker x 2 threads"`` when workers run several task threads."""
+    threads = [w["nthreads"] for w in client.scheduler_info()["workers"].values()]
+    size = f"{len(threads)} worker" + ("s" if len(threads) != 1 else "")
+    if any(n != 1 for n in threads):
+        each = max(threads, default=1)
+        size += f" x {each} thread" + ("s" if each != 1 else "")
+    return size
 
 
 def _slurm_size(cfg: dict) -> str:

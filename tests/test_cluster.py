@@ -257,7 +257,7 @@ def test_local_client_has_single_threaded_worker_processes(capsys):
         assert client.submit(sum, [1, 2, 3]).result() == 6
         cluster_obj = client.cluster
     assert cluster_obj.status.name == "closed"
-    assert "dashboard http" in capsys.readouterr().err
+    assert "local cluster, 2 workers; dashboard http" in capsys.readouterr().err
 
 
 def _thread_state_slowly():
@@ -268,9 +268,9 @@ def _thread_state_slowly():
     return threading.get_ident(), _thread_state()
 
 
-def test_one_local_worker_fills_the_cores_with_single_threaded_task_threads():
+def test_one_local_worker_fills_the_cores_with_single_threaded_task_threads(capsys):
     cfg = {"kind": "local", "n-workers": 1, "dashboard-address": ":0"}
-    with make_client(cfg, quiet=True) as client:
+    with make_client(cfg) as client:
         (worker,) = client.scheduler_info()["workers"].values()
         assert worker["nthreads"] == default_layout(os.cpu_count() or 1, n_workers=1)[1]
         futures = [client.submit(_thread_state_slowly, pure=False) for _ in range(6)]
@@ -278,6 +278,8 @@ def test_one_local_worker_fills_the_cores_with_single_threaded_task_threads():
     assert {state for _, state in seen} == {("1", "1", 1)}
     if worker["nthreads"] > 1:
         assert len({ident for ident, _ in seen}) > 1  # both threads ran tasks
+        n = worker["nthreads"]
+        assert f"local cluster, 1 worker x {n} threads; dashboard" in capsys.readouterr().err
 
 
 def _dask_settings_here():
