@@ -284,7 +284,7 @@ def main(argv=None) -> int:
         # Round-robin, so that a slow spell of a shared machine hits every measurement
         # alike rather than one of them.
         layouts = {"one": (1, 1), "default": default_layout(cores)}
-        if cores > 1:
+        if (1, cores) not in layouts.values():
             layouts["threads"] = (1, cores)  # one process, its threads sharing the reps
         runs = dict.fromkeys(layouts)
         naive = None
@@ -315,7 +315,7 @@ def main(argv=None) -> int:
             f"pair: {wins_prepared}"
         )
         for name in ("default", "threads"):
-            if name not in runs or (name == "threads" and layouts[name] == layouts["default"]):
+            if name not in layouts:
                 continue
             n_workers, threads = layouts[name]
             _summary(

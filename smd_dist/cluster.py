@@ -304,10 +304,8 @@ def default_layout(
         return int(n_workers), int(threads)
     if n_workers:
         return int(n_workers), max(1, cores // int(n_workers))
-    if threads:
-        return max(1, cores // int(threads)), int(threads)
-    processes = max(1, cores // THREADS_PER_WORKER)
-    return processes, max(1, cores // processes)
+    threads = int(threads or THREADS_PER_WORKER)
+    return max(1, cores // threads), threads
 
 
 # --- workers: single-threaded numerics ------------------------------------------------------

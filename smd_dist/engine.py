@@ -706,7 +706,7 @@ def _check_memory(client, store, chosen, todo) -> None:
     """Refuse pairs that cannot fit in one worker thread's share of its process's memory,
     before compute (the threads of a worker solve their pairs at the same time)."""
     workers = client.scheduler_info()["workers"].values()
-    limits = [(w.get("memory_limit") or 0) // max(1, w.get("nthreads") or 1) for w in workers]
+    limits = [(w.get("memory_limit") or 0) // (w.get("nthreads") or 1) for w in workers]
     limit = min((m for m in limits if m), default=0)
     if not limit:
         return

@@ -66,11 +66,9 @@ def kept(key: Hashable, make: Callable[[], T], *, budget: int) -> T:
             _STATS["hits"] += 1
             return value
         pending = _MAKING.get(key)
-        if pending is None:
+        maker = pending is None
+        if maker:
             pending = _MAKING[key] = Future()
-            maker = True
-        else:
-            maker = False
     if not maker:
         value = pending.result()
         with _LOCK:
