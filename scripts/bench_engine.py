@@ -7,21 +7,26 @@ Workload: 16 reps (widths 256–2048, M = 2000 stimuli) in the three regimes of
     high enough to be exact, one pair after another;
 (b) this engine on its own local cluster (:func:`smd_dist.cluster.make_client`, as
     ``kind: local`` starts it) with one single-threaded worker process, with the default
-    layout (one single-threaded process per core), and with one process whose threads fill
-    the cores and share the reps it reads (cluster start-up excluded, reading and
-    preparing the reps included);
+    layout (:func:`smd_dist.cluster.default_layout`: one process per two cores, its two
+    threads sharing the reps it reads), with one single-threaded process per core and
+    with one process whose threads fill the cores, each where it differs from the default
+    (cluster start-up excluded, reading and preparing the reps included);
 (c) the limit — per pair, the fastest exact solve available for it (``ot.emd2``, scipy's
     ``linear_sum_assignment`` where widths allow, this package's kernel), each timed alone
     on a precomputed cost, plus one float32 cross product; summed and divided by the cores.
     The kernel is timed on fresh arrays, so it pays per pair for what the engine does once
     per rep (a neuron-major copy, norms, the low-precision copy); the limit is also printed
-    with the kernel timed as the engine runs it (prepared reps, second solve of the pair).
+    with the kernel timed as the engine runs it (prepared reps, second solve of the pair);
+(d) the engine's worker code without Dask — the same tasks, largest first, on a process
+    pool of one process and of one per core, each process keeping the reps it reads. Its
+    parallel efficiency is what the machine itself gives this work (memory traffic, fresh
+    pages, reads), the ceiling for the engine's; (b) against (d) is what Dask costs.
 
 Prints the times, the ratios (a)/(b), (b)/(c), each multi-core layout's parallel
-efficiency, the per-pair scheduling overhead (worker time from the first check to the
-last pair spent neither in kernels nor in reading and preparing reps, per pair) next to
-the workers' reading and the run's fixed costs (assembling and writing the matrix after
-the last pair), the values' agreement with (a), and peak worker memory.
+efficiency next to (d)'s, the per-pair scheduling overhead (worker time from the first
+check to the last pair spent neither in kernels nor in reading and preparing reps, per
+pair) next to the workers' reading and the run's fixed costs (assembling and writing the
+matrix after the last pair), the values' agreement with (a), and peak worker memory.
 
 With ``--repeat N`` the whole set runs N times round-robin and each measurement keeps its
 fastest run ((c): each pair's fastest time of each solver), so a slow spell of a shared
@@ -204,17 +209,80 @@ def run_engine(store: ActivationStore, output: Path, *, n_workers: int, threads:
     return ds, seconds, peak, report, reading
 
 
+def _pool_ready(_) -> int:
+    time.sleep(0.2)  # long enough that every process of the pool takes one
+    return os.getpid()
+
+
+def _run_task(task, sources, specs) -> list[dict]:
+    from smd_dist import engine
+
+    return engine._compare_pairs(task, sources, specs, None, engine.KEEP_PREPARED_FRACTION)
+
+
+def without_dask(store: ActivationStore, *, processes: int) -> tuple[dict, float]:
+    """The engine's own worker code with no Dask: the same tasks, largest first, handed to
+    ``processes`` spawned processes by :class:`concurrent.futures.ProcessPoolExecutor`;
+    each process keeps the reps it prepares (read on first use). Pool start-up excluded.
+
+    Its parallel efficiency is what this machine gives the engine's work when nothing
+    schedules it but a queue: the ceiling for the engine's.
+    """
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    from smd_dist import engine
+
+    chosen = store.list()
+    metric = engine.resolve_metrics(("soft_matching",))[0]
+    prep = engine._prep_key(metric.preprocessing(center=True, normalize=None))
+    specs = [(metric.name, prep)]
+    sources = engine._sources(store, chosen, [prep])
+    todo = [(i, j) for i in range(len(chosen)) for j in range(i + 1, len(chosen))]
+    settings = engine.engine_settings()
+    tasks = engine._plan_tasks(
+        chosen,
+        todo,
+        task_entries=settings["task-entries"],
+        per_task=settings["max-pairs-per-task"],
+    )
+    values = {}
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        pids = set(pool.map(_pool_ready, range(processes)))
+        assert len(pids) == processes, pids
+        start = time.perf_counter()
+        futures = [
+            pool.submit(
+                _run_task,
+                [(chosen[i].rep_id, chosen[j].rep_id) for i, j in task],
+                {chosen[i].rep_id: sources[i] for pair in task for i in pair},
+                specs,
+            )
+            for task in tasks
+        ]
+        for future in as_completed(futures):
+            for record in future.result():
+                if "error" in record:
+                    raise RuntimeError(record["error"])
+                values[(record["rep_a"], record["rep_b"])] = record["value"]
+        seconds = time.perf_counter() - start
+    return values, seconds
+
+
 def _layout_label(n_workers: int, threads: int) -> str:
     processes = f"{n_workers} worker process" + ("es" if n_workers > 1 else "")
     return f"{processes} x {threads} thread" + ("s" if threads > 1 else "")
 
 
-def _summary(label, run, *, t1, cores, n_pairs, lim, lim_prepared) -> None:
+def _summary(label, run, *, t1, cores, n_pairs, lim, lim_prepared, bare) -> None:
     """Efficiency, overhead, reading and (b)/(c) of one multi-core layout's run."""
     ds, seconds, _, report, reading = run
     kernel_total = float(np.nansum(np.triu(ds["soft_matching_seconds"].values, 1)))
     print(f"-- {label}:")
-    print(f"  parallel efficiency ({cores} cores): {t1 / (cores * seconds):.2f}")
+    print(
+        f"  parallel efficiency ({cores} cores): {t1 / (cores * seconds):.2f}; "
+        f"time against (d) with {cores} processes: {seconds / bare:.2f}"
+    )
     worker_time = cores * (report.seconds_inputs + report.seconds_pairs)
     overhead = worker_time - kernel_total - reading
     print(
@@ -284,16 +352,20 @@ def main(argv=None) -> int:
         # Round-robin, so that a slow spell of a shared machine hits every measurement
         # alike rather than one of them.
         layouts = {"one": (1, 1), "default": default_layout(cores)}
-        if (1, cores) not in layouts.values():
-            layouts["threads"] = (1, cores)  # one process, its threads sharing the reps
+        for name, layout in (("processes", (cores, 1)), ("threads", (1, cores))):
+            if layout not in layouts.values():
+                layouts[name] = layout
         runs = dict.fromkeys(layouts)
         naive = None
+        bare: dict[int, tuple] = {}
         timings = []
         for k in range(max(1, args.repeat)):
             for name, (n_workers, threads) in layouts.items():
                 out = tmp / f"out-{name}-{k}"
                 run = run_engine(store, out, n_workers=n_workers, threads=threads)
                 runs[name] = _faster(runs[name], run)
+            for n in sorted({1, cores}):
+                bare[n] = _faster(bare.get(n), without_dask(store, processes=n))
             timings.append(solver_times(store))
             if not args.skip_naive:
                 naive = _faster(naive, naive_loop(store))
@@ -309,15 +381,20 @@ def main(argv=None) -> int:
                 f"(b) engine, {label:<60s}: {seconds:7.2f} s   peak worker RSS "
                 f"{peak / 2**20:6.0f} MiB"
             )
+        ceiling = bare[1][1] / (cores * bare[cores][1])
+        print(
+            f"(d) the engine's worker code without Dask (a process pool, same tasks): "
+            f"1 process {bare[1][1]:.2f} s, {cores} processes {bare[cores][1]:.2f} s: parallel "
+            f"efficiency {ceiling:.2f}, what this machine gives this work"
+        )
         print(f"(c) limit: {lim:.2f} s   fastest solver per pair: {wins}")
         print(
             f"    with the kernel on prepared reps: {lim_prepared:.2f} s   fastest solver per "
             f"pair: {wins_prepared}"
         )
-        for name in ("default", "threads"):
-            if name not in layouts:
+        for name, (n_workers, threads) in layouts.items():
+            if name == "one":
                 continue
-            n_workers, threads = layouts[name]
             _summary(
                 _layout_label(n_workers, threads),
                 runs[name],
@@ -326,7 +403,11 @@ def main(argv=None) -> int:
                 n_pairs=n_pairs,
                 lim=lim,
                 lim_prepared=lim_prepared,
+                bare=bare[cores][1],
             )
+        for values, _ in bare.values():
+            engine_ds = runs["one"][0]["soft_matching"]
+            assert all(engine_ds.sel(rep_a=a, rep_b=b).item() == v for (a, b), v in values.items())
         for name in layouts:
             same = runs[name][0]["soft_matching"].values.tobytes()
             assert same == runs["one"][0]["soft_matching"].values.tobytes(), name
