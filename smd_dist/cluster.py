@@ -6,7 +6,8 @@ under ``smd-dist.cluster`` (see ``smd_dist.yaml``). Keys may be spelt with ``-``
 ``kind: local`` (default)
     A :class:`distributed.LocalCluster` sized to the machine: ``n-workers`` worker processes
     with ``threads-per-worker`` task threads each (default :func:`default_layout`: one
-    single-threaded process per core; given one of the two, the other fills the cores),
+    process per two cores, two task threads each; given one of the two, the other fills
+    the cores),
     ``memory-limit`` each (default ``auto``: the machine's memory divided among the
     processes).
 ``kind: address``
@@ -72,7 +73,7 @@ SINGLE_THREAD_ENV = {
 # keys of no kind are refused.
 LOCAL_KEYS = {
     "n-workers": "worker processes (default: the cores / threads-per-worker)",
-    "threads-per-worker": "task threads per worker process (default 1, or cores / n-workers)",
+    "threads-per-worker": "task threads per worker process (default 2, or cores / n-workers)",
     "memory-limit": "memory per worker: auto, bytes ('4GB'), or a fraction of the machine",
     "dashboard-address": "dashboard address (':8787'; ':0' picks a free port; null: none)",
     "local-directory": "workers' scratch folder",
@@ -124,15 +125,17 @@ VALID_KEYS = {
 }
 ADAPT_KEYS = {"minimum": "fewest jobs", "maximum": "most jobs"}
 
-#: Task threads per worker process when neither ``n-workers`` nor ``threads-per-worker``
-#: is set. On the engine benchmark (2 cores), one process with two threads was within
-#: noise of two single-threaded processes (faster in 9 of 11 alternating pairs of fresh
-#: clusters, 3 % on the means; 5.74-7.04 s against 5.83-6.65 s in four benchmark runs,
-#: faster in one) with about half the memory, since its threads share the reps it keeps:
-#: the reading it saves is what the kernel's Python glue loses waiting for the GIL.
-#: Processes stay the default: no slower, and a worker process that crashes loses the
-#: pair of one thread, not of several.
-THREADS_PER_WORKER = 1
+#: Most task threads per worker process when neither ``n-workers`` nor
+#: ``threads-per-worker`` is set. The threads of a process share the reps it keeps, so each
+#: process reads, prepares and derives from each rep once for all of them; the kernel holds
+#: the GIL about 7 % of its time (py-spy ``--gil`` over the benchmark's 120 pairs), so two
+#: threads rarely wait for it. On the engine benchmark (2 cores, three runs on 2026-12-03,
+#: each the faster of two) one process with two threads took 4.24-4.37 s against
+#: 4.98-5.34 s for two single-threaded processes (the workers' reading and preparing 0.6-0.7
+#: against 1.4-1.9 s), with 820-848 MiB against 2 x 763-778 MiB; in earlier runs the two
+#: were within 3 %, threads ahead in 9 of 11 alternating pairs of fresh clusters. More
+#: threads per process were not measured (two cores), hence the cap.
+THREADS_PER_WORKER = 2
 
 # Stands in for the scheduler's address, known only once a cluster starts.
 SCHEDULER_PLACEHOLDER = "tcp://<insert-scheduler-address-here>:8786"
@@ -296,16 +299,18 @@ def default_layout(
     """``(worker processes, task threads each)`` for ``cores`` cores.
 
     Given both, they are kept; given one, the other fills the cores (at least 1), as
-    Dask's ``LocalCluster`` does; given neither, :data:`THREADS_PER_WORKER` threads per
-    process and as many processes as fit (one single-threaded process per core).
+    Dask's ``LocalCluster`` does; given neither, the largest number of threads up to
+    :data:`THREADS_PER_WORKER` that divides the cores, so that processes × threads = cores
+    (two-threaded processes on an even count, single-threaded ones on an odd count).
     """
     cores = max(1, int(cores))
     if n_workers and threads:
         return int(n_workers), int(threads)
     if n_workers:
         return int(n_workers), max(1, cores // int(n_workers))
-    threads = int(threads or THREADS_PER_WORKER)
-    return max(1, cores // threads), threads
+    if not threads:
+        threads = max(t for t in range(1, THREADS_PER_WORKER + 1) if cores % t == 0)
+    return max(1, cores // int(threads)), int(threads)
 
 
 # --- workers: single-threaded numerics ------------------------------------------------------
@@ -418,7 +423,7 @@ def slurm_job_kwargs(cfg: Mapping[str, Any]) -> dict:
 
     Keys set in ``cfg`` replace the ``jobqueue.slurm`` values; the rest are left to
     dask-jobqueue, which reads ``jobqueue.slurm`` itself. Two additions: ``processes``
-    follows :func:`default_layout` (one single-threaded worker process per core) when
+    follows :func:`default_layout` (one two-threaded worker process per two cores) when
     neither sets it, and the job script exports :data:`SINGLE_THREAD_ENV` before the
     workers start.
 

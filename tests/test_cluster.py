@@ -49,8 +49,9 @@ def test_defaults_are_a_local_cluster():
     ("cores", "n_workers", "threads", "expected"),
     [
         (1, None, None, (1, 1)),
-        (2, None, None, (2, 1)),
-        (8, None, None, (8, 1)),
+        (2, None, None, (1, 2)),
+        (3, None, None, (3, 1)),
+        (8, None, None, (4, 2)),
         (2, 2, None, (2, 1)),
         (8, 2, None, (2, 4)),
         (8, 16, None, (16, 1)),
@@ -179,8 +180,8 @@ def test_job_script_has_the_configured_directives(tmp_path, monkeypatch):
     assert "--lifetime 55m" in worker
     assert "--lifetime-stagger 5m" in worker
     assert "--lifetime-restart" in worker
-    # One single-threaded worker process per core.
-    assert "--nworkers 2" in worker and "--nthreads 1" in worker
+    # The default layout on 2 cores: one worker process, two task threads.
+    assert "--nthreads 2" in worker and "--nworkers" not in worker
 
 
 def test_job_script_takes_resources_from_jobqueue_config():
