@@ -234,10 +234,9 @@ def without_dask(store: ActivationStore, *, processes: int) -> tuple[dict, float
     from smd_dist import engine
 
     chosen = store.list()
-    metric = engine.resolve_metrics(("soft_matching",))[0]
-    prep = engine._prep_key(metric.preprocessing(center=True, normalize=None))
-    specs = [(metric.name, prep)]
-    sources = engine._sources(store, chosen, [prep])
+    metrics = engine.resolve_metrics(("soft_matching",))
+    specs = engine._metric_specs(metrics, {"center": True, "normalize": None})
+    sources = engine._sources(store, chosen, sorted({prep for _, prep in specs}))
     todo = [(i, j) for i in range(len(chosen)) for j in range(i + 1, len(chosen))]
     settings = engine.engine_settings()
     tasks = engine._plan_tasks(
@@ -405,8 +404,8 @@ def main(argv=None) -> int:
                 lim_prepared=lim_prepared,
                 bare=bare[cores][1],
             )
+        engine_ds = runs["one"][0]["soft_matching"]
         for values, _ in bare.values():
-            engine_ds = runs["one"][0]["soft_matching"]
             assert all(engine_ds.sel(rep_a=a, rep_b=b).item() == v for (a, b), v in values.items())
         for name in layouts:
             same = runs[name][0]["soft_matching"].values.tobytes()

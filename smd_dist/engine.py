@@ -175,6 +175,11 @@ def _prep_key(prep: dict) -> str:
     return json.dumps(prep, sort_keys=True)
 
 
+def _metric_specs(metric_objs, base_prep: dict) -> list[tuple[str, str]]:
+    """``(metric name, prep key)`` per metric: what a pair task runs on which prepared array."""
+    return [(m.name, _prep_key(m.preprocessing(**base_prep))) for m in metric_objs]
+
+
 # -- worker side --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RepSource:
@@ -546,7 +551,7 @@ def compute_distances(
     chosen = select_reps(store.list(), reps)
     metric_objs = resolve_metrics(metrics)
     base_prep = {"center": bool(center), "normalize": normalize}
-    specs = [(m.name, _prep_key(m.preprocessing(**base_prep))) for m in metric_objs]
+    specs = _metric_specs(metric_objs, base_prep)
     preps_needed = sorted({p for _, p in specs})
     header = {
         "format": OUTPUT_FORMAT,
