@@ -42,7 +42,15 @@ import torch
 
 from smd_dist.prepare import tensor_view
 
-__all__ = ["BoundViolation", "CostBounds", "LowPrecision", "low_precision", "product_dtype"]
+__all__ = [
+    "BoundViolation",
+    "CostBounds",
+    "LowPrecision",
+    "ReducedPrecision",
+    "low_precision",
+    "product_dtype",
+    "reduced_float32_matmul",
+]
 
 _U32 = 2.0**-24
 _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float32: 0.0}
@@ -60,6 +68,33 @@ class BoundViolation(ArithmeticError):
     """An exact cost fell below its computed lower bound: the bound cannot be trusted."""
 
 
+class ReducedPrecision(ArithmeticError):
+    """torch is set to run float32 matrix products at a lower precision than float32."""
+
+
+def reduced_float32_matmul(device: torch.device) -> str | None:
+    """The reduced precision torch is set to use for float32 products on ``device``.
+
+    ``None`` when they run in IEEE float32, which the bounds assume; else the setting
+    (``"tf32"``, ``"bf16"``; ``"high"``, ``"medium"`` from torch before 2.9). Users set
+    it with ``torch.set_float32_matmul_precision("high")`` (common in training code: it
+    makes CUDA round float32 inputs to TF32's 10-bit mantissa, and oneDNN on CPUs with
+    bfloat16 units use bfloat16 passes under ``"medium"``) or the per-backend
+    ``fp32_precision`` flags. Read with the per-backend API where torch has it: reading
+    the legacy one after a per-backend flag was set raises in torch >= 2.9.
+    """
+    backend = torch.backends.cuda.matmul if device.type == "cuda" else None
+    if device.type == "cpu":
+        backend = getattr(torch.backends.mkldnn, "matmul", None)
+    setting = getattr(backend, "fp32_precision", None)
+    if setting is None:
+        legacy = torch.get_float32_matmul_precision()
+        return None if legacy == "highest" else legacy
+    if setting == "none":  # inherits the global default
+        setting = getattr(torch.backends, "fp32_precision", "none")
+    return None if setting in ("none", "ieee") else setting
+
+
 def product_dtype(device: torch.device) -> torch.dtype:
     """The precision of the screening product on ``device``: bfloat16 or float32.
 
@@ -68,9 +103,13 @@ def product_dtype(device: torch.device) -> torch.dtype:
     cuBLAS may reduce bfloat16 split-K partial sums in bfloat16
     (``allow_bf16_reduced_precision_reduction``), which the error bound does not cover.
     Decided from the hardware, never by timing, so that every worker of a cluster makes the
-    same choice and results stay bit-identical from run to run.
+    same choice and results stay bit-identical from run to run. Not decided while float32
+    products run at reduced precision (the test below would run under it): float32 then,
+    and no bounds are built anyway (:class:`CostBounds` refuses).
     """
     key = str(device)
+    if reduced_float32_matmul(device) is not None:
+        return _PRODUCT_DTYPE.get(key, torch.float32)
     with _PRODUCT_DTYPE_LOCK:  # threads of one worker must not see a decision half-made
         if key not in _PRODUCT_DTYPE:
             chosen = torch.float32
@@ -198,6 +237,12 @@ class CostBounds:
         Precision of the product (bfloat16 or float32).
     scale : float
         ``max ||x_i||² + max ||y_j||²``: every cost lies in ``[0, 2 · scale]``.
+
+    Raises
+    ------
+    ReducedPrecision
+        When torch is set to run float32 products on ``device`` below IEEE float32
+        (:func:`reduced_float32_matmul`): the bound terms would not hold.
     """
 
     def __init__(
@@ -210,6 +255,13 @@ class CostBounds:
         dtype=None,
         low: tuple[LowPrecision, LowPrecision] | None = None,
     ):
+        reduced = reduced_float32_matmul(device)
+        if reduced is not None:
+            raise ReducedPrecision(
+                f"torch runs float32 matrix products on {device} at {reduced!r} precision; "
+                "the cost bounds assume IEEE float32 (torch.set_float32_matmul_precision"
+                "('highest') restores it)"
+            )
         m = X.shape[0]
         self.nx, self.ny = sq_norms
         if low is not None:

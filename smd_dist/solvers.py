@@ -82,8 +82,10 @@ from smd_dist.screening import (
     BoundViolation,
     CostBounds,
     LowPrecision,
+    ReducedPrecision,
     low_precision,
     product_dtype,
+    reduced_float32_matmul,
 )
 from smd_dist.sparse_simplex import MAX_EXACT_FRACTION, MAX_ITER, SparseUnsuitable, solve_sparse
 from smd_dist.sparse_simplex import SOLVER as SPARSE_SOLVER
@@ -617,6 +619,24 @@ def _screenable(norms) -> bool:
     return 1e-30 < peak < 1e30
 
 
+def _bounds_trusted(device) -> bool:
+    """Whether torch runs float32 products on ``device`` in IEEE float32, as the cost
+    bounds assume; else warns that pairs go to the dense path (exact, slower)."""
+    dev = resolve_device(device)
+    reduced = reduced_float32_matmul(dev)
+    if reduced is not None:
+        warnings.warn(
+            f"torch is set to run float32 matrix products on {dev} at {reduced!r} "
+            "precision (torch.set_float32_matmul_precision or an fp32_precision flag); the "
+            "sparse solver's cost bounds assume IEEE float32, so pairs are solved on their "
+            "full float64 cost matrix instead: exact, but slower for wide layers. "
+            "torch.set_float32_matmul_precision('highest') restores the sparse path.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return reduced is None
+
+
 def _low_precision(A, sq_norms, device) -> LowPrecision:
     """``A``'s low-precision copy for the cost bounds (kept with a read-only ``A``)."""
     dtype = product_dtype(device)
@@ -670,7 +690,7 @@ def _sparse(X, Y, norms, *, tol, device, counts=None, forced=False, low=None):
                 )
         fraction = 1.0 if forced else MAX_EXACT_FRACTION
         sol = solve_sparse(bounds, tol=tol, counts=counts, max_exact_fraction=fraction)
-    except (SparseUnsuitable, BoundViolation) as err:
+    except (SparseUnsuitable, BoundViolation, ReducedPrecision) as err:
         raise SolverError(str(err)) from err
     a, b = _marginals(bounds.shape, counts)
     primal = math.fsum(sol.mass * sol.costs)
@@ -711,8 +731,10 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     neuron carrying the group's mass (same cost, same duals, so the certificate carries
     over and the plan is spread evenly back over the copies). Pairs of at least
     :data:`SPARSE_MIN_ENTRIES` entries then go to the sparse network simplex
-    (:mod:`smd_dist.sparse_simplex`); smaller ones, and any the sparse path cannot settle,
-    to the dense float64 cost matrix: the assignment solver for equal widths without near
+    (:mod:`smd_dist.sparse_simplex`); smaller ones, any the sparse path cannot settle, and
+    all while torch runs float32 products at reduced precision (TF32 or bfloat16 passes,
+    which the sparse path's cost bounds do not cover; a ``RuntimeWarning`` says so), to
+    the dense float64 cost matrix: the assignment solver for equal widths without near
     ties, network simplex otherwise.
 
     Parameters
@@ -763,7 +785,7 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
         norms = (norms[0][kx], norms[1][ky])
     counts = (cx, cy) if merged else None
     compact = None
-    if kx.size * ky.size >= SPARSE_MIN_ENTRIES and _screenable(norms):
+    if kx.size * ky.size >= SPARSE_MIN_ENTRIES and _screenable(norms) and _bounds_trusted(device):
         dev = resolve_device(device)
         low = (
             _merged_low_precision(X0, norms0[0], kx, dev),

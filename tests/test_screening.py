@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -208,3 +212,91 @@ def test_threads_never_see_a_precision_decision_half_made(monkeypatch):
     for t in threads:
         t.join()
     assert seen == [torch.bfloat16] * 3
+
+
+# Run in a fresh interpreter: torch's precision flags are process-wide, and once a
+# per-backend flag is set, torch >= 2.9 raises on reads of the legacy one.
+PRECISION_PROBE = """
+import json, sys, warnings
+import numpy as np, ot, torch
+from smd_dist import screening
+from smd_dist.prepare import preprocess
+from smd_dist.solvers import solve
+from smd_dist.synthetic import family
+
+cpu, cuda = torch.device("cpu"), torch.device("cuda")
+X, Y = (preprocess(a) for a in family("latent", [512, 512], n_stimuli=200, seed=1))
+reference = ot.emd2(np.full(512, 1 / 512), np.full(512, 1 / 512), ot.dist(X.T, Y.T),
+                    numItermax=10**9)
+
+def state():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr = solve(X, Y, device="cpu")
+    try:
+        norms = (np.einsum("mi,mi->i", X, X), np.einsum("mj,mj->j", Y, Y))
+        screening.CostBounds(X, Y, norms, device=cpu)
+        bounds = "built"
+    except screening.ReducedPrecision as err:
+        bounds = str(err)
+    return {
+        "cpu": screening.reduced_float32_matmul(cpu),
+        "cuda": screening.reduced_float32_matmul(cuda),
+        "solver": tr.solver,
+        "error": abs(tr.cost - reference),
+        "passed": tr.certificate.passed,
+        "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
+        "bounds": bounds,
+        "dtype": str(screening.product_dtype(cpu)),
+        "decided": "cpu" in screening._PRODUCT_DTYPE,
+    }
+
+out = {}
+for setting in sys.argv[1:]:
+    if setting == "mkldnn-bf16":
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    elif setting != "default":
+        torch.set_float32_matmul_precision(setting)
+    out[setting] = state()
+print(json.dumps(out))
+"""
+
+
+def _precision_probe(*settings):
+    out = subprocess.run(
+        [sys.executable, "-c", PRECISION_PROBE, *settings],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_reduced_float32_products_send_pairs_to_the_dense_path():
+    """TF32 or bfloat16 passes in float32 products would void the bounds' error terms:
+    the solver must not screen with them, and must still return the exact optimum."""
+    default = _precision_probe("default")["default"]
+    assert default["cpu"] is None and default["cuda"] is None
+    assert default["solver"] == "sparse-network-simplex" and default["bounds"] == "built"
+    assert not default["warnings"] and default["decided"]
+    states = _precision_probe("high", "medium", "highest")
+    high, medium, highest = (states[k] for k in ("high", "medium", "highest"))
+    assert high["cuda"] in ("tf32", "high") and high["cpu"] in ("tf32", "high")
+    assert medium["cpu"] in ("bf16", "medium")
+    for state in (high, medium):
+        assert state["solver"] in ("assignment", "network-simplex"), state
+        assert "'highest'" in state["bounds"] and "precision" in state["bounds"]
+        assert len(state["warnings"]) == 1 and "float64 cost matrix" in state["warnings"][0]
+        # The product precision is decided by a test product, never under these settings.
+        assert state["dtype"] == "torch.float32" and not state["decided"]
+    assert highest == default
+    for state in (default, *states.values()):
+        assert state["passed"] and state["error"] < 1e-9, state
+
+
+@pytest.mark.skipif(
+    not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"),
+    reason="torch without per-backend fp32_precision flags",
+)
+def test_a_cpu_only_precision_flag_leaves_cuda_alone():
+    state = _precision_probe("mkldnn-bf16")["mkldnn-bf16"]
+    assert state["cpu"] == "bf16" and state["cuda"] is None
+    assert state["solver"] != "sparse-network-simplex" and state["error"] < 1e-9
