@@ -209,8 +209,19 @@ def run_engine(store: ActivationStore, output: Path, *, n_workers: int, threads:
     return ds, seconds, peak, report, reading
 
 
+_POOL_BARRIER = None
+
+
+def _pool_init(barrier) -> None:
+    global _POOL_BARRIER
+    _POOL_BARRIER = barrier
+
+
 def _pool_ready(_) -> int:
-    time.sleep(0.2)  # long enough that every process of the pool takes one
+    # A process that took one waits here for the others, so each takes exactly one (a
+    # fixed sleep was not enough: the first spawned process could finish two before the
+    # second had started).
+    _POOL_BARRIER.wait(timeout=300)
     return os.getpid()
 
 
@@ -246,7 +257,13 @@ def without_dask(store: ActivationStore, *, processes: int) -> tuple[dict, float
         per_task=settings["max-pairs-per-task"],
     )
     values = {}
-    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+    context = get_context("spawn")
+    with ProcessPoolExecutor(
+        processes,
+        mp_context=context,
+        initializer=_pool_init,
+        initargs=(context.Barrier(processes),),
+    ) as pool:
         pids = set(pool.map(_pool_ready, range(processes)))
         assert len(pids) == processes, pids
         start = time.perf_counter()

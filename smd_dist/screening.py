@@ -76,19 +76,23 @@ def reduced_float32_matmul(device: torch.device) -> str | None:
     """The reduced precision torch is set to use for float32 products on ``device``.
 
     ``None`` when they run in IEEE float32, which the bounds assume; else the setting
-    (``"tf32"``, ``"bf16"``; ``"high"``, ``"medium"`` from torch before 2.9). Users set
-    it with ``torch.set_float32_matmul_precision("high")`` (common in training code: it
-    makes CUDA round float32 inputs to TF32's 10-bit mantissa, and oneDNN on CPUs with
-    bfloat16 units use bfloat16 passes under ``"medium"``) or the per-backend
-    ``fp32_precision`` flags. Read with the per-backend API where torch has it: reading
-    the legacy one after a per-backend flag was set raises in torch >= 2.9.
+    (``"tf32"``, ``"bf16"``; ``"high"``, ``"medium"`` from torch before 2.9;
+    ``"unknown"`` where torch cannot tell). Users set it with
+    ``torch.set_float32_matmul_precision`` (common in training code: ``"high"`` makes CUDA
+    round float32 inputs to TF32's 10-bit mantissa, ``"medium"`` lets oneDNN use bfloat16
+    passes on CPUs with bfloat16 units) or the per-backend ``fp32_precision`` flags. Read
+    with the per-backend API where torch has it: reading the legacy one after a
+    per-backend flag was set raises in torch >= 2.9.
     """
     backend = torch.backends.cuda.matmul if device.type == "cuda" else None
     if device.type == "cpu":
         backend = getattr(torch.backends.mkldnn, "matmul", None)
     setting = getattr(backend, "fp32_precision", None)
     if setting is None:
-        legacy = torch.get_float32_matmul_precision()
+        try:
+            legacy = torch.get_float32_matmul_precision()
+        except RuntimeError:  # torch >= 2.9, other devices, after a per-backend flag was set
+            return "unknown"
         return None if legacy == "highest" else legacy
     if setting == "none":  # inherits the global default
         setting = getattr(torch.backends, "fp32_precision", "none")

@@ -242,6 +242,7 @@ def state():
     return {
         "cpu": screening.reduced_float32_matmul(cpu),
         "cuda": screening.reduced_float32_matmul(cuda),
+        "other": screening.reduced_float32_matmul(torch.device("meta")),
         "solver": tr.solver,
         "error": abs(tr.cost - reference),
         "passed": tr.certificate.passed,
@@ -274,12 +275,13 @@ def test_reduced_float32_products_send_pairs_to_the_dense_path():
     """TF32 or bfloat16 passes in float32 products would void the bounds' error terms:
     the solver must not screen with them, and must still return the exact optimum."""
     default = _precision_probe("default")["default"]
-    assert default["cpu"] is None and default["cuda"] is None
+    assert default["cpu"] is None and default["cuda"] is None and default["other"] is None
     assert default["solver"] == "sparse-network-simplex" and default["bounds"] == "built"
     assert not default["warnings"] and default["decided"]
     states = _precision_probe("high", "medium", "highest")
     high, medium, highest = (states[k] for k in ("high", "medium", "highest"))
     assert high["cuda"] in ("tf32", "high") and high["cpu"] in ("tf32", "high")
+    assert high["other"] == "high"
     assert medium["cpu"] in ("bf16", "medium")
     for state in (high, medium):
         assert state["solver"] in ("assignment", "network-simplex"), state
@@ -299,4 +301,5 @@ def test_reduced_float32_products_send_pairs_to_the_dense_path():
 def test_a_cpu_only_precision_flag_leaves_cuda_alone():
     state = _precision_probe("mkldnn-bf16")["mkldnn-bf16"]
     assert state["cpu"] == "bf16" and state["cuda"] is None
+    assert state["other"] == "unknown"  # torch refuses the legacy read after this flag
     assert state["solver"] != "sparse-network-simplex" and state["error"] < 1e-9
