@@ -120,10 +120,17 @@ def test_candidates_cover_every_row_and_column():
 
 def test_product_precision_follows_the_hardware(monkeypatch):
     assert screening.product_dtype(torch.device("cuda")) == torch.float32
-    for amx, expected in ((True, torch.bfloat16), (False, torch.float32)):
+    cases = [
+        ({"amx_bf16": True, "avx512_bf16": True}, torch.bfloat16),
+        ({"amx_bf16": False, "avx512_bf16": True}, torch.bfloat16),  # e.g. AMD Zen 4
+        ({"amx_bf16": True}, torch.bfloat16),
+        ({"amx_bf16": False, "avx512_bf16": False, "avx2": True}, torch.float32),
+        ({}, torch.float32),
+    ]
+    for capabilities, expected in cases:
         monkeypatch.setattr(screening, "_PRODUCT_DTYPE", {})
-        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda amx=amx: {"amx_bf16": amx})
-        assert screening.product_dtype(torch.device("cpu")) == expected
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda c=capabilities: c)
+        assert screening.product_dtype(torch.device("cpu")) == expected, capabilities
 
 
 def test_a_product_that_breaks_the_bound_is_not_used(monkeypatch):
