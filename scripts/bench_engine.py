@@ -93,6 +93,12 @@ QUICK = [
 ]
 
 
+def workload(quick: bool) -> tuple[list, int]:
+    """The reps to build, ``(regime, width)`` each, and the stimulus count (``--quick``'s
+    small workload or the full one)."""
+    return (QUICK, 500) if quick else (FULL, 2000)
+
+
 def build_store(path: Path, spec, n_stimuli: int) -> ActivationStore:
     """One family of reps per regime (shared structure within a regime)."""
     store = ActivationStore(path, mode="w")
@@ -354,8 +360,7 @@ def main(argv=None) -> int:
         help="rounds of (b), (c) and (a), one after the other; each keeps its fastest",
     )
     args = parser.parse_args(argv)
-    spec = QUICK if args.quick else FULL
-    n_stimuli = 500 if args.quick else 2000
+    spec, n_stimuli = workload(args.quick)
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import math
 import os
 import sys
@@ -36,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import FULL, QUICK, build_store  # noqa: I001  (sets BLAS threads first)
+from bench_engine import build_store, workload  # noqa: I001  (sets BLAS threads first)
 
 import numpy as np
 import torch
@@ -74,6 +75,17 @@ def broken_bounds(device: torch.device) -> int:
     return int((bounds.lower.double().cpu().numpy() > exact).sum())
 
 
+@contextlib.contextmanager
+def tf32():
+    """CUDA float32 products in TF32 inside, the previous setting restored after."""
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
+
 def precision_flags(device: torch.device) -> None:
     print("1. float32 product precision", flush=True)
     check(screening.reduced_float32_matmul(device) is None, f"IEEE float32 by default on {device}")
@@ -81,13 +93,10 @@ def precision_flags(device: torch.device) -> None:
     if device.type != "cuda":
         print("  (TF32 check skipped: no CUDA device)")
         return
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    try:
+    with tf32():
         broken = broken_bounds(device)
         print(f"  under TF32: {broken} of 4096 bounds broken (this is why they are refused)")
         check(screening.reduced_float32_matmul(device) == "tf32", "TF32 setting recognised")
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
 
 
 def solve_all(reps: dict, device: str) -> tuple[dict, float, collections.Counter]:
@@ -97,8 +106,7 @@ def solve_all(reps: dict, device: str) -> tuple[dict, float, collections.Counter
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             tr = solve(reps[a], reps[b], device=device)
-            check_passed = tr.certificate.passed
-            if not check_passed:
+            if not tr.certificate.passed:
                 FAILURES.append(f"{a} x {b} on {device}: certificate failed")
             values[a, b] = tr.cost
             solvers[tr.solver] += 1
@@ -123,13 +131,9 @@ def kernel(store, device: torch.device) -> None:
     compare(f"{device} against cpu", on_dev, on_cpu)
     if device.type != "cuda":
         return
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", RuntimeWarning)
-            on_tf32, t_tf32, s_tf32 = solve_all(reps, str(device))
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    with tf32(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        on_tf32, t_tf32, s_tf32 = solve_all(reps, str(device))
     print(f"  under TF32: {t_tf32:.2f} s, solvers {dict(s_tf32)}, {len(caught)} warnings:")
     print(f"    {caught[0].message if caught else None}")
     check("sparse-network-simplex" not in s_tf32, "no sparse solve under TF32")
@@ -167,7 +171,7 @@ def engine(store, device: torch.device, workdir: Path, *, layouts, repeat: int) 
     best, reference, worst = {}, None, 0.0
     for n, (layout, dev) in enumerate(runs * repeat):  # round-robin: slow spells hit all
         seconds, matrix, warm = _engine_run(store, dev, layout, workdir / f"out-{n}")
-        best[layout, dev] = min(seconds, best.get((layout, dev), (math.inf,))[0]), warm
+        best[layout, dev] = min(best.get((layout, dev), (math.inf, 0.0)), (seconds, warm))
         reference = matrix if reference is None else reference
         differs = np.abs(matrix - reference) / np.maximum(np.abs(reference), 1e-300)
         worst = max(worst, float(differs.max()))
@@ -201,7 +205,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"smd-dist {smd_dist.__version__}, torch {torch.__version__}, device {name}")
     precision_flags(device)
-    spec, n_stimuli = (QUICK, 500) if args.quick else (FULL, 2000)
+    spec, n_stimuli = workload(args.quick)
     with tempfile.TemporaryDirectory() as tmp:
         store = build_store(Path(tmp) / "store", spec, n_stimuli)
         kernel(store, device)

@@ -85,10 +85,9 @@ def reduced_float32_matmul(device: torch.device) -> str | None:
     with the per-backend API where torch has it: reading the legacy one after a
     per-backend flag was set raises in torch >= 2.9.
     """
-    backend = torch.backends.cuda.matmul if device.type == "cuda" else None
-    if device.type == "cpu":
-        backend = getattr(torch.backends.mkldnn, "matmul", None)
-    setting = getattr(backend, "fp32_precision", None)
+    backends = {"cuda": torch.backends.cuda, "cpu": torch.backends.mkldnn}
+    matmul = getattr(backends.get(device.type), "matmul", None)
+    setting = getattr(matmul, "fp32_precision", None)
     if setting is None:
         try:
             legacy = torch.get_float32_matmul_precision()

@@ -619,14 +619,13 @@ def _screenable(norms) -> bool:
     return 1e-30 < peak < 1e30
 
 
-def _bounds_trusted(device) -> bool:
-    """Whether torch runs float32 products on ``device`` in IEEE float32, as the cost
-    bounds assume; else warns that pairs go to the dense path (exact, slower)."""
-    dev = resolve_device(device)
-    reduced = reduced_float32_matmul(dev)
+def _bounds_trusted(device: torch.device) -> bool:
+    """Whether torch runs float32 products on ``device`` (resolved) in IEEE float32, as the
+    cost bounds assume; else warns that pairs go to the dense path (exact, slower)."""
+    reduced = reduced_float32_matmul(device)
     if reduced is not None:
         warnings.warn(
-            f"torch is set to run float32 matrix products on {dev} at {reduced!r} "
+            f"torch is set to run float32 matrix products on {device} at {reduced!r} "
             "precision (torch.set_float32_matmul_precision or an fp32_precision flag); the "
             "sparse solver's cost bounds assume IEEE float32, so pairs are solved on their "
             "full float64 cost matrix instead: exact, but slower for wide layers. "
@@ -785,8 +784,9 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
         norms = (norms[0][kx], norms[1][ky])
     counts = (cx, cy) if merged else None
     compact = None
-    if kx.size * ky.size >= SPARSE_MIN_ENTRIES and _screenable(norms) and _bounds_trusted(device):
-        dev = resolve_device(device)
+    screened = kx.size * ky.size >= SPARSE_MIN_ENTRIES and _screenable(norms)
+    dev = resolve_device(device) if screened else None  # resolved once: it may warn
+    if screened and _bounds_trusted(dev):
         low = (
             _merged_low_precision(X0, norms0[0], kx, dev),
             _merged_low_precision(Y0, norms0[1], ky, dev),
