@@ -230,14 +230,39 @@ def test_demo_through_slurm_is_bit_identical_to_local(demo, local_results, slurm
 
 
 def test_scancel_mid_run_loses_and_duplicates_nothing(demo, local_results, slurm_config,
-                                                      written):
+                                                      written, tmp_path):
     from smd_dist import compute_distances
 
     output = demo["root"] / "minilm-slurm.zarr"
     result: dict = {}
+    gate = tmp_path / "hold-victim"
     with make_client(slurm_config, quiet=True) as client:
         cluster = client.cluster
         client.wait_for_workers(2, timeout=120)
+        # The victim's pair tasks wait while the gate file exists, so the run cannot end
+        # before its job is cancelled, however fast the machine; the other worker computes
+        # and writes meanwhile. (Nested: a function local to the test travels by value.)
+        victim_address = sorted(client.scheduler_info()["workers"])[0]
+        victim = client.scheduler_info()["workers"][victim_address]["name"]
+
+        def hold_pair_tasks_while(path):
+            import os
+            import time
+
+            import smd_dist.engine as engine_module
+
+            real = engine_module._compare_pairs
+
+            def held(*args, **kwargs):
+                deadline = time.monotonic() + 300
+                while os.path.exists(path) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                return real(*args, **kwargs)
+
+            engine_module._compare_pairs = held
+
+        gate.touch()
+        client.run(hold_pair_tasks_while, str(gate), workers=[victim_address])
 
         def run():
             try:
@@ -249,24 +274,23 @@ def test_scancel_mid_run_loses_and_duplicates_nothing(demo, local_results, slurm
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        # Mid-run: once some pairs are in the output, cancel the job of a worker that is
-        # running a pair task.
-        victim = None
+        # Mid-run: some pairs are in the output and the victim holds a pair task.
         deadline = time.monotonic() + 120
-        while victim is None and thread.is_alive() and time.monotonic() < deadline:
-            if written.get(str(output)):
-                for address, keys in client.processing().items():
-                    if any(str(k).startswith("pairs-") for k in keys):
-                        victim = client.scheduler_info()["workers"][address]["name"]
-                        break
-            if victim is None:
+        ready = False
+        while not ready and thread.is_alive() and time.monotonic() < deadline:
+            held = client.processing().get(victim_address, ())
+            ready = bool(written.get(str(output))) and any(
+                str(k).startswith("pairs-") for k in held
+            )
+            if not ready:
                 time.sleep(0.05)
-        assert victim is not None, "the run ended before a job could be cancelled mid-run"
+        assert ready, "no pair was written while the victim held a pair task"
         n_before = sum(written[str(output)].values())
         # Only the id: a lost job's object must not be held (SpecCluster.close asserts).
         victim_job = cluster.workers[victim].job_id
         assert _queued([victim_job]) == {victim_job}
         _run("scancel", victim_job)
+        gate.unlink()
         thread.join(timeout=150)
         assert not thread.is_alive(), "the run did not finish after a job was cancelled"
         if "error" in result:
