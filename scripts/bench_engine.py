@@ -1,13 +1,13 @@
 """Benchmark the all-pairs engine against the loop a user would write, in one run.
 
 Workload: 16 reps (widths 256–2048, M = 2000 stimuli) in the three regimes of
-:mod:`smd_dist.synthetic`, written to a temporary store. Measured, in this process:
+:mod:`smd_dist.demo.workloads`, written to a temporary store. Measured, in this process:
 
 (a) naive loop — for each pair: read both reps, centre, ``ot.dist``, ``ot.emd2`` with a cap
     high enough to be exact, one pair after another;
-(b) this engine on its own local cluster (:func:`smd_dist.cluster.make_client`, as
+(b) this engine on its own local cluster (:func:`smd_dist.engine.clusters.make_client`, as
     ``kind: local`` starts it) with one single-threaded worker process, with the default
-    layout (:func:`smd_dist.cluster.default_layout`: one process per two cores, its two
+    layout (:func:`smd_dist.engine.clusters.default_layout`: one process per two cores, its two
     threads sharing the reps it reads), with one single-threaded process per core and
     with one process whose threads fill the cores, each where it differs from the default
     (cluster start-up excluded, reading and preparing the reps included);
@@ -54,12 +54,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 import smd_dist
-from smd_dist import synthetic
-from smd_dist.cluster import default_layout
-from smd_dist.derived import freeze
+from smd_dist.demo import workloads
 from smd_dist.engine import RunReport
-from smd_dist.prepare import preprocess
-from smd_dist.solvers import representatives_first, solve
+from smd_dist.engine.clusters import default_layout
+from smd_dist.kernel.prepared import prepare
+from smd_dist.kernel.transport import solve
 from smd_dist.store import ActivationStore
 
 torch.set_num_threads(1)
@@ -102,9 +101,9 @@ def workload(quick: bool) -> tuple[list, int]:
 def build_store(path: Path, spec, n_stimuli: int) -> ActivationStore:
     """One family of reps per regime (shared structure within a regime)."""
     store = ActivationStore(path, mode="w")
-    for regime in synthetic.REGIMES:
+    for regime in workloads.REGIMES:
         members = [(k, w) for k, (r, w) in enumerate(spec) if r == regime]
-        arrays = synthetic.family(regime, [w for _, w in members], n_stimuli=n_stimuli, seed=7)
+        arrays = workloads.family(regime, [w for _, w in members], n_stimuli=n_stimuli, seed=7)
         for (k, width), x in zip(members, arrays, strict=True):
             store.write(f"{regime}-{k}", f"w{width}", x.astype(np.float32))
     return store
@@ -139,7 +138,7 @@ def solver_times(store: ActivationStore) -> dict:
         read = store.read(r.model, r.layer)
         x = read.astype(np.float64)
         arrays[r.rep_id] = x - x.mean(0)
-        prepared[r.rep_id] = freeze(representatives_first(preprocess(read)))
+        prepared[r.rep_id] = prepare(read)
     out = {}
     for i, a in enumerate(records):
         for b in records[i + 1 :]:
@@ -194,8 +193,8 @@ def run_engine(store: ActivationStore, output: Path, *, n_workers: int, threads:
     Returns the dataset, the seconds of the call, peak worker memory (the largest process),
     the run report and the workers' seconds spent reading and preparing reps.
     """
-    from smd_dist import worker_cache
-    from smd_dist.cluster import make_client
+    from smd_dist.engine import worker_cache
+    from smd_dist.engine.clusters import make_client
 
     cluster = {
         "kind": "local",
@@ -232,9 +231,9 @@ def _pool_ready(_) -> int:
 
 
 def _run_task(task, sources, specs) -> list[dict]:
-    from smd_dist import engine
+    from smd_dist.engine import tasks
 
-    return engine._compare_pairs(task, sources, specs, None, engine.KEEP_PREPARED_FRACTION)
+    return tasks.compare_pairs(task, sources, specs, None, tasks.KEEP_PREPARED_FRACTION)
 
 
 def without_dask(store: ActivationStore, *, processes: int) -> tuple[dict, float]:
@@ -248,19 +247,19 @@ def without_dask(store: ActivationStore, *, processes: int) -> tuple[dict, float
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
-    from smd_dist import engine
+    from smd_dist.engine import planning, run, selection, settings
 
     chosen = store.list()
-    metrics = engine.resolve_metrics(("soft_matching",))
-    specs = engine._metric_specs(metrics, {"center": True, "normalize": None})
-    sources = engine._sources(store, chosen, sorted({prep for _, prep in specs}))
+    metrics = selection.resolve_metrics(("soft_matching",))
+    specs = selection.metric_specs(metrics, {"center": True, "normalize": None})
+    sources = run._sources(store, chosen, sorted({prep for _, prep in specs}))
     todo = [(i, j) for i in range(len(chosen)) for j in range(i + 1, len(chosen))]
-    settings = engine.engine_settings()
-    tasks = engine._plan_tasks(
+    engine_settings = settings.engine_settings()
+    tasks = planning.plan_tasks(
         chosen,
         todo,
-        task_entries=settings["task-entries"],
-        per_task=settings["max-pairs-per-task"],
+        task_entries=engine_settings["task-entries"],
+        per_task=engine_settings["max-pairs-per-task"],
     )
     values = {}
     context = get_context("spawn")

@@ -35,7 +35,7 @@ import numpy as np
 import ot
 
 import smd_dist
-from smd_dist.solvers import solve
+from smd_dist.kernel.transport import solve
 
 FULL = ["512", "1024", "2048", "4096", "1024x2048", "2048x4096", "1000x1500"]
 QUICK = ["128", "256", "512", "256x512", "300x450"]

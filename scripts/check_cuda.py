@@ -5,7 +5,7 @@ The test suite runs on CPU; this is the check of the same code on a CUDA device:
 1. Precision flags: torch runs float32 products in IEEE float32 by default; the screening
    bounds hold then on data built to break them (every tuning-curve entry rounds the same
    way), and are broken under TF32 (``fp32_precision = "tf32"``), which is why
-   :class:`smd_dist.screening.CostBounds` refuses to build under it.
+   :class:`smd_dist.kernel.bounds.CostBounds` refuses to build under it.
 2. The kernel on the engine benchmark's workload (``scripts/bench_engine.py``): every pair
    solved with ``device="cuda"`` and ``device="cpu"``, certificates passed and values
    equal to 1e-9 (relative); then on CUDA again with TF32 switched on, where the solver
@@ -43,10 +43,10 @@ import numpy as np
 import torch
 
 import smd_dist
-from smd_dist import screening
-from smd_dist.cluster import default_layout, make_client
-from smd_dist.prepare import preprocess
-from smd_dist.solvers import solve
+from smd_dist.engine.clusters import default_layout, make_client
+from smd_dist.kernel import bounds as screening
+from smd_dist.kernel.prepared import prepare
+from smd_dist.kernel.transport import solve
 
 FAILURES: list[str] = []
 
@@ -120,7 +120,7 @@ def compare(label: str, values: dict, reference: dict) -> None:
 
 def kernel(store, device: torch.device) -> None:
     print("2. kernel, pair by pair", flush=True)
-    reps = {r.rep_id: preprocess(store.read(r.model, r.layer)) for r in store.list()}
+    reps = {r.rep_id: prepare(store.read(r.model, r.layer)) for r in store.list()}
     solve(*list(reps.values())[:2], device=str(device))  # CUDA context, BLAS warm-up
     on_cpu, t_cpu, s_cpu = solve_all(reps, "cpu")
     on_dev, t_dev, s_dev = solve_all(reps, str(device))

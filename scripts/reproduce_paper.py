@@ -34,7 +34,7 @@ import xarray as xr
 
 import smd_dist
 from smd_dist import analysis
-from smd_dist.solvers import SolverError
+from smd_dist.kernel import SolverError
 from smd_dist.store import ActivationStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         subprocess.run(["smd-dist", "demo", "build", str(data)], check=True)
         timings["demo build"] = time.perf_counter() - t
 
-    from smd_dist.cluster import make_client
+    from smd_dist.engine.clusters import make_client
 
     report = Report(args)
     with make_client({"kind": "local", "n-workers": args.workers}, quiet=True) as client:

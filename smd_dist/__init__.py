@@ -1,8 +1,14 @@
 """smd-dist: all-pairs soft matching distance between neural representations.
 
 Arrays are (stimuli, neurons): a neuron's tuning curve is a column.
+
+Every public name is imported on first use (PEP 562), so ``import smd_dist`` and
+``smd-dist --help`` load none of torch, Dask, zarr, xarray or POT.
 """
 
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -10,38 +16,55 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-from smd_dist.engine import InputError, compute_distances
-from smd_dist.extract import extract
-from smd_dist.metrics import (
-    linear_cka,
-    permutation_distance,
-    procrustes_distance,
-    soft_matching,
-    soft_matching_distance,
-    soft_matching_score,
-)
-from smd_dist.metrics.soft_matching import SoftMatchingResult
-from smd_dist.results import CorruptOutputError, OutputError, open_distances
-from smd_dist.solvers import SolverError
-from smd_dist.store import ActivationStore, CorruptStoreError, StoreError
+#: Public name -> the module that defines it.
+_PUBLIC = {
+    "ActivationStore": "smd_dist.store",
+    "CorruptOutputError": "smd_dist.engine",
+    "CorruptStoreError": "smd_dist.store",
+    "InputError": "smd_dist.engine",
+    "OutputError": "smd_dist.engine",
+    "SoftMatchingResult": "smd_dist.metrics",
+    "SolverError": "smd_dist.kernel",
+    "StoreError": "smd_dist.store",
+    "compute_distances": "smd_dist.engine",
+    "extract": "smd_dist.store",
+    "linear_cka": "smd_dist.metrics",
+    "open_distances": "smd_dist.engine",
+    "permutation_distance": "smd_dist.metrics",
+    "procrustes_distance": "smd_dist.metrics",
+    "soft_matching": "smd_dist.metrics",
+    "soft_matching_distance": "smd_dist.metrics",
+    "soft_matching_score": "smd_dist.metrics",
+}
 
-__all__ = [
-    "__version__",
-    "ActivationStore",
-    "CorruptOutputError",
-    "CorruptStoreError",
-    "InputError",
-    "OutputError",
-    "SolverError",
-    "StoreError",
-    "SoftMatchingResult",
-    "compute_distances",
-    "extract",
-    "linear_cka",
-    "open_distances",
-    "permutation_distance",
-    "procrustes_distance",
-    "soft_matching",
-    "soft_matching_distance",
-    "soft_matching_score",
-]
+#: Modules of the flat layout before 0.2, with where they live now (deprecated aliases).
+_MOVED = {
+    "smd_dist.cluster": "smd_dist.engine.clusters",
+    "smd_dist.extract": "smd_dist.store.extraction",
+    "smd_dist.prepare": "smd_dist.kernel.preparation",
+    "smd_dist.results": "smd_dist.engine.output",
+    "smd_dist.screening": "smd_dist.kernel.bounds",
+    "smd_dist.solvers": "smd_dist.kernel.transport",
+    "smd_dist.synthetic": "smd_dist.demo.workloads",
+    "smd_dist.validation": "smd_dist.kernel.validation",
+    "smd_dist.worker_cache": "smd_dist.engine.worker_cache",
+}
+
+__all__ = ["__version__", *sorted(_PUBLIC)]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'smd_dist' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
+
+
+from smd_dist import _moved  # noqa: E402  (after the tables it reads)
+
+_moved.install(_MOVED)

@@ -190,8 +190,8 @@ def extract_command(store, model_spec, inputs, layers, model_name, pooling, batc
     """Extract activations of a torch model's layers on a .npy stimulus array into STORE."""
     import numpy as np
 
-    from smd_dist.extract import ExtractionError, extract
     from smd_dist.store import ActivationStore, StoreError
+    from smd_dist.store.extraction import ExtractionError, extract
 
     model = _load_torch_model(model_spec)
     if list_layers:
@@ -287,7 +287,7 @@ def plot(
     from pathlib import Path
 
     from smd_dist import analysis
-    from smd_dist.results import open_distances
+    from smd_dist.engine.output import open_distances
 
     try:
         ds = open_distances(results)
@@ -330,8 +330,8 @@ def cluster_job_script(config_path: str) -> None:
     Needs no SLURM: the scheduler's address, known only at run time, is a placeholder.
     Exits 2 on a bad config or a cluster kind other than slurm.
     """
-    from smd_dist.cluster import job_script, read_cluster_section
     from smd_dist.config import ConfigError
+    from smd_dist.engine.clusters import job_script, read_cluster_section
 
     try:
         click.echo(job_script(read_cluster_section(config_path)), nl=False)

@@ -209,7 +209,7 @@ def rotation_null(
 def live_neurons(X: np.ndarray) -> np.ndarray:
     """Boolean mask of the (stimuli, neurons) array's columns that are not constant.
 
-    The rule of :func:`smd_dist.validation.check_normalizable`: a centred column whose norm
+    The rule of :func:`smd_dist.kernel.validation.check_normalizable`: a centred column whose norm
     is at rounding level of its magnitude counts as constant.
     """
     X = np.asarray(X, dtype=np.float64)

@@ -161,8 +161,8 @@ def build_digits(
     """Build the digits CNN store at ``path`` (replacing an smd-dist store there)."""
     import torch
 
-    from smd_dist.extract import extract
-    from smd_dist.store import ActivationStore
+    from smd_dist.store.activation_store import ActivationStore
+    from smd_dist.store.extraction import extract
 
     log = log or (lambda msg: None)
     x_train, y_train, x_test, y_test, ids = load_digits_split(n_test)
@@ -212,8 +212,8 @@ def build_minilm(path: str | os.PathLike, *, n_sentences=None, progress=True, lo
     import transformers
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from smd_dist.extract import extract
-    from smd_dist.store import ActivationStore
+    from smd_dist.store.activation_store import ActivationStore
+    from smd_dist.store.extraction import extract
 
     log = log or (lambda msg: None)
     transformers.logging.set_verbosity_error()

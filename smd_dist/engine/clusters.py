@@ -26,7 +26,7 @@ under ``smd-dist.cluster`` (see ``smd_dist.yaml``). Keys may be spelt with ``-``
 Every task runs its numerical libraries single-threaded (BLAS, OpenMP, torch): one task
 thread per core is the unit of parallelism, and results must not depend on thread counts.
 The task threads of one worker process share the prepared reps it keeps
-(:mod:`smd_dist.worker_cache`), read from the store once per process rather than once per
+(:mod:`smd_dist.engine.worker_cache`), read from the store once per process rather than once per
 core; the kernel releases the GIL in its heavy parts (POT, NumPy, torch).
 
 A fixed-size SLURM cluster stays at its size: a job that leaves SLURM's queue (walltime,

@@ -1,17 +1,17 @@
-"""The all-pairs engine: which pairs, the Dask graph, incremental writes, resume.
+"""The all-pairs run: :func:`compute_distances`, from a selection to the labeled matrix.
 
-Data flow: the store is read on workers (each worker reads and prepares a rep once and
-keeps it within a share of its memory, :mod:`smd_dist.worker_cache`; pair tasks name
-their reps and never carry their data); pair tasks run the metric kernels; the client
-collects records as they finish and appends them to the output's ledger every
-``flush-seconds``. The labeled matrix is assembled from the ledger at the end. The engine
-knows nothing of solvers' internals.
+Data flow: the reps are selected (:mod:`~smd_dist.engine.selection`), read, checked and
+prepared on the workers (:mod:`~smd_dist.engine.tasks`, each worker keeping what it
+prepared, :mod:`~smd_dist.engine.worker_cache`); pair tasks, batched by
+:mod:`~smd_dist.engine.planning`, run the metric kernels; the client collects records as
+they finish and appends them to the output's ledger every ``flush-seconds``
+(:mod:`~smd_dist.engine.output`). The labeled matrix is assembled from the ledger at the
+end. The engine knows nothing of solvers' internals.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import gc
 import json
 import os
@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
-import numpy as np
 import xarray as xr
 
 from smd_dist import config
-from smd_dist import metrics as metric_registry
-from smd_dist.results import (
+from smd_dist.engine import planning, tasks
+from smd_dist.engine.output import (
     OUTPUT_FORMAT,
     OutputError,
     PairRecord,
@@ -40,15 +39,10 @@ from smd_dist.results import (
     canonical_pair,
     summarize,
 )
-from smd_dist.store import rep_id
+from smd_dist.engine.selection import InputError, metric_specs, resolve_metrics, select_reps
+from smd_dist.engine.settings import engine_settings
 
-#: Each worker keeps the reps it has prepared (:mod:`smd_dist.worker_cache`) within this
-#: fraction of its memory limit; beyond it, the least recently used are read again.
-KEEP_PREPARED_FRACTION = 0.25
-
-
-class InputError(ValueError):
-    """Representations that cannot be compared, found before any pair is computed."""
+__all__ = ["OutputLockedError", "RunReport", "compute_distances", "output_status"]
 
 
 class OutputLockedError(OutputError):
@@ -76,271 +70,6 @@ class RunReport:
     seconds_inputs: float = 0.0
     seconds_pairs: float = 0.0
     seconds_finish: float = 0.0
-
-
-# -- selection ----------------------------------------------------------------------------
-def select_reps(records: Sequence, patterns: Sequence[str] | str | None) -> list:
-    """Pick reps by ``"model/layer"`` ids or glob patterns, in store order.
-
-    A pattern without ``/`` that names a model selects all its layers. Patterns that
-    match nothing are errors, with the closest ids suggested.
-    """
-    if patterns is None:
-        chosen = list(records)
-    else:
-        if isinstance(patterns, str):
-            patterns = [patterns]
-        ids = [r.rep_id for r in records]
-        models = sorted({r.model for r in records})
-        keep = set()
-        for pattern in patterns:
-            hits = {i for i in ids if fnmatch.fnmatchcase(i, pattern)}
-            hits |= {r.rep_id for r in records if fnmatch.fnmatchcase(r.model, pattern)}
-            if not hits:
-                raise InputError(
-                    f"rep pattern {pattern!r} matches no representation in the store"
-                    f"{config.suggest(pattern, ids + models)}; the store has "
-                    f"{len(ids)} reps from models {', '.join(models[:10])}"
-                    + (" ..." if len(models) > 10 else "")
-                )
-            keep |= hits
-        chosen = [r for r in records if r.rep_id in keep]
-    if len(chosen) < 2:
-        raise InputError(
-            f"selection holds {len(chosen)} representation(s) "
-            f"({', '.join(r.rep_id for r in chosen) or 'none'}); at least 2 are needed"
-        )
-    return chosen
-
-
-def resolve_metrics(names: Sequence[str] | str) -> list:
-    """Registry objects for the named metrics, in order, without duplicates."""
-    if isinstance(names, str):
-        names = [names]
-    if not names:
-        raise InputError("no metric named; available: " + ", ".join(metric_registry.available()))
-    seen = []
-    for name in names:
-        metric = metric_registry.get(name)
-        if metric.name not in [m.name for m in seen]:
-            seen.append(metric)
-    return seen
-
-
-ENGINE_KEYS = {
-    "flush-seconds": "results reach the output at least this often (seconds)",
-    "wave-size": "tasks in flight at once (null: 4 per worker thread)",
-    "max-pairs-per-task": "most pairs batched into one task",
-    "task-entries": "pairs are batched into tasks of about this many cost entries (Nx*Ny)",
-}
-
-
-def engine_settings(overrides: dict | None = None) -> dict:
-    """The engine settings: ``overrides`` over the ``smd-dist.engine`` config, checked.
-
-    Keys may be spelt with ``-`` or ``_`` (environment variables such as
-    ``DASK_SMD_DIST__ENGINE__FLUSH_SECONDS`` arrive with ``_``).
-
-    Raises
-    ------
-    smd_dist.config.ConfigError
-        An unknown key (with the closest valid one) or a value out of range.
-    """
-    merged = {}
-    layers = (config.package_default("engine"), config.get("engine", {}) or {}, overrides or {})
-    for layer in layers:
-        if not isinstance(layer, dict):
-            raise config.ConfigError(f"engine settings must be a mapping, got {layer!r}")
-        merged.update(config.normalize_keys(layer, where="engine settings"))
-    config.check_keys(merged, ENGINE_KEYS, where="engine settings")
-    out = {key: merged[key] for key in ENGINE_KEYS}
-    seconds = out["flush-seconds"]
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
-        raise config.ConfigError(
-            f"engine setting 'flush-seconds' must be a number > 0, got {seconds!r}"
-        )
-    out["flush-seconds"] = float(seconds)
-    for key, low in (("wave-size", 1), ("max-pairs-per-task", 1), ("task-entries", 0)):
-        value = out[key]
-        if key == "wave-size" and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise config.ConfigError(
-                f"engine setting {key!r} must be an integer >= {low}, got {value!r}"
-            )
-    return out
-
-
-def _prep_key(prep: dict) -> str:
-    return json.dumps(prep, sort_keys=True)
-
-
-def _metric_specs(metric_objs, base_prep: dict) -> list[tuple[str, str]]:
-    """``(metric name, prep key)`` per metric: what a pair task runs on which prepared array."""
-    return [(m.name, _prep_key(m.preprocessing(**base_prep))) for m in metric_objs]
-
-
-# -- worker side --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RepSource:
-    """Where a pair task finds one rep: the store, the rep and its content hash at the
-    start of the run, and the preprocessings it needs (a few hundred bytes in the graph)."""
-
-    store: str
-    model: str
-    layer: str
-    content_hash: str
-    preps: tuple[str, ...]
-
-    @property
-    def rep_id(self) -> str:
-        return rep_id(self.model, self.layer)
-
-
-def _read_rep(source: RepSource) -> np.ndarray:
-    from smd_dist.store import ActivationStore
-
-    store = ActivationStore(source.store, mode="r")
-    recorded = store.record(source.model, source.layer).content_hash
-    if recorded != source.content_hash:
-        raise InputError(
-            f"{source.rep_id} changed in the store during the run "
-            f"(content hash {source.content_hash[:19]} at start, {recorded[:19]} now)"
-        )
-    return store.read(source.model, source.layer, verify=True)
-
-
-def _prepare_rep(source: RepSource) -> dict:
-    """Read one rep and apply each preprocessing it needs; keyed by prep key."""
-    from smd_dist.allocator import reuse_freed_memory
-    from smd_dist.derived import freeze
-    from smd_dist.prepare import preprocess
-    from smd_dist.solvers import representatives_first
-
-    reuse_freed_memory()
-    array = _read_rep(source)
-    prepared = {}
-    for key in source.preps:
-        try:
-            # Read-only: nothing downstream edits it, and it keeps its per-neuron quantities
-            # (norms, low-precision copy) across all the pairs it is part of.
-            # One neuron of each group of identical ones first, the copies after: the
-            # solvers' merged problem is then a view of it, not a second copy kept next to
-            # it (every metric ignores the order of neurons).
-            prepared[key] = freeze(
-                representatives_first(preprocess(array, **json.loads(key), name=source.rep_id))
-            )
-        except ValueError as err:
-            raise InputError(f"{source.rep_id} (shape {array.shape}): {err}") from err
-    return prepared
-
-
-def _prepared(source: RepSource, keep_fraction: float) -> dict:
-    """The rep's prepared arrays: kept by this worker, or read and prepared now."""
-    from smd_dist import worker_cache
-
-    return worker_cache.kept(
-        source,
-        lambda: _prepare_rep(source),
-        budget=int(keep_fraction * worker_cache.memory_limit()),
-    )
-
-
-def _check_rep(source: RepSource, keep_fraction: float) -> None:
-    """Validate one rep as a pair task would see it (and keep it, within the budget)."""
-    _prepared(source, keep_fraction)
-
-
-def _compare_pairs(
-    pairs: list, sources: dict, metric_specs: list, device, keep_fraction: float
-) -> list[dict]:
-    """Run every metric on every pair of one task; a failure is recorded, not raised."""
-    from smd_dist.allocator import reuse_freed_memory
-    from smd_dist.validation import check_same_stimuli
-
-    reuse_freed_memory()
-    worker = _worker_name()
-    prepared = {rep: _prepared(source, keep_fraction) for rep, source in sources.items()}
-    out = []
-    for rep_a, rep_b in pairs:
-        for name, prep in metric_specs:
-            metric = metric_registry.get(name)
-            xa, xb = prepared[rep_a][prep], prepared[rep_b][prep]
-            record = {"metric": name, "rep_a": rep_a, "rep_b": rep_b, "worker": worker}
-            if metric.equal_width_only and xa.shape[1] != xb.shape[1]:
-                record.update(value=float("nan"), solver="undefined: widths differ")
-                out.append(record)
-                continue
-            start = time.perf_counter()
-            try:
-                # Each rep passed check_array when it was prepared; per pair only the
-                # stimulus counts can disagree, and a full pass over both would cost more.
-                check_same_stimuli(xa, xb, names=(rep_a, rep_b))
-                result = metric.compute(xa, xb, device=device)
-            except Exception as err:  # recorded with the pair; the run goes on
-                record.update(value=float("nan"), error=f"{type(err).__name__}: {err}")
-            else:
-                cert = result.certificate or {}
-                record.update(
-                    value=float(result.value),
-                    solver=result.solver,
-                    max_violation=float(cert.get("max_violation", np.nan)),
-                    gap=float(cert.get("gap", np.nan)),
-                )
-            record["seconds"] = time.perf_counter() - start
-            out.append(record)
-    return out
-
-
-def _worker_name() -> str:
-    try:
-        from distributed import get_worker
-
-        return get_worker().address
-    except (ImportError, ValueError):
-        return f"{socket.gethostname()}:{os.getpid()}"
-
-
-# -- planning -----------------------------------------------------------------------------
-def pair_memory_bytes(n_stimuli: int, n_a: int, n_b: int) -> int:
-    """Peak bytes one pair task needs, with margin.
-
-    Two prepared float64 inputs and their float32 copies, the float32 cross product,
-    and — on the network-simplex path — a float64 cost matrix, plan and reduced costs.
-    """
-    return int(12 * n_stimuli * (n_a + n_b) + 28 * n_a * n_b)
-
-
-def _plan_tasks(
-    reps: list, todo: list[tuple[int, int]], *, task_entries: int, per_task: int
-) -> list:
-    """Group pairs into tasks of about ``task_entries`` cost entries; largest work first.
-
-    A pair of at least ``task_entries`` entries (``Nx·Ny``) is a task of its own; smaller
-    pairs are batched, in tiles of reps (neighbouring pairs share inputs), until a batch
-    holds ``task_entries`` entries or ``per_task`` pairs: each task carries a fixed cost in
-    the scheduler, the client and the worker's event loop, which small pairs would not
-    repay. Tasks are ordered by their work, ``Σ Nx·Ny``, largest first (stable, so tiles
-    stay together among equals): a wide pair submitted last would leave every other
-    worker idle while it runs.
-    """
-    tile = 8
-    todo = sorted(todo, key=lambda ij: (ij[0] // tile, ij[1] // tile, ij[0], ij[1]))
-    tasks, batch, entries = [], [], 0
-    for i, j in todo:
-        work = reps[i].n_neurons * reps[j].n_neurons
-        if work >= task_entries:
-            tasks.append([(i, j)])
-            continue
-        batch.append((i, j))
-        entries += work
-        if entries >= task_entries or len(batch) >= per_task:
-            tasks.append(batch)
-            batch, entries = [], 0
-    if batch:
-        tasks.append(batch)
-    tasks.sort(key=lambda task: -sum(reps[i].n_neurons * reps[j].n_neurons for i, j in task))
-    return tasks
 
 
 def _check_output_writable(path: Path, needed_bytes: int) -> None:
@@ -503,7 +232,7 @@ def compute_distances(
         everything in memory.
     client : distributed.Client, optional
         Use this client; otherwise one is made from ``cluster`` (see
-        :func:`smd_dist.cluster.make_client`; a local cluster by default).
+        :func:`smd_dist.engine.clusters.make_client`; a local cluster by default).
     resume : bool
         Reuse finished pairs found in ``output``.
     center, normalize :
@@ -524,7 +253,7 @@ def compute_distances(
     Returns
     -------
     xarray.Dataset
-        See :func:`smd_dist.results.assemble`; attrs hold the metric definitions,
+        See :func:`smd_dist.engine.output.assemble`; attrs hold the metric definitions,
         preprocessing, package versions, the store's content hashes, the run config.
 
     Raises
@@ -536,7 +265,7 @@ def compute_distances(
     OutputError
         The output is locked by another run, incompatible, not writable or too small.
     """
-    from smd_dist.store import ActivationStore
+    from smd_dist.store.activation_store import ActivationStore
 
     started = time.perf_counter()
     settings = engine_settings(engine)
@@ -551,7 +280,7 @@ def compute_distances(
     chosen = select_reps(store.list(), reps)
     metric_objs = resolve_metrics(metrics)
     base_prep = {"center": bool(center), "normalize": normalize}
-    specs = _metric_specs(metric_objs, base_prep)
+    specs = metric_specs(metric_objs, base_prep)
     preps_needed = sorted({p for _, p in specs})
     header = {
         "format": OUTPUT_FORMAT,
@@ -657,16 +386,17 @@ def _client_context(client, cluster_config):
     if client is not None:
         yield client
         return
-    from smd_dist.cluster import make_client
+    from smd_dist.engine.clusters import make_client
 
     with make_client(cluster_config) as made:
         yield made
 
 
-def _sources(store, chosen, preps) -> list[RepSource]:
+def _sources(store, chosen, preps) -> list[tasks.RepSource]:
     """Each selected rep's :class:`RepSource` (by index into ``chosen``)."""
     return [
-        RepSource(str(store.path), r.model, r.layer, r.content_hash, tuple(preps)) for r in chosen
+        tasks.RepSource(str(store.path), r.model, r.layer, r.content_hash, tuple(preps))
+        for r in chosen
     ]
 
 
@@ -684,9 +414,9 @@ def _check_inputs(client, chosen, todo, sources, *, token: str) -> None:
     # One submission for all: each call is a round trip through the scheduler's event
     # loop, which shares the machine with the workers.
     submitted = client.map(
-        _check_rep,
+        tasks.check_rep,
         [sources[i] for i in involved],
-        [KEEP_PREPARED_FRACTION] * len(involved),
+        [tasks.KEEP_PREPARED_FRACTION] * len(involved),
         key=[f"check-{i}-{token}" for i in involved],
     )
     futures = dict(zip(involved, submitted, strict=True))
@@ -718,7 +448,7 @@ def _check_memory(client, store, chosen, todo) -> None:
     n_stimuli = store.n_stimuli or 0
     worst = max(todo, key=lambda ij: chosen[ij[0]].n_neurons * chosen[ij[1]].n_neurons)
     a, b = chosen[worst[0]], chosen[worst[1]]
-    need = pair_memory_bytes(n_stimuli, a.n_neurons, b.n_neurons)
+    need = planning.pair_memory_bytes(n_stimuli, a.n_neurons, b.n_neurons)
     if need > 0.7 * limit:
         raise InputError(
             f"pair {a.rep_id} ({a.n_neurons} neurons) vs {b.rep_id} ({b.n_neurons} neurons) "
@@ -755,7 +485,7 @@ def _run_pairs(
     from tqdm.auto import tqdm
 
     flush_seconds = settings["flush-seconds"]
-    tasks = _plan_tasks(
+    batches = planning.plan_tasks(
         chosen,
         todo,
         task_entries=settings["task-entries"],
@@ -774,12 +504,12 @@ def _run_pairs(
         reps_in = sorted({i for pair in task for i in pair})
         ids = [(chosen[i].rep_id, chosen[j].rep_id) for i, j in task]
         return client.submit(
-            _compare_pairs,
+            tasks.compare_pairs,
             ids,
             {chosen[i].rep_id: sources[i] for i in reps_in},
             specs,
             device,
-            KEEP_PREPARED_FRACTION,
+            tasks.KEEP_PREPARED_FRACTION,
             key=f"pairs-{task[0][0]}-{task[0][1]}-{len(task)}-{token}",
         )
 
@@ -787,7 +517,7 @@ def _run_pairs(
     buffer: list[PairRecord] = []
     last_flush = time.monotonic()
     pending: dict = {}
-    queue = list(reversed(tasks))
+    queue = list(reversed(batches))
     computed = written = 0
     bar = tqdm(
         total=total,

@@ -3,8 +3,8 @@
 Every pair task needs its two representations read from the store, checked and
 preprocessed. Each worker process keeps what it has prepared, least recently used out
 first, within a share of its memory, so a rep is read and prepared about once per worker
-rather than once per pair, and the arrays keep their per-neuron quantities
-(:mod:`smd_dist.derived`) across all the pairs they take part in.
+rather than once per pair, and each :class:`~smd_dist.kernel.prepared.PreparedRep` keeps
+its per-neuron quantities across all the pairs it takes part in.
 
 The values never travel between workers: on the engine benchmark (2 workers on 2 cores)
 the prepared arrays that crossed Dask's comms, 350 MB a run, cost more than each worker
@@ -22,7 +22,6 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import TypeVar
 
-import numpy as np
 from cachetools import LRUCache
 
 __all__ = ["clear", "kept", "memory_limit", "nbytes", "stats"]
@@ -37,8 +36,9 @@ _MAKING: dict[Hashable, Future] = {}
 
 
 def nbytes(value) -> int:
-    """Bytes held by the arrays in ``value`` (an array, or a mapping or sequence of them)."""
-    if isinstance(value, np.ndarray):
+    """Bytes held by ``value``: an array or anything with ``nbytes`` (a prepared rep), or a
+    mapping or sequence of them."""
+    if hasattr(value, "nbytes"):
         return int(value.nbytes)
     if isinstance(value, dict):
         return sum(nbytes(v) for v in value.values())

@@ -41,7 +41,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from smd_dist.prepare import tensor_view
+from smd_dist.kernel.preparation import tensor_view
 
 __all__ = [
     "BoundViolation",

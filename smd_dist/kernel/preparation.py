@@ -11,20 +11,17 @@ import warnings
 import numpy as np
 import torch
 
-from smd_dist.allocator import small_page_empty
-from smd_dist.validation import check_normalizable, check_same_stimuli, checked_columns
+from smd_dist.kernel.allocator import small_page_empty
+from smd_dist.kernel.validation import check_normalizable, checked_columns
 
 __all__ = [
     "cross_product",
     "neuron_major",
-    "prepare_pair",
     "preprocess",
     "resolve_device",
     "squared_distances",
     "tensor_view",
 ]
-
-
 
 
 def resolve_device(device=None) -> torch.device:
@@ -70,7 +67,7 @@ def preprocess(X, *, center: bool = True, normalize: str | None = None, name: st
     Raises
     ------
     ValueError
-        Bad input (see :mod:`smd_dist.validation`) or a constant neuron under normalisation.
+        Bad input (see :mod:`smd_dist.kernel.validation`) or a constant neuron under normalisation.
     """
     X, sums = checked_columns(X, name=name)
     # Column-wise float64 arithmetic is memory-bound: NumPy on the host is as fast as torch
@@ -90,22 +87,6 @@ def preprocess(X, *, center: bool = True, normalize: str | None = None, name: st
     return out
 
 
-def prepare_pair(
-    X, Y, *, center: bool = True, normalize: str | None = None, names=("X", "Y")
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`preprocess` both (stimuli, neurons) arrays of a pair and check their stimuli.
-
-    Raises
-    ------
-    ValueError
-        Bad input in either (named by ``names``) or different stimulus counts.
-    """
-    Xp = preprocess(X, center=center, normalize=normalize, name=names[0])
-    Yp = preprocess(Y, center=center, normalize=normalize, name=names[1])
-    check_same_stimuli(Xp, Yp, names=names)
-    return Xp, Yp
-
-
 def neuron_major(X: np.ndarray, *, block: int = 64) -> np.ndarray:
     """A Fortran-ordered (each tuning curve contiguous) float64 copy of ``X``.
 
@@ -113,7 +94,7 @@ def neuron_major(X: np.ndarray, *, block: int = 64) -> np.ndarray:
     narrow slab keeps both sides in cache, measured 2-3x faster here than one
     whole-array transposing ufunc (3 ms against 8 ms for 2000 x 512). The copy is a
     prepared rep, kept for many pairs: it lives on small pages
-    (:func:`smd_dist.allocator.small_page_empty`).
+    (:func:`smd_dist.kernel.allocator.small_page_empty`).
 
     Parameters
     ----------

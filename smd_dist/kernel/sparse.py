@@ -13,13 +13,13 @@ An optimal plan uses at most :math:`N_x + N_y - 1` entries, and the duals are ti
 more, so the problem is solved by *column generation*: POT's network simplex runs on a
 sparse set :math:`S` of candidate entries with exact float64 costs, and the entries outside
 :math:`S` are priced with rigorous lower bounds :math:`L_{ij} \\le D_{ij}`
-(:class:`smd_dist.screening.CostBounds`, one low-precision product). An entry with
+(:class:`smd_dist.kernel.bounds.CostBounds`, one low-precision product). An entry with
 :math:`L_{ij} - u_i - v_j \\ge 0` is proven dual feasible without its exact cost; the
 others are computed exactly and, when violated, join :math:`S` and the sparse problem is
 solved again. When no exact entry is violated the duals
 are feasible on the whole matrix: on :math:`S` by exact costs, elsewhere by the bounds,
 so the sparse plan is optimal for the dense problem and the certificate
-(:class:`smd_dist.solvers.Certificate`) covers every entry.
+(:class:`smd_dist.kernel.certificate.Certificate`) covers every entry.
 
 :math:`S` always contains the north-west corner plan of the two marginals, a feasible plan
 in :math:`N_x + N_y - 1` entries, so every sparse problem has a solution.
@@ -44,7 +44,8 @@ try:  # POT >= 0.9.7: network simplex on a sparse graph (what ot.emd runs for sp
 except ImportError:  # pragma: no cover - older POT: the dense path serves every pair
     emd_c_sparse = None
 
-from smd_dist.screening import CostBounds
+from smd_dist.kernel.bounds import CostBounds
+from smd_dist.kernel.dense import NETWORK_SIMPLEX_MAX_ITER as MAX_ITER
 
 __all__ = ["SOLVER", "SparseSolution", "SparseUnsuitable", "north_west_corner", "solve_sparse"]
 
@@ -67,9 +68,6 @@ CUSHION = 1e-2
 #: The sparse path gives up when the bounds leave more than this fraction of the matrix
 #: undecided: the dense float64 product is cheaper then.
 MAX_EXACT_FRACTION = 0.25
-#: Network simplex iteration cap: high enough never to bind (POT's default binds from about
-#: 2,500 neurons and silently returns a plan 0.2–2 % too costly).
-MAX_ITER = 10**13
 
 _OPTIMAL = 1
 #: Below this many entries the exact-cost budget does not apply (tiny forced solves).
@@ -204,7 +202,7 @@ def solve_sparse(
     SparseUnsuitable
         When the candidates would exceed ``max_exact_fraction`` of the matrix, the
         rounds do not settle, or the sparse network simplex does not report optimality.
-    smd_dist.screening.BoundViolation
+    smd_dist.kernel.bounds.BoundViolation
         When an exact cost contradicts its bound.
     """
     nx, ny = bounds.shape

@@ -19,8 +19,9 @@ import math
 
 import numpy as np
 
-from smd_dist.prepare import cross_product, prepare_pair
-from smd_dist.solvers import solve
+from smd_dist.kernel.preparation import cross_product
+from smd_dist.kernel.prepared import PreparedRep, prepare_pair
+from smd_dist.kernel.transport import Transport, solve
 
 __all__ = [
     "linear_cka",
@@ -32,17 +33,19 @@ __all__ = [
 ]
 
 
-def permutation_prepared(Xp, Yp, *, device=None, names=("X", "Y")):
-    """Permutation distance on prepared arrays; returns the :class:`~smd_dist.solvers.Transport`
-    and the distance."""
-    if Xp.shape[1] != Yp.shape[1]:
+def permutation_prepared(
+    x: PreparedRep, y: PreparedRep, *, device=None
+) -> tuple[Transport, float]:
+    """Permutation distance on prepared reps; returns the
+    :class:`~smd_dist.kernel.transport.Transport` and the distance."""
+    if x.shape[1] != y.shape[1]:
         raise ValueError(
-            f"permutation distance needs equal widths: {names[0]} has {Xp.shape[1]} neurons "
-            f"(shape {Xp.shape}), {names[1]} has {Yp.shape[1]} (shape {Yp.shape}); "
+            f"permutation distance needs equal widths: {x.name} has {x.shape[1]} neurons "
+            f"(shape {x.shape}), {y.name} has {y.shape[1]} (shape {y.shape}); "
             "use the soft matching distance for different widths"
         )
-    tr = solve(Xp, Yp, device=device)
-    return tr, math.sqrt(max(tr.cost, 0.0) * Xp.shape[1])
+    tr = solve(x, y, device=device)
+    return tr, math.sqrt(max(tr.cost, 0.0) * x.shape[1])
 
 
 def permutation_distance(X, Y, *, center=True, normalize=None, device=None, names=("X", "Y")):
@@ -58,8 +61,8 @@ def permutation_distance(X, Y, *, center=True, normalize=None, device=None, name
     ValueError
         If the widths differ.
     """
-    Xp, Yp = prepare_pair(X, Y, center=center, normalize=normalize, names=names)
-    return permutation_prepared(Xp, Yp, device=device, names=names)[1]
+    x, y = prepare_pair(X, Y, center=center, normalize=normalize, names=names)
+    return permutation_prepared(x, y, device=device)[1]
 
 
 def _nuclear_norm_cross(Xp, Yp, *, device=None):
@@ -77,8 +80,9 @@ def _nuclear_norm_cross(Xp, Yp, *, device=None):
     return float(np.linalg.svd(cross_product(Xp, Yp, device=device), compute_uv=False).sum())
 
 
-def procrustes_prepared(Xp, Yp, *, device=None) -> float:
-    """Procrustes distance on prepared arrays (see :func:`procrustes_distance`)."""
+def procrustes_prepared(x: PreparedRep, y: PreparedRep, *, device=None) -> float:
+    """Procrustes distance on prepared reps (see :func:`procrustes_distance`)."""
+    Xp, Yp = x.columns, y.columns
     sq = (
         float(np.einsum("ij,ij->", Xp, Xp))
         + float(np.einsum("ij,ij->", Yp, Yp))
@@ -100,12 +104,13 @@ def procrustes_distance(X, Y, *, center=True, normalize=None, device=None, names
     Arrays are (stimuli, neurons). Unlike the soft matching distance it is blind to
     rotations of the neuron basis.
     """
-    Xp, Yp = prepare_pair(X, Y, center=center, normalize=normalize, names=names)
-    return procrustes_prepared(Xp, Yp, device=device)
+    x, y = prepare_pair(X, Y, center=center, normalize=normalize, names=names)
+    return procrustes_prepared(x, y, device=device)
 
 
-def linear_cka_prepared(Xp, Yp, *, names=("X", "Y")) -> float:
-    """Linear CKA on centred arrays (see :func:`linear_cka`)."""
+def linear_cka_prepared(x: PreparedRep, y: PreparedRep) -> float:
+    """Linear CKA on centred prepared reps (see :func:`linear_cka`)."""
+    Xp, Yp = x.columns, y.columns
     m = Xp.shape[0]
     if m < max(Xp.shape[1], Yp.shape[1]):
         Kx, Ky = Xp @ Xp.T, Yp @ Yp.T  # M×M Gram matrices are the cheaper route
@@ -118,7 +123,7 @@ def linear_cka_prepared(Xp, Yp, *, names=("X", "Y")) -> float:
         den = math.sqrt(float(np.einsum("ij,ij->", Sx, Sx)) * float(np.einsum("ij,ij->", Sy, Sy)))
     if den == 0.0:
         raise ValueError(
-            f"linear CKA is undefined: {names[0]} (shape {Xp.shape}) or {names[1]} "
+            f"linear CKA is undefined: {x.name} (shape {Xp.shape}) or {y.name} "
             f"(shape {Yp.shape}) is constant over stimuli"
         )
     return num / den
@@ -135,5 +140,5 @@ def linear_cka(X, Y, *, names=("X", "Y")) -> float:
     on column-centred arrays (stimuli, neurons). Invariant to rotations and isotropic
     scaling of either representation.
     """
-    Xp, Yp = prepare_pair(X, Y, center=True, normalize=None, names=names)
-    return linear_cka_prepared(Xp, Yp, names=names)
+    x, y = prepare_pair(X, Y, center=True, normalize=None, names=names)
+    return linear_cka_prepared(x, y)

@@ -1,8 +1,8 @@
 """Name → metric registry, so the engine can compute any set of named metrics per pair.
 
 Each :class:`Metric` says what preprocessing the engine applies once per representation
-(:func:`smd_dist.prepare.preprocess`) and computes a :class:`PairValue` on prepared
-(stimuli, neurons) arrays.
+(:func:`smd_dist.kernel.prepared.prepare`) and computes a :class:`PairValue` on two
+:class:`~smd_dist.kernel.prepared.PreparedRep` values.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from smd_dist.kernel.prepared import PreparedRep
+from smd_dist.kernel.transport import solve
 from smd_dist.metrics.comparison import (
     linear_cka_prepared,
     permutation_prepared,
     procrustes_prepared,
 )
-from smd_dist.solvers import solve
 
 __all__ = ["Metric", "PairValue", "available", "get", "register"]
 
@@ -69,32 +70,32 @@ class Metric:
             return dict(self.fixed_preprocessing)
         return {"center": bool(center), "normalize": normalize}
 
-    def compute(self, Xp, Yp, *, device=None) -> PairValue:
-        """The metric on ALREADY PREPARED (stimuli, neurons) float64 arrays."""
-        return self._compute(Xp, Yp, device=device)
+    def compute(self, x: PreparedRep, y: PreparedRep, *, device=None) -> PairValue:
+        """The metric on two reps prepared as :meth:`preprocessing` says."""
+        return self._compute(x, y, device=device)
 
 
-def _soft_matching(Xp, Yp, *, device=None):
-    tr = solve(Xp, Yp, device=device)
+def _soft_matching(x, y, *, device=None):
+    tr = solve(x, y, device=device)
     return PairValue(math.sqrt(max(tr.cost, 0.0)), tr.solver, tr.certificate.as_dict())
 
 
-def _soft_matching_score(Xp, Yp, *, device=None):
-    tr = solve(Xp, Yp, device=device)
+def _soft_matching_score(x, y, *, device=None):
+    tr = solve(x, y, device=device)
     return PairValue(1.0 - max(tr.cost, 0.0) / 2.0, tr.solver, tr.certificate.as_dict())
 
 
-def _permutation(Xp, Yp, *, device=None):
-    tr, d = permutation_prepared(Xp, Yp, device=device)
+def _permutation(x, y, *, device=None):
+    tr, d = permutation_prepared(x, y, device=device)
     return PairValue(d, tr.solver, tr.certificate.as_dict())
 
 
-def _procrustes(Xp, Yp, *, device=None):
-    return PairValue(procrustes_prepared(Xp, Yp, device=device))
+def _procrustes(x, y, *, device=None):
+    return PairValue(procrustes_prepared(x, y, device=device))
 
 
-def _cka(Xp, Yp, *, device=None):
-    return PairValue(linear_cka_prepared(Xp, Yp))
+def _cka(x, y, *, device=None):
+    return PairValue(linear_cka_prepared(x, y))
 
 
 _REGISTRY: dict[str, Metric] = {}

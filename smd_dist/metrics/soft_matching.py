@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import scipy.sparse as sp
 
-from smd_dist.prepare import prepare_pair
-from smd_dist.solvers import Certificate, Transport, solve
+from smd_dist.kernel.certificate import Certificate
+from smd_dist.kernel.prepared import PreparedRep, prepare_pair
+from smd_dist.kernel.transport import Transport, solve
 
 __all__ = [
     "SoftMatchingResult",
@@ -50,7 +51,7 @@ class SoftMatchingResult:
     plan : scipy.sparse.coo_array or None
         The optimal plan (Nx, Ny) when ``return_plan=True``.
     solver : str
-        Which exact method produced the plan (see :mod:`smd_dist.solvers`).
+        Which exact method produced the plan (see :mod:`smd_dist.kernel.transport`).
     certificate : Certificate
         Dual feasibility violation, primal–dual gap and tolerance (all passed).
     """
@@ -63,9 +64,9 @@ class SoftMatchingResult:
     certificate: Certificate
 
 
-def transport(Xp, Yp, *, device=None) -> Transport:
-    """Certified optimal transport between already prepared arrays (no preprocessing)."""
-    return solve(Xp, Yp, device=device)
+def transport(x: PreparedRep, y: PreparedRep, *, device=None) -> Transport:
+    """Certified optimal transport between prepared reps (no further preprocessing)."""
+    return solve(x, y, device=device)
 
 
 def soft_matching(
@@ -108,7 +109,7 @@ def soft_matching(
     ------
     ValueError
         Bad input (NaN/Inf, shape, dtype, constant neurons under normalisation).
-    smd_dist.solvers.SolverError
+    smd_dist.kernel.SolverError
         If optimality could not be certified (never a silently approximate number).
 
     References
@@ -116,8 +117,8 @@ def soft_matching(
     .. [1] Khosla, M., & Williams, A. H. (2024). Soft matching distance: a metric on neural
        representations that captures single-neuron tuning. Proceedings of UniReps, PMLR 243.
     """
-    Xp, Yp = prepare_pair(X, Y, center=center, normalize=normalize, names=names)
-    tr = transport(Xp, Yp, device=device)
+    x, y = prepare_pair(X, Y, center=center, normalize=normalize, names=names)
+    tr = transport(x, y, device=device)
     cost = max(tr.cost, 0.0)
     score = 1.0 - cost / 2.0 if (center and normalize == "unit") else None
     return SoftMatchingResult(

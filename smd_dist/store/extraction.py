@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from smd_dist.store import ActivationStore, RepRecord, StoreError, rep_id
+from smd_dist.store.activation_store import ActivationStore, RepRecord, StoreError, rep_id
 
 POOLINGS = ("flatten", "mean")
 # Output keys tried, in order, when a module returns a dict or a transformers ModelOutput.
@@ -240,7 +240,7 @@ def extract(
     if stimulus_ids is not None:
         store.set_stimuli(stimulus_ids)
     if device is not None:
-        from smd_dist.prepare import resolve_device
+        from smd_dist.kernel.preparation import resolve_device
 
         device = resolve_device(device)  # "cuda" without CUDA: cpu, with a warning
         model.to(device)

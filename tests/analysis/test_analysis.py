@@ -45,7 +45,7 @@ def results_dataset(values, ids, *, name="soft_matching", n_neurons=None, diagno
 
 def save_results(ds, path):
     """Write a Dataset as a finished run's output, readable by smd_dist.open_distances."""
-    from smd_dist.results import OUTPUT_FORMAT, ResultsOutput
+    from smd_dist.engine.output import OUTPUT_FORMAT, ResultsOutput
 
     output = ResultsOutput(path)
     output.initialise({"format": OUTPUT_FORMAT})

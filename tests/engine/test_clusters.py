@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from smd_dist.cli import main
-from smd_dist.cluster import (
+from smd_dist.config import ConfigError
+from smd_dist.engine.clusters import (
     SINGLE_THREAD_ENV,
     default_layout,
     job_script,
@@ -19,7 +20,6 @@ from smd_dist.cluster import (
     read_cluster_section,
     resolve_config,
 )
-from smd_dist.config import ConfigError
 
 SLURM = {
     "kind": "slurm",

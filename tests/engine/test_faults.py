@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from smd_dist import engine, metrics
+from smd_dist import metrics
 from smd_dist.cli import main
-from smd_dist.engine import InputError, RunReport, compute_distances
-from smd_dist.results import CorruptOutputError, ResultsOutput, open_distances
+from smd_dist.engine import InputError, RunReport, compute_distances, tasks
+from smd_dist.engine.output import CorruptOutputError, ResultsOutput, open_distances
 from smd_dist.store import ActivationStore
 
 pytestmark = pytest.mark.slow
@@ -280,7 +280,7 @@ def test_failing_pair_exits_nonzero_status_lists_it_rerun_retries_it(tmp_path, m
         runner = CliRunner()
         with monkeypatch.context() as mp:
             mp.setattr(
-                engine.metric_registry,
+                tasks.metric_registry,
                 "get",
                 lambda name: Failing() if name == "soft_matching" else metrics.get(name),
             )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from smd_dist.results import (
+from smd_dist.engine.output import (
     CorruptOutputError,
     IncompatibleOutputError,
     OutputError,

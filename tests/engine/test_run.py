@@ -13,10 +13,20 @@ import xarray as xr
 from click.testing import CliRunner
 
 import smd_dist
-from smd_dist import engine, metrics
+from smd_dist import metrics
 from smd_dist.cli import main
-from smd_dist.engine import InputError, OutputLockedError, RunReport, compute_distances
-from smd_dist.results import IncompatibleOutputError, OutputError, open_distances
+from smd_dist.engine import (
+    InputError,
+    OutputLockedError,
+    RunReport,
+    compute_distances,
+    planning,
+    run,
+    selection,
+    settings,
+    tasks,
+)
+from smd_dist.engine.output import IncompatibleOutputError, OutputError, open_distances
 from smd_dist.store import ActivationStore
 
 WIDTHS = {"net-a/conv.1": 6, "net-a/conv.2": 9, "net-b/features/0": 6, "net-b/fc": 12}
@@ -110,7 +120,7 @@ def test_new_reps_compute_only_new_pairs(store, client, tmp_path):
 
 
 def test_each_rep_is_read_and_prepared_once_per_worker(store, client):
-    from smd_dist import worker_cache
+    from smd_dist.engine import worker_cache
 
     worker_cache.clear()
     before = worker_cache.stats()
@@ -127,25 +137,25 @@ def test_long_lived_objects_are_frozen_for_the_run_and_handed_back(store, client
 
     assert gc.get_freeze_count() == 0
     seen = []
-    real = engine._run_pairs
+    real = run._run_pairs
 
     def spy(*args, **kwargs):
         seen.append(gc.get_freeze_count())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_run_pairs", spy)
+    monkeypatch.setattr(run, "_run_pairs", spy)
     compute_distances(store, client=client, progress=False)
     assert seen and seen[0] > 1000  # the scheduler's process skips them in full collections
     assert gc.get_freeze_count() == 0
-    with engine._gc_frozen():
-        with engine._gc_frozen():
+    with run._gc_frozen():
+        with run._gc_frozen():
             pass
         assert gc.get_freeze_count() > 0  # an inner run does not thaw an outer one
     assert gc.get_freeze_count() == 0
 
 
 def test_a_prepared_rep_has_its_copies_last(tmp_path):
-    from smd_dist import solvers
+    from smd_dist.kernel.prepared import identical_columns, prepare
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((M, 10))
@@ -154,14 +164,14 @@ def test_a_prepared_rep_has_its_copies_last(tmp_path):
     store = ActivationStore(tmp_path / "s", mode="a")
     store.write("net", "dup", x)
     record = store.record("net", "dup")
-    prep = engine._prep_key({"center": True, "normalize": None})
-    source = engine.RepSource(str(store.path), "net", "dup", record.content_hash, (prep,))
-    A = engine._prepare_rep(source)[prep]
-    assert not A.flags.writeable
-    assert solvers._unique_columns(A)[0].tolist() == list(range(8))  # merged: a prefix
+    prep = selection.prep_key({"center": True, "normalize": None})
+    source = tasks.RepSource(str(store.path), "net", "dup", record.content_hash, (prep,))
+    A = tasks.prepare_rep(source)[prep]
+    assert not A.columns.flags.writeable and A.n_distinct == 8
+    assert identical_columns(np.array(A.columns))[0].tolist() == list(range(8))  # a prefix
     y = rng.standard_normal((M, 7))
     direct = smd_dist.soft_matching_distance(store.read("net", "dup"), y)
-    value = metrics.get("soft_matching").compute(A, y - y.mean(0)).value
+    value = metrics.get("soft_matching").compute(A, prepare(y)).value
     assert value == pytest.approx(direct, rel=1e-12)
 
 
@@ -184,15 +194,15 @@ def test_input_checks_are_submitted_widest_first_in_one_call(store, monkeypatch)
     monkeypatch.setattr(distributed, "wait", lambda futures: None)
     chosen = store.list()
     todo = [(i, j) for i in range(len(chosen)) for j in range(i + 1, len(chosen))]
-    sources = engine._sources(store, chosen, ["{}"])
-    engine._check_inputs(Recorder(), chosen, todo, sources, token="t")
+    sources = run._sources(store, chosen, ["{}"])
+    run._check_inputs(Recorder(), chosen, todo, sources, token="t")
     assert len(calls) == 1
     widths = [chosen[int(k.split("-")[1])].n_neurons for k in calls[0]]
     assert widths == sorted(widths, reverse=True) and len(widths) == len(chosen)
 
 
 def test_the_keep_budget_follows_the_workers_memory_limit(client):
-    from smd_dist import worker_cache
+    from smd_dist.engine import worker_cache
 
     limits = {w["id"]: w["memory_limit"] for w in client.scheduler_info()["workers"].values()}
     seen = client.submit(worker_cache.memory_limit, pure=False).result()
@@ -200,10 +210,10 @@ def test_the_keep_budget_follows_the_workers_memory_limit(client):
 
 
 def test_reps_too_big_to_keep_are_checked_then_read_again(store, client, monkeypatch):
-    from smd_dist import worker_cache
+    from smd_dist.engine import worker_cache
 
     kept = compute_distances(store, client=client, progress=False)
-    monkeypatch.setattr(engine, "KEEP_PREPARED_FRACTION", 0.0)
+    monkeypatch.setattr(tasks, "KEEP_PREPARED_FRACTION", 0.0)
     before = worker_cache.stats()["made"]
     reread = compute_distances(store, client=client, progress=False)
     assert reread["soft_matching"].values.tobytes() == kept["soft_matching"].values.tobytes()
@@ -260,7 +270,7 @@ def test_bad_rep_is_refused_before_any_pair(tmp_path, client):
         compute_distances(
             store, output=tmp_path / "out", client=client, progress=False, normalize="unit"
         )
-    latest, _, _ = smd_dist.results.ResultsOutput(tmp_path / "out").records()
+    latest, _, _ = smd_dist.engine.output.ResultsOutput(tmp_path / "out").records()
     assert latest == {}
 
 
@@ -277,7 +287,7 @@ def test_failed_pair_is_recorded_and_retried_alone(store, client, tmp_path, monk
             return real.compute(xa, xb, **kw)
 
     monkeypatch.setattr(
-        engine.metric_registry,
+        tasks.metric_registry,
         "get",
         lambda name: Flaky() if name == "soft_matching" else metrics.get(name),
     )
@@ -311,7 +321,7 @@ def test_incompatible_output_is_refused(store, client, tmp_path):
 
 
 def test_second_run_on_a_locked_output_is_refused(store, client, tmp_path):
-    with engine._output_lock(tmp_path / "out"):
+    with run._output_lock(tmp_path / "out"):
         with pytest.raises(OutputLockedError, match="another run"):
             compute_distances(store, output=tmp_path / "out", client=client, progress=False)
     compute_distances(store, output=tmp_path / "out", client=client, progress=False)
@@ -326,14 +336,14 @@ def test_unwritable_or_full_output_is_refused_before_compute(store, client, tmp_
     class Usage:
         free = 1000
 
-    monkeypatch.setattr(engine.shutil, "disk_usage", lambda path: Usage())
+    monkeypatch.setattr(run.shutil, "disk_usage", lambda path: Usage())
     with pytest.raises(OutputError, match="MiB free"):
         compute_distances(store, output=tmp_path / "out", client=client, progress=False)
     assert not (tmp_path / "out").exists()
 
 
 def test_too_wide_pair_is_refused_with_remedies(store, client, monkeypatch):
-    monkeypatch.setattr(engine, "pair_memory_bytes", lambda m, a, b: 10**15)
+    monkeypatch.setattr(planning, "pair_memory_bytes", lambda m, a, b: 10**15)
     with pytest.raises(InputError, match="pooling"):
         compute_distances(store, client=client, progress=False)
 
@@ -343,7 +353,7 @@ def test_a_pair_must_fit_in_a_worker_threads_share_of_memory(store, client, monk
     limit, threads = worker["memory_limit"], worker["nthreads"]
     assert threads == 2
     need = int(0.5 * limit)  # fits the process, not two pairs solved at once by its threads
-    monkeypatch.setattr(engine, "pair_memory_bytes", lambda m, a, b: need)
+    monkeypatch.setattr(planning, "pair_memory_bytes", lambda m, a, b: need)
     with pytest.raises(InputError, match=rf"worker threads have {limit / 2 / 2**30:.2f} GiB"):
         compute_distances(store, client=client, progress=False)
 
@@ -392,25 +402,25 @@ def test_engine_settings_take_env_spelling_and_run_config_over_defaults():
 
     from smd_dist.config import ConfigError
 
-    defaults = engine.engine_settings()
+    defaults = settings.engine_settings()
     assert defaults["flush-seconds"] == 2.0 and defaults["task-entries"] == 2**19
     # An environment variable reaches dask.config spelt with "_" (read at import).
-    read = "from smd_dist.engine import engine_settings as s; print(s()['flush-seconds'])"
+    read = "from smd_dist.engine.settings import engine_settings as s; print(s()['flush-seconds'])"
     env = {**os.environ, "DASK_SMD_DIST__ENGINE__FLUSH_SECONDS": "0.5"}
     out = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "0.5", out.stderr
     with dask.config.set({"smd-dist.engine.flush-seconds": 0.5}):
-        assert engine.engine_settings()["flush-seconds"] == 0.5
+        assert settings.engine_settings()["flush-seconds"] == 0.5
         # a run config's engine: section wins over the config
-        over = engine.engine_settings({"flush_seconds": 3, "task-entries": 0})
+        over = settings.engine_settings({"flush_seconds": 3, "task-entries": 0})
         assert over["flush-seconds"] == 3.0 and over["task-entries"] == 0
     # a config whose engine mapping lost keys still gets the package's defaults
     with dask.config.set({"smd-dist.engine": {"wave-size": 8}}):
-        assert engine.engine_settings() == {**defaults, "wave-size": 8}
+        assert settings.engine_settings() == {**defaults, "wave-size": 8}
     for bad in ({"flush-seconds": 0}, {"wave-size": 0}, {"max-pairs-per-task": 1.5},
                 {"task-entries": True}, "fast", {"flush-seconds": 1, "flush_seconds": 2}):
         with pytest.raises(ConfigError, match="engine setting"):
-            engine.engine_settings(bad)
+            settings.engine_settings(bad)
 
 
 def test_tasks_cover_each_pair_once_largest_work_first():
@@ -420,7 +430,7 @@ def test_tasks_cover_each_pair_once_largest_work_first():
     reps = [SimpleNamespace(n_neurons=w) for w in widths]
     todo = [(i, j) for i in range(len(reps)) for j in range(i + 1, len(reps))]
     entries = 64 * 64
-    tasks = engine._plan_tasks(reps, todo, task_entries=entries, per_task=4)
+    tasks = planning.plan_tasks(reps, todo, task_entries=entries, per_task=4)
     pairs = [pair for task in tasks for pair in task]
     assert sorted(pairs) == todo
     work = [sum(widths[i] * widths[j] for i, j in task) for task in tasks]
@@ -436,4 +446,4 @@ def test_tasks_cover_each_pair_once_largest_work_first():
     full = [w >= entries or len(t) == 4 for t, w in zip(tasks, work, strict=True) if len(t) > 1]
     assert full.count(False) <= 1
     # task_entries=0: one pair per task
-    assert all(len(t) == 1 for t in engine._plan_tasks(reps, todo, task_entries=0, per_task=4))
+    assert all(len(t) == 1 for t in planning.plan_tasks(reps, todo, task_entries=0, per_task=4))

@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from smd_dist.cli import main
-from smd_dist.cluster import make_client
+from smd_dist.engine.clusters import make_client
 
 pytestmark = [
     pytest.mark.slurm,
@@ -186,7 +186,7 @@ def written(monkeypatch):
     The engine compacts the ledger at the end of a run (one record per key survives), so
     duplicates are counted as they are appended, not read back afterwards.
     """
-    from smd_dist.results import ResultsOutput
+    from smd_dist.engine.output import ResultsOutput
 
     counts: dict[str, Counter] = {}
     compacting = threading.local()
@@ -249,9 +249,9 @@ def test_scancel_mid_run_loses_and_duplicates_nothing(demo, local_results, slurm
             import os
             import time
 
-            import smd_dist.engine as engine_module
+            from smd_dist.engine import tasks
 
-            real = engine_module._compare_pairs
+            real = tasks.compare_pairs
 
             def held(*args, **kwargs):
                 deadline = time.monotonic() + 300
@@ -259,7 +259,7 @@ def test_scancel_mid_run_loses_and_duplicates_nothing(demo, local_results, slurm
                     time.sleep(0.05)
                 return real(*args, **kwargs)
 
-            engine_module._compare_pairs = held
+            tasks.compare_pairs = held
 
         gate.touch()
         client.run(hold_pair_tasks_while, str(gate), workers=[victim_address])

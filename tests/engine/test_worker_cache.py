@@ -9,7 +9,7 @@ import numpy as np
 import psutil
 import pytest
 
-from smd_dist import worker_cache
+from smd_dist.engine import worker_cache
 
 
 @pytest.fixture(autouse=True)

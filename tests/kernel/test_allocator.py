@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from smd_dist.allocator import small_page_empty
+from smd_dist.kernel.allocator import small_page_empty
 
 # Run in a fresh interpreter started the way dask's nanny starts a worker, so that the
 # thresholds under test are glibc's, not whatever this test process has set.
@@ -20,7 +20,7 @@ PROBE = """
 import json, resource
 import numpy as np
 
-from smd_dist.allocator import reuse_freed_memory
+from smd_dist.kernel.allocator import reuse_freed_memory
 
 def faults_per_array():
     # 1 MiB: above glibc's default mmap threshold, below ours. Smaller than a huge page,

@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_solvers import make
+from test_transport import make
 
-from smd_dist import screening
-from smd_dist.prepare import squared_distances
-from smd_dist.screening import BoundViolation, CostBounds
+from smd_dist.kernel import bounds as bounds_module
+from smd_dist.kernel.bounds import BoundViolation, CostBounds
+from smd_dist.kernel.preparation import squared_distances
 
 DTYPES = [torch.bfloat16, torch.float32]
 
@@ -21,7 +21,7 @@ DTYPES = [torch.bfloat16, torch.float32]
 @pytest.fixture(params=DTYPES, ids=["bfloat16", "float32"])
 def product_dtype(request, monkeypatch):
     """Force the product precision whatever the probe would pick on this CPU."""
-    monkeypatch.setitem(screening._PRODUCT_DTYPE, "cpu", request.param)
+    monkeypatch.setitem(bounds_module._PRODUCT_DTYPE, "cpu", request.param)
     return request.param
 
 
@@ -119,7 +119,7 @@ def test_candidates_cover_every_row_and_column():
 
 
 def test_product_precision_follows_the_hardware(monkeypatch):
-    assert screening.product_dtype(torch.device("cuda")) == torch.float32
+    assert bounds_module.product_dtype(torch.device("cuda")) == torch.float32
     cases = [
         ({"amx_bf16": True, "avx512_bf16": True}, torch.bfloat16),
         ({"amx_bf16": False, "avx512_bf16": True}, torch.bfloat16),  # e.g. AMD Zen 4
@@ -128,14 +128,14 @@ def test_product_precision_follows_the_hardware(monkeypatch):
         ({}, torch.float32),
     ]
     for capabilities, expected in cases:
-        monkeypatch.setattr(screening, "_PRODUCT_DTYPE", {})
+        monkeypatch.setattr(bounds_module, "_PRODUCT_DTYPE", {})
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda c=capabilities: c)
-        assert screening.product_dtype(torch.device("cpu")) == expected, capabilities
+        assert bounds_module.product_dtype(torch.device("cpu")) == expected, capabilities
 
 
 def test_a_product_that_breaks_the_bound_is_not_used(monkeypatch):
     """The self-test catches a library whose bfloat16 products are less accurate."""
-    assert screening._bound_holds(torch.bfloat16, torch.device("cpu"))
+    assert bounds_module._bound_holds(torch.bfloat16, torch.device("cpu"))
     real = torch.Tensor.__matmul__
 
     def sloppy(a, b):  # as if partial sums were rounded to bfloat16 along the way
@@ -143,10 +143,10 @@ def test_a_product_that_breaks_the_bound_is_not_used(monkeypatch):
         return out * (1 - 2.0**-6) if out.dtype == torch.bfloat16 else out
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", sloppy)
-    assert not screening._bound_holds(torch.bfloat16, torch.device("cpu"))
-    monkeypatch.setattr(screening, "_PRODUCT_DTYPE", {})
+    assert not bounds_module._bound_holds(torch.bfloat16, torch.device("cpu"))
+    monkeypatch.setattr(bounds_module, "_PRODUCT_DTYPE", {})
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
-    assert screening.product_dtype(torch.device("cpu")) == torch.float32
+    assert bounds_module.product_dtype(torch.device("cpu")) == torch.float32
 
 
 def test_below_over_budget_keeps_the_most_doubtful_of_each_row(product_dtype):
@@ -200,17 +200,18 @@ def test_threads_never_see_a_precision_decision_half_made(monkeypatch):
     import threading
     import time
 
-    monkeypatch.setattr(screening, "_PRODUCT_DTYPE", {})
+    monkeypatch.setattr(bounds_module, "_PRODUCT_DTYPE", {})
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
 
     def slow_self_test(dtype, device):
         time.sleep(0.3)
         return True
 
-    monkeypatch.setattr(screening, "_bound_holds", slow_self_test)
+    monkeypatch.setattr(bounds_module, "_bound_holds", slow_self_test)
     seen = []
+    cpu = torch.device("cpu")
     threads = [
-        threading.Thread(target=lambda: seen.append(screening.product_dtype(torch.device("cpu"))))
+        threading.Thread(target=lambda: seen.append(bounds_module.product_dtype(cpu)))
         for _ in range(3)
     ]
     for t in threads:
@@ -226,10 +227,10 @@ def test_threads_never_see_a_precision_decision_half_made(monkeypatch):
 PRECISION_PROBE = """
 import json, sys, warnings
 import numpy as np, ot, torch
-from smd_dist import screening
-from smd_dist.prepare import preprocess
-from smd_dist.solvers import solve
-from smd_dist.synthetic import family
+from smd_dist.kernel import bounds as bounds_module
+from smd_dist.kernel.preparation import preprocess
+from smd_dist.kernel.transport import solve
+from smd_dist.demo.workloads import family
 
 cpu, cuda = torch.device("cpu"), torch.device("cuda")
 X, Y = (preprocess(a) for a in family("latent", [512, 512], n_stimuli=200, seed=1))
@@ -242,21 +243,21 @@ def state():
         tr = solve(X, Y, device="cpu")
     try:
         norms = (np.einsum("mi,mi->i", X, X), np.einsum("mj,mj->j", Y, Y))
-        screening.CostBounds(X, Y, norms, device=cpu)
+        bounds_module.CostBounds(X, Y, norms, device=cpu)
         bounds = "built"
-    except screening.ReducedPrecision as err:
+    except bounds_module.ReducedPrecision as err:
         bounds = str(err)
     return {
-        "cpu": screening.reduced_float32_matmul(cpu),
-        "cuda": screening.reduced_float32_matmul(cuda),
-        "other": screening.reduced_float32_matmul(torch.device("meta")),
+        "cpu": bounds_module.reduced_float32_matmul(cpu),
+        "cuda": bounds_module.reduced_float32_matmul(cuda),
+        "other": bounds_module.reduced_float32_matmul(torch.device("meta")),
         "solver": tr.solver,
         "error": abs(tr.cost - reference),
         "passed": tr.certificate.passed,
         "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
         "bounds": bounds,
-        "dtype": str(screening.product_dtype(cpu)),
-        "decided": "cpu" in screening._PRODUCT_DTYPE,
+        "dtype": str(bounds_module.product_dtype(cpu)),
+        "decided": "cpu" in bounds_module._PRODUCT_DTYPE,
     }
 
 out = {}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from smd_dist.prepare import (
+from smd_dist.kernel.preparation import (
     cross_product,
     neuron_major,
     preprocess,

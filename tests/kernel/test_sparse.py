@@ -9,19 +9,22 @@ import numpy as np
 import ot
 import pytest
 import torch
-from test_solvers import make, reference
+from test_transport import make, reference
 
-from smd_dist import screening, solvers, sparse_simplex
-from smd_dist.prepare import preprocess, squared_distances
-from smd_dist.screening import BoundViolation, CostBounds
-from smd_dist.solvers import SolverError, solve
-from smd_dist.sparse_simplex import SOLVER, SparseUnsuitable, north_west_corner, solve_sparse
+from smd_dist.kernel import bounds as bounds_module
+from smd_dist.kernel import sparse
+from smd_dist.kernel import transport as solve_module
+from smd_dist.kernel.bounds import BoundViolation, CostBounds
+from smd_dist.kernel.certificate import SolverError, tolerance_from_norms
+from smd_dist.kernel.preparation import preprocess, squared_distances
+from smd_dist.kernel.sparse import SOLVER, SparseUnsuitable, north_west_corner, solve_sparse
+from smd_dist.kernel.transport import solve
 
 
 @pytest.fixture(params=[torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
 def product_dtype(request, monkeypatch):
     """Force the product precision whatever the probe would pick on this CPU."""
-    monkeypatch.setitem(screening._PRODUCT_DTYPE, "cpu", request.param)
+    monkeypatch.setitem(bounds_module._PRODUCT_DTYPE, "cpu", request.param)
     return request.param
 
 
@@ -120,7 +123,7 @@ def test_sparse_with_merged_counts_matches_weighted_simplex(shape, product_dtype
     rng = np.random.default_rng(nx)
     cx, cy = rng.integers(1, 5, nx), rng.integers(1, 5, ny)
     norms = (np.einsum("mi,mi->i", X, X), np.einsum("mj,mj->j", Y, Y))
-    tol = solvers._tolerance(*norms)
+    tol = tolerance_from_norms(*norms)
     bounds = CostBounds(X, Y, norms, device=torch.device("cpu"))
     sol = solve_sparse(bounds, tol=tol, counts=(cx, cy))
     D = squared_distances(X, Y)
@@ -177,7 +180,7 @@ def test_sparse_failure_falls_back_to_dense(monkeypatch, error):
     def broken(bounds, **options):
         raise error("simulated")
 
-    monkeypatch.setattr(solvers, "solve_sparse", broken)
+    monkeypatch.setattr(solve_module, "solve_sparse", broken)
     tr = solve(X, Y)
     assert tr.solver in ("assignment", "network-simplex") and tr.certificate.passed
     assert tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
@@ -190,8 +193,8 @@ def test_too_many_undecided_entries_refuse_the_sparse_path(monkeypatch):
     norms = (np.einsum("mi,mi->i", X, X), np.einsum("mj,mj->j", Y, Y))
     bounds = CostBounds(X, Y, norms, device=torch.device("cpu"))
     with pytest.raises(SparseUnsuitable, match="entries"):
-        solve_sparse(bounds, tol=solvers._tolerance(*norms), max_exact_fraction=1e-3)
-    monkeypatch.setattr(solvers, "MAX_EXACT_FRACTION", 1e-3)
+        solve_sparse(bounds, tol=tolerance_from_norms(*norms), max_exact_fraction=1e-3)
+    monkeypatch.setattr(solve_module, "MAX_EXACT_FRACTION", 1e-3)
     tr = solve(X, Y)
     assert tr.solver != SOLVER and tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
     assert solve(X, Y, method=SOLVER).solver == SOLVER  # forced: no budget
@@ -199,21 +202,21 @@ def test_too_many_undecided_entries_refuse_the_sparse_path(monkeypatch):
 
 def test_rounds_are_capped(monkeypatch):
     X, Y = wide_latent(300, 5)
-    monkeypatch.setattr(sparse_simplex, "MAX_ROUNDS", 0)
+    monkeypatch.setattr(sparse, "MAX_ROUNDS", 0)
     with pytest.raises(SolverError, match="did not settle"):
         solve(X, Y, method=SOLVER)
 
 
 def test_a_non_optimal_sparse_solve_is_refused(monkeypatch):
     X, Y = wide_latent(300, 9)
-    real = sparse_simplex.emd_c_sparse
+    real = sparse.emd_c_sparse
 
     def capped(*args):
         out = list(real(*args))
         out[-1] = 3  # MAX_ITER_REACHED
         return tuple(out)
 
-    monkeypatch.setattr(sparse_simplex, "emd_c_sparse", capped)
+    monkeypatch.setattr(sparse, "emd_c_sparse", capped)
     with pytest.raises(SolverError, match="not optimal"):
         solve(X, Y, method=SOLVER)
 
@@ -241,7 +244,7 @@ def test_layout_does_not_change_results():
 
 def test_without_a_sparse_network_simplex_the_dense_path_serves(monkeypatch):
     X, Y = wide_latent(300, 12)
-    monkeypatch.setattr(sparse_simplex, "emd_c_sparse", None)  # as with POT < 0.9.7
+    monkeypatch.setattr(sparse, "emd_c_sparse", None)  # as with POT < 0.9.7
     tr = solve(X, Y)
     assert tr.solver != SOLVER and tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
     with pytest.raises(SolverError, match="POT >= 0.9.7"):
@@ -250,7 +253,7 @@ def test_without_a_sparse_network_simplex_the_dense_path_serves(monkeypatch):
 
 def test_later_rounds_start_from_the_previous_duals_and_reach_the_same_optimum(monkeypatch):
     X, Y = wide_latent(400, 3)
-    real = sparse_simplex.emd_c_sparse
+    real = sparse.emd_c_sparse
     calls = []
 
     def recording(a, b, rows, cols, costs, max_iter, *warm):
@@ -258,7 +261,7 @@ def test_later_rounds_start_from_the_previous_duals_and_reach_the_same_optimum(m
         calls.append(((a, b, rows, cols, costs), warm, out))
         return out
 
-    monkeypatch.setattr(sparse_simplex, "emd_c_sparse", recording)
+    monkeypatch.setattr(sparse, "emd_c_sparse", recording)
     tr = solve(X, Y, method=SOLVER)
     assert len(calls) >= 2, "this pair should need more than one round"
     assert calls[0][1] == ()
@@ -266,7 +269,7 @@ def test_later_rounds_start_from_the_previous_duals_and_reach_the_same_optimum(m
         np.testing.assert_array_equal(warm[0], before[4])
         np.testing.assert_array_equal(warm[1], before[5])
     problem, _, warm_out = calls[-1]
-    cold = real(*problem, sparse_simplex.MAX_ITER)
+    cold = real(*problem, sparse.MAX_ITER)
     assert warm_out[-1] == cold[-1] == 1
     assert warm_out[3] == pytest.approx(cold[3], rel=1e-13)
     assert tr.cost == pytest.approx(reference(X, Y), rel=1e-12)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import smd_dist
-from smd_dist.validation import check_array, check_normalizable, check_pair
+from smd_dist.kernel.validation import check_array, check_normalizable, check_pair
 
 
 @pytest.fixture

@@ -12,8 +12,9 @@ from scipy.linalg import orthogonal_procrustes
 from scipy.stats import ortho_group
 
 import smd_dist
+from smd_dist.kernel.prepared import prepare
+from smd_dist.kernel.transport import Certificate
 from smd_dist.metrics import Metric, PairValue, available, get
-from smd_dist.solvers import Certificate
 
 
 def rep(rng, m=15, n=6, latent=None):
@@ -234,9 +235,7 @@ def test_registry_compute_matches_public_functions(rng, name):
     json.dumps({"description": metric.description, "eq": metric.equal_width_only})
     prep = metric.preprocessing(center=True, normalize="zscore")
     assert set(prep) == {"center", "normalize"}
-    Xp = smd_dist.prepare.preprocess(X, **prep)
-    Yp = smd_dist.prepare.preprocess(Y, **prep)
-    out = metric.compute(Xp, Yp, device="cpu")
+    out = metric.compute(prepare(X, **prep), prepare(Y, **prep), device="cpu")
     assert isinstance(out, PairValue)
     json.dumps({"v": out.value, "s": out.solver, "c": out.certificate})
     public = {

@@ -13,7 +13,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smd_dist.store import (
+from smd_dist.store.activation_store import (
     ActivationStore,
     CorruptStoreError,
     StoreError,

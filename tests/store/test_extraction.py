@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from smd_dist.extract import ExtractionError, extract, first_tensor, pool
 from smd_dist.store import ActivationStore, StoreError
+from smd_dist.store.extraction import ExtractionError, extract, first_tensor, pool
 
 
 @pytest.fixture

@@ -1,0 +1,228 @@
+"""A representation prepared once for every pair it takes part in.
+
+Arrays are (stimuli M, neurons N): a neuron's tuning curve is a column. A representation
+compared with many others (all pairs: each rep meets every other) needs the same
+per-neuron quantities in every pair: its centred (and maybe normalised) columns, their
+squared norms, the groups of identical columns (dead units, exact copies), and the
+low-precision copy the cost bounds are built from. :class:`PreparedRep` holds them, made
+once by :func:`prepare`; the engine keeps one per rep and passes it to every solve, and the
+public functions make one per call from plain arrays.
+
+Identical columns are interchangeable in every metric here (each is invariant to permuting
+neurons), and the solver merges each group into one neuron carrying the group's mass. A
+prepared rep therefore keeps one column of each group first, in order, and the copies
+after them: the merged problem's columns are a prefix, a view, and no merged copy of the
+rep exists next to it (in float64 or in low precision). ``neurons`` maps each column back to
+the neuron it came from, so plans are reported in the caller's order.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from smd_dist.kernel.bounds import LowPrecision, low_precision
+from smd_dist.kernel.certificate import squared_norms
+from smd_dist.kernel.preparation import neuron_major, preprocess
+from smd_dist.kernel.validation import check_same_stimuli
+
+__all__ = ["PreparedRep", "as_prepared", "identical_columns", "prepare", "prepare_pair"]
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedRep:
+    """One representation's prepared tuning curves and the per-neuron quantities of a solve.
+
+    Attributes
+    ----------
+    columns : numpy.ndarray, shape (M, N), float64
+        The prepared (stimuli, neurons) array: one column of each group of identical
+        columns first, in their original order, then the other copies. Read-only when
+        made by :func:`prepare`.
+    sq_norms : numpy.ndarray, shape (N,)
+        :math:`\\lVert x_i \\rVert^2` of each column of ``columns``.
+    n_distinct : int
+        Groups of identical columns; ``columns[:, :n_distinct]`` holds one of each.
+    group : numpy.ndarray of int, shape (N,)
+        The group of each column of ``columns`` (``group[q] == q`` for ``q < n_distinct``).
+    counts : numpy.ndarray of int64, shape (n_distinct,)
+        Columns per group.
+    neurons : numpy.ndarray of int, shape (N,), or None
+        The original neuron of each column of ``columns``; None when the order is the
+        original one.
+    name : str
+        Label for messages (``"model/layer"``).
+    """
+
+    columns: np.ndarray
+    sq_norms: np.ndarray
+    n_distinct: int
+    group: np.ndarray
+    counts: np.ndarray
+    neurons: np.ndarray | None = None
+    name: str = "X"
+    _low: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(stimuli, neurons)``."""
+        return self.columns.shape
+
+    @property
+    def merged(self) -> bool:
+        """Whether some columns are identical (the solver then merges them)."""
+        return self.n_distinct < self.columns.shape[1]
+
+    def distinct(self) -> np.ndarray:
+        """One column of each group of identical columns: a view of ``columns``."""
+        return self.columns if not self.merged else self.columns[:, : self.n_distinct]
+
+    def low_precision(self, device, dtype) -> LowPrecision:
+        """The scaled low-precision copy of ``columns`` for the cost bounds
+        (:func:`smd_dist.kernel.bounds.low_precision`), made once per device and dtype."""
+        key = (str(device), str(dtype))
+        with self._lock:  # the task threads of a worker share prepared reps
+            low = self._low.get(key)
+            if low is None:
+                low = self._low[key] = low_precision(self.columns, self.sq_norms, dtype)
+        return low
+
+    def distinct_low_precision(self, device, dtype) -> LowPrecision:
+        """:meth:`low_precision` of the distinct columns (views of the whole rep's copy, so
+        a rep merged in one pair and whole in another sees the same bounds)."""
+        low = self.low_precision(device, dtype)
+        return low if not self.merged else low.head(self.n_distinct)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the columns and every low-precision copy made so far."""
+        low = sum(
+            copy.low.element_size() * copy.low.nelement() + copy.err.nbytes + copy.norm_low.nbytes
+            for copy in list(self._low.values())
+        )
+        return int(self.columns.nbytes + self.sq_norms.nbytes + self.group.nbytes + low)
+
+
+def identical_columns(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Groups of identical columns of a (stimuli, neurons) array.
+
+    Columns are bucketed by a weighted sum (non-constant weights, since centred columns all
+    sum to about zero; the same operations for every column, so identical columns get
+    identical fingerprints) and a bucket's members are merged only after an exact
+    comparison with the bucket's first column. Groups are numbered by first occurrence.
+
+    Returns
+    -------
+    keep : numpy.ndarray of int
+        The first column of each group, ascending.
+    group : numpy.ndarray of int, shape (N,)
+        Each column's group (an index into ``keep``).
+    counts : numpy.ndarray of int64
+        Columns per group.
+    """
+    m, n = X.shape
+    w = np.cos(np.arange(m) * 0.7548776662466927) + 1.5  # any fixed, non-constant weights
+    f = np.einsum("m,mn->n", w, X)
+    order = np.lexsort((np.arange(n), f))
+    same = f[order][1:] == f[order][:-1]
+    first_of = np.arange(n)
+    if same.any():
+        starts = np.flatnonzero(np.r_[True, ~same])
+        ends = np.r_[starts[1:], n]
+        for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
+            members = order[s:e]  # ascending column index within a bucket
+            first = members[0]
+            for j in members[1:]:
+                if np.array_equal(X[:, j], X[:, first]):
+                    first_of[j] = first
+    keep, group, counts = np.unique(first_of, return_inverse=True, return_counts=True)
+    return keep, group, counts.astype(np.int64)
+
+
+def _made(X, *, name: str, owned: bool) -> PreparedRep:
+    """The prepared rep of an already prepared array; ``owned``: reorder ``X`` in place
+    and make it read-only (else a reordered copy is made where columns repeat)."""
+    keep, group, counts = identical_columns(X)
+    n, k = X.shape[1], keep.size
+    neurons = None
+    if k < n:
+        copies = np.setdiff1d(np.arange(n), keep, assume_unique=True)
+        neurons = np.concatenate([keep, copies])
+        if owned:
+            # keep is ascending, so keep[q] >= q: moving left never overwrites a
+            # representative that has not moved yet, only copies, whose values their
+            # representative still holds.
+            for q, j in enumerate(keep):
+                if q != j:
+                    X[:, q] = X[:, j]
+            for t, j in enumerate(copies, start=k):
+                X[:, t] = X[:, group[j]]  # the copy's representative, now at its group's number
+        else:
+            X = neuron_major(X[:, neurons])
+        group = group[neurons]
+    if owned:
+        X.flags.writeable = False
+    return PreparedRep(
+        columns=X,
+        sq_norms=squared_norms(X),
+        n_distinct=int(k),
+        group=group,
+        counts=counts,
+        neurons=neurons,
+        name=name,
+    )
+
+
+def prepare(X, *, center: bool = True, normalize: str | None = None, name: str = "X"):
+    """Validate, centre and normalise one (stimuli, neurons) array into a :class:`PreparedRep`.
+
+    Parameters
+    ----------
+    X : array_like, shape (M, N)
+        Stimuli in rows, neurons in columns.
+    center, normalize, name :
+        As :func:`smd_dist.kernel.preparation.preprocess`.
+
+    Returns
+    -------
+    PreparedRep
+        Its ``columns`` are a fresh, read-only, neuron-major array.
+
+    Raises
+    ------
+    ValueError
+        Bad input (see :mod:`smd_dist.kernel.validation`) or a constant neuron under
+        normalisation.
+    """
+    return _made(preprocess(X, center=center, normalize=normalize, name=name), name=name,
+                 owned=True)
+
+
+def prepare_pair(
+    X, Y, *, center: bool = True, normalize: str | None = None, names=("X", "Y")
+) -> tuple[PreparedRep, PreparedRep]:
+    """:func:`prepare` both (stimuli, neurons) arrays of a pair and check their stimuli.
+
+    Raises
+    ------
+    ValueError
+        Bad input in either (named by ``names``) or different stimulus counts.
+    """
+    x = prepare(X, center=center, normalize=normalize, name=names[0])
+    y = prepare(Y, center=center, normalize=normalize, name=names[1])
+    check_same_stimuli(x.columns, y.columns, names=names)
+    return x, y
+
+
+def as_prepared(X, *, name: str = "X") -> PreparedRep:
+    """``X`` itself when it is a :class:`PreparedRep`, else the prepared rep of a float64
+    (stimuli, neurons) array that is already centred and validated as the caller wants.
+
+    The array is not modified; where columns repeat, the rep holds a reordered copy.
+    """
+    if isinstance(X, PreparedRep):
+        return X
+    return _made(np.asarray(X, dtype=np.float64), name=name, owned=False)
