@@ -66,7 +66,8 @@ __all__ = ["SOLVER", "PartialTransport", "certify_partial", "check_mass", "solve
 #: The ``solver`` string of every partial plan.
 SOLVER = "partial-network-simplex"
 
-#: Relative slack on the plan's marginals and total mass (as :func:`certify`'s 1e-9).
+#: Slack on the plan's marginals (relative, as :func:`certify`'s) and on its total mass
+#: (absolute, the problem's whole mass being 1).
 FEASIBILITY = 1e-9
 
 
@@ -214,8 +215,8 @@ def certify_partial(D, rows, cols, flow, u, v, w, *, m: float, tol: float):
     Raises
     ------
     SolverError
-        An infeasible plan: negative mass, a row or column over its capacity, or a total
-        other than ``m`` (beyond a relative 1e-9).
+        An infeasible plan: negative mass, a row or column over its capacity (beyond a
+        relative 1e-9), or a total other than ``m`` (beyond 1e-9).
     """
     nx, ny = D.shape
     a, b = np.full(nx, 1.0 / nx), np.full(ny, 1.0 / ny)
@@ -226,7 +227,7 @@ def certify_partial(D, rows, cols, flow, u, v, w, *, m: float, tol: float):
         (np.bincount(cols, weights=flow, minlength=ny) / b - 1).max(),
     )
     total = math.fsum(flow)
-    if not (over <= FEASIBILITY and abs(total - m) <= FEASIBILITY * m):
+    if not (over <= FEASIBILITY and abs(total - m) <= FEASIBILITY):
         raise SolverError(
             f"partial transport plan infeasible: moves {total!r} instead of {m!r}, "
             f"capacities exceeded by {over:.3g} (relative)"

@@ -57,8 +57,9 @@ class CrossValidatedScore:
     seed : int or None
         ``KFold``'s ``random_state``: ``KFold(n_splits, shuffle=True, random_state=seed)``
         reproduces the folds.
-    dropped : tuple of int
-        Neurons of X and of Y left out as constant on some fold (``constant_neurons="drop"``).
+    dropped : tuple of numpy.ndarray
+        Columns of X and of Y left out as constant on some fold's stimuli
+        (``constant_neurons="drop"``; empty otherwise).
     solvers : tuple of str
         The exact method of each fold's solve.
     certificates : tuple of Certificate
@@ -70,7 +71,7 @@ class CrossValidatedScore:
     train_scores: tuple[float, ...]
     n_splits: int
     seed: int | None
-    dropped: tuple[int, int]
+    dropped: tuple[np.ndarray, np.ndarray]
     solvers: tuple[str, ...]
     certificates: tuple[Certificate, ...]
 
@@ -126,7 +127,7 @@ def soft_matching_cv(
         A neuron constant on some fold's training or held-out stimuli has no correlation
         there (sparse units often are). ``"refuse"`` raises ``ValueError`` naming the fold,
         the part and the neurons; ``"drop"`` leaves every such neuron out of every fold,
-        so all folds compare the same neurons (the counts are on the result).
+        so all folds compare the same neurons (their columns are on the result).
     device : str or torch.device, optional
         Where the cross products run; default CUDA when available, else CPU.
     names : tuple of str
@@ -161,7 +162,7 @@ def soft_matching_cv(
     folds = list(KFold(n_splits=k, shuffle=True, random_state=seed).split(X))
     keep_x = _varying(X, folds, names[0], constant_neurons, k, seed)
     keep_y = _varying(Y, folds, names[1], constant_neurons, k, seed)
-    dropped = (int((~keep_x).sum()), int((~keep_y).sum()))
+    dropped = (np.flatnonzero(~keep_x), np.flatnonzero(~keep_y))
     X, Y = X[:, keep_x], Y[:, keep_y]
 
     fold_scores, train_scores, solvers, certificates = [], [], [], []
