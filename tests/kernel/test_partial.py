@@ -100,6 +100,15 @@ def test_full_mass_is_the_balanced_problem(rng, widths):
     assert solve_partial(X, Y, mass=1.0).cost == pytest.approx(solve(X, Y).cost, abs=1e-13)
 
 
+@pytest.mark.parametrize("m", [1e-3, 1e-9, 1e-12])
+def test_tiny_mass_goes_to_the_cheapest_pair(rng, m):
+    # m below every capacity: all of it moves along the cheapest entry.
+    X, Y = unit(rng, 20, 30), unit(rng, 20, 17)
+    tr = solve_partial(X, Y, mass=m)
+    assert tr.cost == pytest.approx(m * costs(X, Y).min(), rel=1e-9)
+    assert tr.mass.sum() == pytest.approx(m, abs=1e-15)
+
+
 def test_identical_neurons_plan_in_callers_order(rng):
     base = unit(rng, 10, 4)
     X = base[:, [0, 1, 0, 2, 3, 3]]  # copies: the prepared rep reorders its columns
