@@ -16,6 +16,9 @@ Claims (Khosla & Williams 2024):
 3. different widths compared directly (no padding);
 4. rotation sensitivity: soft matching vs Procrustes/CKA on the same pairs;
 5. MiniLM layer by layer, pretrained vs random: matrix and MDS.
+
+Then, beyond the paper: models × "brain", in-sample against cross-validated scores
+(``scripts/models_vs_brain.py``, written to ``docs/models-vs-brain.md``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import models_vs_brain
 import numpy as np
 import xarray as xr
 
@@ -106,6 +110,15 @@ def main(argv=None) -> int:
         mnulls = NullRunner(minilm, ds_m, client, args.n_draws, args.seed, report.failures)
         report.minilm(mnulls, ds_m, figures)
         timings["5. MiniLM (MDS, nulls)"] = time.perf_counter() - t
+        t = time.perf_counter()
+        brain_doc = models_vs_brain.run(digits, docs)
+        report.add(
+            "## 6. Beyond the paper: models × brain, cross-validated",
+            "",
+            f"Written to [{brain_doc.name}]({brain_doc.name}) by `scripts/models_vs_brain.py`.",
+            "",
+        )
+        timings["6. models vs brain"] = time.perf_counter() - t
 
     timings["total"] = time.perf_counter() - started
     report.timing(timings)

@@ -19,6 +19,7 @@ from smd_dist.metrics.comparison import (
     permutation_prepared,
     procrustes_prepared,
 )
+from smd_dist.metrics.partial import DEFAULT_MASS, partial_transport
 
 __all__ = ["Metric", "PairValue", "available", "get", "register"]
 
@@ -85,6 +86,11 @@ def _soft_matching_score(x, y, *, device=None):
     return PairValue(1.0 - max(tr.cost, 0.0) / 2.0, tr.solver, tr.certificate.as_dict())
 
 
+def _partial_soft_matching_score(x, y, *, device=None, mass=DEFAULT_MASS):
+    tr = partial_transport(x, y, mass=mass, device=device)
+    return PairValue(1.0 - max(tr.cost, 0.0) / 2.0, tr.solver, tr.certificate.as_dict())
+
+
 def _permutation(x, y, *, device=None):
     tr, d = permutation_prepared(x, y, device=device)
     return PairValue(d, tr.solver, tr.certificate.as_dict())
@@ -147,6 +153,18 @@ register(
         description="max_P sum_ij P_ij corr(x_i, y_j) = 1 - d^2/2 on centred unit-norm columns",
         equal_width_only=False,
         _compute=_soft_matching_score,
+        fixed_preprocessing={"center": True, "normalize": "unit"},
+    )
+)
+register(
+    Metric(
+        name="partial_soft_matching_score",
+        kind="similarity",
+        description=f"1 - min_T sum_ij T_ij (1 - corr(x_i, y_j)), T >= 0, rows sum to at most "
+        f"1/Nx, columns to at most 1/Ny, all to mass m = {DEFAULT_MASS} (exact partial "
+        "optimal transport)",
+        equal_width_only=False,
+        _compute=_partial_soft_matching_score,
         fixed_preprocessing={"center": True, "normalize": "unit"},
     )
 )

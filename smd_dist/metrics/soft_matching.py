@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from smd_dist.kernel.certificate import Certificate
 from smd_dist.kernel.prepared import PreparedRep, prepare_pair
 from smd_dist.kernel.transport import Transport, solve
+from smd_dist.metrics.cross_validation import soft_matching_cv
 
 __all__ = [
     "SoftMatchingResult",
@@ -141,7 +142,9 @@ def soft_matching_distance(
     return soft_matching(X, Y, center=center, normalize=normalize, device=device).distance
 
 
-def soft_matching_score(X, Y, *, device=None) -> float:
+def soft_matching_score(
+    X, Y, *, device=None, cv: int | None = None, seed: int | None = 0
+) -> float:
     """Soft matching score: the best average correlation of matched tuning curves.
 
     .. math::
@@ -152,5 +155,12 @@ def soft_matching_score(X, Y, *, device=None) -> float:
     where :math:`\\tilde X, \\tilde Y` have centred, unit-norm columns; ``s`` is in [-1, 1].
     Arrays are (stimuli, neurons). Constant neurons have no correlation and raise
     ``ValueError``.
+
+    With ``cv=k`` the plan is fitted on the training stimuli of each of ``k`` folds
+    (``sklearn.model_selection.KFold(k, shuffle=True, random_state=seed)``) and scored on
+    its held-out stimuli, each part centred and normalised on its own; the mean over folds
+    is returned (:func:`smd_dist.soft_matching_cv` gives the folds and more options).
     """
+    if cv is not None:
+        return soft_matching_cv(X, Y, cv=cv, seed=seed, device=device).score
     return soft_matching(X, Y, center=True, normalize="unit", device=device).score
