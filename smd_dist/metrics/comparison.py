@@ -45,7 +45,7 @@ def permutation_prepared(
             "use the soft matching distance for different widths"
         )
     tr = solve(x, y, device=device)
-    return tr, math.sqrt(max(tr.cost, 0.0) * x.shape[1])
+    return tr, math.sqrt(max(tr.cost, 0.0)) * math.sqrt(x.shape[1])
 
 
 def permutation_distance(X, Y, *, center=True, normalize=None, device=None, names=("X", "Y")):
@@ -65,30 +65,43 @@ def permutation_distance(X, Y, *, center=True, normalize=None, device=None, name
     return permutation_prepared(x, y, device=device)[1]
 
 
-def _nuclear_norm_cross(Xp, Yp, *, device=None):
-    """``||Xᵀ Y||_*`` through the smaller of the (M×M) and (Nx×Ny) problems."""
-    m = Xp.shape[0]
-    if m < min(Xp.shape[1], Yp.shape[1]):
-        # Singular values of XᵀY equal those of (XXᵀ)^½ (YYᵀ)^½, an M×M matrix.
-        def sqrt_psd(A):
-            w, V = np.linalg.eigh(A)
-            return (V * np.sqrt(np.clip(w, 0, None))) @ V.T
+def _unit(*arrays) -> float:
+    """The power of two that brings the largest |value| of ``arrays`` into [1/2, 1)."""
+    peak = max(float(np.abs(A).max()) for A in arrays)
+    return 1.0 if peak == 0 else math.ldexp(1.0, -math.frexp(peak)[1])
 
-        A = sqrt_psd(Xp @ Xp.T)
-        B = sqrt_psd(Yp @ Yp.T)
-        return float(np.linalg.svd(A @ B, compute_uv=False).sum())
-    return float(np.linalg.svd(cross_product(Xp, Yp, device=device), compute_uv=False).sum())
+
+def _row_space_core(A: np.ndarray) -> np.ndarray:
+    """``A V`` with ``V`` an orthonormal basis of ``A``'s row space: (M, min(M, N)) with the
+    same stimulus Gram matrix ``A Aᵀ``, which is all the Procrustes distance depends on.
+
+    Only narrows arrays with more neurons than stimuli (one thin SVD, O(M² N)); the
+    rotation found afterwards is then M×M instead of N×N.
+    """
+    m, n = A.shape
+    if n <= m:
+        return A
+    U, s, _ = np.linalg.svd(A, full_matrices=False)
+    return U * s
 
 
 def procrustes_prepared(x: PreparedRep, y: PreparedRep, *, device=None) -> float:
-    """Procrustes distance on prepared reps (see :func:`procrustes_distance`)."""
-    Xp, Yp = x.columns, y.columns
-    sq = (
-        float(np.einsum("ij,ij->", Xp, Xp))
-        + float(np.einsum("ij,ij->", Yp, Yp))
-        - 2.0 * _nuclear_norm_cross(Xp, Yp, device=device)
-    )
-    return math.sqrt(max(sq, 0.0))
+    """Procrustes distance on prepared reps (see :func:`procrustes_distance`).
+
+    Evaluated as the residual ``||A - B Q||_F`` of the optimal rotation, not as
+    ``sqrt(|X|² + |Y|² - 2|XᵀY|_*)``: near zero that difference of large numbers cancels
+    (4e-8 of the norm on a rotated copy, against 1e-15 here). Both sides are first scaled
+    by one power of two (exact) so no product overflows or underflows.
+    """
+    A, B = _row_space_core(x.columns), _row_space_core(y.columns)
+    unit = _unit(A, B)
+    n = max(A.shape[1], B.shape[1])
+    # Narrower side padded with zero columns (neurons that never respond): Q is square.
+    A, B = (np.pad(C * unit, ((0, 0), (0, n - C.shape[1]))) for C in (A, B))
+    # min_Q ||A - BQ|| over orthogonal Q: Q = U Vᵀ from Bᵀ A = U S Vᵀ (Schönemann, 1966).
+    U, _, Vt = np.linalg.svd(cross_product(B, A, device=device))
+    R = A - B @ (U @ Vt)
+    return math.sqrt(float(np.einsum("ij,ij->", R, R))) / unit
 
 
 def procrustes_distance(X, Y, *, center=True, normalize=None, device=None, names=("X", "Y")):
@@ -101,16 +114,28 @@ def procrustes_distance(X, Y, *, center=True, normalize=None, device=None, names
 
     When the widths differ, the narrower array is padded with zero columns (neurons that
     never respond) so that Q is square; padding does not change the nuclear-norm formula.
+    Computed as the residual :math:`\\lVert X - YQ^\\star \\rVert_F` of the optimal
+    :math:`Q^\\star` (accurate to rounding near zero, where the right-hand formula cancels).
     Arrays are (stimuli, neurons). Unlike the soft matching distance it is blind to
     rotations of the neuron basis.
+
+    References
+    ----------
+    .. [1] Schönemann, P. H. (1966). A generalized solution of the orthogonal Procrustes
+       problem. Psychometrika, 31(1), 1–10.
     """
     x, y = prepare_pair(X, Y, center=center, normalize=normalize, names=names)
     return procrustes_prepared(x, y, device=device)
 
 
 def linear_cka_prepared(x: PreparedRep, y: PreparedRep) -> float:
-    """Linear CKA on centred prepared reps (see :func:`linear_cka`)."""
-    Xp, Yp = x.columns, y.columns
+    """Linear CKA on centred prepared reps (see :func:`linear_cka`).
+
+    Each side is first scaled by a power of two (exact; CKA is invariant to it) so that its
+    largest value is of order one: the fourth powers in the denominator would overflow
+    from values of about 1e40 and underflow below 1e-40.
+    """
+    Xp, Yp = x.columns * _unit(x.columns), y.columns * _unit(y.columns)
     m = Xp.shape[0]
     if m < max(Xp.shape[1], Yp.shape[1]):
         Kx, Ky = Xp @ Xp.T, Yp @ Yp.T  # M×M Gram matrices are the cheaper route
