@@ -225,3 +225,10 @@ def test_constant_columns_at_any_scale(X, scale):
     X[:, 2] = 7.0
     X[:, 4] = 0.0
     assert constant_columns(X * scale).tolist() == [2, 4]
+
+
+def test_dataframes_and_tensors_with_gradients_are_their_values(X):
+    pd = pytest.importorskip("pandas")
+    torch = pytest.importorskip("torch")
+    np.testing.assert_array_equal(check_array(pd.DataFrame(X)), X)
+    np.testing.assert_array_equal(check_array(torch.tensor(X, requires_grad=True) * 1), X)
