@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import platform
 import subprocess
 import sys
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
         nets = digits_nets(digits)
         layers = list(dict.fromkeys(r.layer for r in digits.list()))
         report.setup(digits, minilm, nets, ds_d, ds_m)
+        report.score_matrix(ds_d, figures)
         nulls = NullRunner(digits, ds_d, client, args.n_draws, args.seed, report.failures)
 
         t = time.perf_counter()
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         report.widths(nulls, nets, layers, ds_d)
         timings["3. widths (nulls)"] = time.perf_counter() - t
+        report.nulls_vs_engine(nulls)
         t = time.perf_counter()
         report.rotation(digits, nets, layers, ds_d, figures, args.seed)
         timings["4. rotation sensitivity"] = time.perf_counter() - t
@@ -149,42 +152,50 @@ def digits_nets(store: ActivationStore) -> dict[str, Net]:
 
 
 def all_pairs(store, output, client, report) -> xr.Dataset:
-    """Every pair with the engine; without the score where the store has dead neurons."""
-    try:
-        return smd_dist.compute_distances(
-            store, metrics=METRICS, output=output, client=client, progress=False
+    """Every pair with the engine, constant (dead) neurons dropped from every rep."""
+    ds = smd_dist.compute_distances(
+        store,
+        metrics=METRICS,
+        output=output,
+        client=client,
+        progress=False,
+        constant_neurons="drop",
+    )
+    report.failures.extend(
+        f"{Path(store.path).name}, engine: {line}" for line in ds.attrs["failed_pairs"]
+    )
+    return ds
+
+
+#: Largest |Δ| between a rotation null's observed score and the engine's matrix that
+#: counts as agreement (the same kernel on the same neurons: expected bit for bit).
+AGREEMENT = 1e-12
+
+
+def cross_check(results, ds, failures) -> str:
+    """How the directly computed scores compare with the engine's matrix, and whether both
+    left out the same constant neurons; each disagreement is also listed as a failure."""
+    gaps, same_neurons = [], 0
+    for r in done(results):
+        a, b = r.labels
+        engine = value(ds, "soft_matching_score", a, b)
+        counts = (
+            int(ds.n_constant_dropped_a.sel(rep_a=a)),
+            int(ds.n_constant_dropped_a.sel(rep_a=b)),
         )
-    except ValueError as err:
-        if "constant neuron" not in str(err):
-            raise
-    # The engine refuses to normalise constant neurons and checks every rep before computing,
-    # so nothing was written; the scores are computed below on the varying neurons instead.
-    metrics = tuple(m for m in METRICS if m != "soft_matching_score")
-    report.notes.append(
-        f"The engine refused `soft_matching_score` on {Path(store.path).name}: some reps have "
-        "constant (dead) neurons, which the score's unit normalisation cannot divide by. "
-        f"That store's matrix holds {', '.join(metrics)}; its scores come from "
-        "`rotation_null(..., drop_constant=True)`."
-    )
-    return smd_dist.compute_distances(
-        store, metrics=metrics, output=output, client=client, progress=False
-    )
-
-
-def cross_check(results, ds) -> str:
-    """How the directly computed scores compare with the engine's matrix."""
-    if "soft_matching_score" not in ds:
-        return "there is no engine `soft_matching_score` matrix to compare with"
-    gaps = [
-        abs(r.observed - value(ds, "soft_matching_score", *r.labels))
-        for r in results
-        if r.dropped == (0, 0)
-    ]
+        gaps.append(abs(r.observed - engine))
+        same_neurons += counts == r.dropped
+        if not gaps[-1] <= AGREEMENT or counts != r.dropped:
+            failures.append(
+                f"{a} vs {b}: the rotation null scored {r.observed!r} with {r.dropped} "
+                f"constant neurons left out, the engine {engine!r} with {counts}"
+            )
     if not gaps:
-        return "no pair without constant neurons to compare with the engine's matrix"
+        return "no finished rotation null to compare with"
     return (
-        f"they agree with the engine's `soft_matching_score` matrix to max |Δ| = "
-        f"{max(gaps):.1e} over {len(gaps)} pairs"
+        f"the observed scores of the {len(gaps)} rotation nulls agree with the engine's "
+        f"`soft_matching_score` matrix to max |Δ| = {max(gaps):.1e}, the same constant "
+        f"neurons left out in {same_neurons} of {len(gaps)} pairs"
     )
 
 
@@ -252,7 +263,6 @@ class Report:
     def __init__(self, args):
         self.args = args
         self.parts: list[str] = []
-        self.notes: list[str] = []
         self.failures: list[str] = []
 
     def add(self, *lines: str) -> None:
@@ -283,15 +293,16 @@ class Report:
             f"({', '.join(dict.fromkeys(str(m) for m in ds_m.model_a.values))}); "
             f"{ds_m.sizes['rep_a']} representations (mean over tokens).",
             f"- Metrics computed for every pair by `smd_dist.compute_distances`: "
-            f"{', '.join(analysis.metric_names(ds_d))}; preprocessing: centred neurons.",
+            f"{', '.join(analysis.metric_names(ds_d))}; preprocessing: centred neurons, "
+            "neurons constant over the stimuli (dead ReLUs) dropped from every rep "
+            "(`constant_neurons=\"drop\"`; counts below).",
             f"- Rotation null: {n} Haar-random rotations of the second representation's "
             "neuron basis per pair (`smd_dist.analysis.rotation_null`), seeded from base "
             f"seed {self.args.seed} and the pair; p = (1 + #null ≥ observed)/(1 + {n}), so "
             f"the smallest attainable p is {1 / (n + 1):.3f}.",
-            f"- Machine: {platform.machine()}, Python {platform.python_version()}, "
-            f"smd-dist {smd_dist.__version__}.",
-            "",
-            *(f"- {note}" for note in self.notes),
+            f"- Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+            f"{platform.python_version()}, smd-dist {smd_dist.__version__}; run on "
+            f"{time.strftime('%Y-%m-%d')}.",
             "",
             "| model | width | seed | trained | test accuracy |",
             "|---|---|---|---|---|",
@@ -301,19 +312,85 @@ class Report:
                 f"| {net.model} | {net.width} | {net.seed} | {net.trained} | {net.accuracy:.3f} |"
             )
         widths, dead = {}, {}
+        engine = dict(
+            zip(
+                (str(r) for r in ds_d.rep_a.values),
+                ds_d.n_constant_dropped_a.values.tolist(),
+                strict=True,
+            )
+        )
         for r in digits.list():
             widths.setdefault(r.layer, set()).add(r.n_neurons)
             live = analysis.live_neurons(digits.read(r.model, r.layer))
-            dead.setdefault(r.layer, []).append(int((~live).sum()))
+            dead.setdefault(r.layer, {})[r.model] = int((~live).sum())
+            if engine.get(r.rep_id) != dead[r.layer][r.model]:
+                self.failures.append(
+                    f"{r.rep_id}: the engine dropped {engine.get(r.rep_id)} constant neurons, "
+                    f"analysis.live_neurons finds {dead[r.layer][r.model]}"
+                )
+        minilm_dead = sorted(set(ds_m.n_constant_dropped_a.values.tolist()))
+        layers = list(dead)
         self.add(
             "",
             "Neurons per layer (digits): "
             + "; ".join(f"{layer}: {sorted(w)}" for layer, w in widths.items())
             + ". MiniLM: "
-            + f"{sorted({r.n_neurons for r in minilm.list()})} per layer.",
-            "Constant (dead) neurons over the stimuli, fewest–most over the digits nets: "
-            + "; ".join(f"{layer}: {min(d)}–{max(d)}" for layer, d in dead.items())
-            + ".",
+            + f"{sorted({r.n_neurons for r in minilm.list()})} per layer "
+            + f"(constant neurons dropped per rep: {minilm_dead}).",
+            "",
+            "Constant (dead) neurons over the stimuli, dropped by the engine in each digits "
+            "rep (`n_constant_dropped_a`, checked against `analysis.live_neurons`):",
+            "",
+            "| model | " + " | ".join(layers) + " |",
+            "|---|" + "---|" * len(layers),
+        )
+        for model in nets:
+            self.add(f"| {model} | " + " | ".join(str(dead[k][model]) for k in layers) + " |")
+        self.add("")
+
+    def score_matrix(self, ds, figures):
+        """The engine's soft matching score matrix on the digits nets."""
+        analysis.plot_heatmap(
+            ds, figures / "digits_score_heatmap.png", metric="soft_matching_score",
+            max_labels=60, title="digits: soft matching score (engine, constant neurons dropped)",
+        )
+        layer_of = np.array([str(x) for x in ds.layer_a.values])
+        trained = np.array([not str(m).endswith("-untrained") for m in ds.model_a.values])
+        S = ds["soft_matching_score"].values
+        self.add(
+            "## The engine's soft matching score matrix (digits)",
+            "",
+            f"`compute_distances(..., metrics=[..., \"soft_matching_score\"], "
+            f"constant_neurons=\"drop\")` over all {ds.sizes['rep_a']} digits reps "
+            f"({int(np.isfinite(S).sum())} finite entries of {S.size}, "
+            f"{ds.attrs['n_failed_pairs']} failed pairs). Mean score over pairs of different "
+            "networks, same layer:",
+            "",
+            "| layer | trained–trained | untrained–untrained | trained–untrained |",
+            "|---|---|---|---|",
+        )
+        for layer in dict.fromkeys(layer_of):
+            idx = np.flatnonzero(layer_of == layer)
+            cells = []
+            for ta, tb in ((True, True), (False, False), (True, False)):
+                vals = [
+                    S[i, j]
+                    for i in idx
+                    for j in idx
+                    if i < j and {bool(trained[i]), bool(trained[j])} == {ta, tb}
+                ]
+                cells.append(f"{np.mean(vals):.3f} ({len(vals)} pairs)")
+            self.add(f"| {layer} | " + " | ".join(cells) + " |")
+        self.add("", "![digits score matrix](figures/digits_score_heatmap.png)", "")
+
+    def nulls_vs_engine(self, nulls):
+        """Every digits rotation null's observed score against the engine's matrix."""
+        self.add(
+            "## Rotation nulls against the engine's matrix (digits)",
+            "",
+            "Each rotation null scores its pair with the public `soft_matching_score` on the "
+            "neurons `analysis.live_neurons` keeps; cross-check: "
+            f"{cross_check(list(nulls.cache.values()), nulls.ds, self.failures)}.",
             "",
         )
 
@@ -343,12 +420,11 @@ class Report:
                         f"{r.null_mean:.3f} ± {r.null_std:.3f} | {r.z_score:.1f} | "
                         f"{fmt_p(r.p_value, n)} |"
                     )
-        check = cross_check([r for rs in per_layer.values() for r in rs], nulls.ds)
         self.add(
             "",
             "Scores are computed on the neurons that vary over the stimuli (dead ReLUs, "
-            "constant on every image, have no tuning curve to correlate and are left out; "
-            f"the engine's `soft_matching_score` refuses such reps). Cross-check: {check}.",
+            "constant on every image, have no tuning curve to correlate and are left out, as "
+            "the engine leaves them out; see the cross-check below).",
             "",
             "Summary by depth:",
             "",
@@ -717,21 +793,22 @@ class Report:
             self.add(
                 "",
                 f"Cross-check of the directly computed scores: "
-                f"{cross_check(list(nulls.cache.values()), ds)}.",
+                f"{cross_check(list(nulls.cache.values()), ds, self.failures)}.",
             )
         self.add("")
 
     def timing(self, timings):
-        if self.failures:
-            self.add(
-                "## Failures",
-                "",
-                f"{len(self.failures)} rotation null(s) stopped on a solver error (their "
-                "rows read nan; the summaries leave them out):",
-                "",
-                *(f"- {f}" for f in self.failures),
-                "",
-            )
+        self.add(
+            "## Failures",
+            "",
+            f"{len(self.failures)} failure(s) among engine pairs, rotation nulls (a null "
+            "stopped on a solver error reads nan and the summaries leave it out) and the "
+            "cross-checks of the nulls and the constant-neuron counts against the engine"
+            + (":" if self.failures else "."),
+            "",
+            *(f"- {f}" for f in self.failures),
+            *([""] if self.failures else []),
+        )
         self.add("## Run time", "", "| step | seconds |", "|---|---|")
         for step, seconds in timings.items():
             self.add(f"| {step} | {seconds:.1f} |")

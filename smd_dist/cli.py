@@ -32,7 +32,7 @@ def run(config_path: str, no_progress: bool) -> None:
     try:
         cfg = load_run_config(config_path)
         prep = cfg.get("preprocessing") or {}
-        check_keys(prep, ("center", "normalize"), where="preprocessing")
+        check_keys(prep, ("center", "normalize", "constant_neurons"), where="preprocessing")
         report = RunReport(0, 0, 0)
         ds = compute_distances(
             cfg["store"],
@@ -42,6 +42,7 @@ def run(config_path: str, no_progress: bool) -> None:
             resume=cfg.get("resume", True),
             center=prep.get("center"),
             normalize=prep.get("normalize", "default"),
+            constant_neurons=prep.get("constant_neurons"),
             device=cfg.get("device"),
             cluster=cfg.get("cluster"),
             progress=not no_progress,

@@ -33,7 +33,7 @@ RUN_CONFIG_KEYS = {
     "store": "path (or URL) of the activation store",
     "reps": "optional list of glob patterns on 'model/layer'",
     "metrics": "list of metric names",
-    "preprocessing": "{center: bool, normalize: null|unit|zscore}",
+    "preprocessing": "{center: bool, normalize: null|unit|zscore, constant_neurons: refuse|drop}",
     "device": "null | cpu | cuda",
     "output": "path of the output zarr",
     "cluster": "{kind: local|address|slurm, ...}",

@@ -344,6 +344,7 @@ def assemble(
     metrics: Sequence,
     *,
     attrs: dict | None = None,
+    constant_dropped: dict | None = None,
 ) -> xr.Dataset:
     """Build the labeled distance matrices from pair records.
 
@@ -356,6 +357,9 @@ def assemble(
         ``n_neurons`` and ``content_hash``.
     metrics : sequence
         :class:`smd_dist.metrics.Metric` objects (their ``name`` and ``kind``).
+    constant_dropped : dict, optional
+        ``rep_id -> neurons left out as constant`` (runs with ``constant_neurons="drop"``);
+        becomes the coordinates ``n_constant_dropped_a``/``_b`` (-1 where unknown).
 
     Returns
     -------
@@ -409,6 +413,11 @@ def assemble(
             f"rep_{side}",
             np.array([r.n_neurons for r in reps], dtype="i8"),
         )
+        if constant_dropped is not None:
+            coords[f"n_constant_dropped_{side}"] = (
+                f"rep_{side}",
+                np.array([constant_dropped.get(r.rep_id, -1) for r in reps], dtype="i8"),
+            )
     return xr.Dataset(data_vars, coords=coords, attrs=dict(attrs or {}))
 
 

@@ -184,6 +184,7 @@ class _MemorySink:
 
     def __init__(self):
         self.latest: dict = {}
+        self.dropped: dict = {}
 
     def append(self, records):
         for r in records:
@@ -201,6 +202,7 @@ def compute_distances(
     resume: bool = True,
     center: bool | None = None,
     normalize: str | None = "default",
+    constant_neurons: str | None = None,
     device: str | None = None,
     cluster: dict | None = None,
     progress: bool = True,
@@ -238,6 +240,11 @@ def compute_distances(
     center, normalize :
         Preprocessing applied once per rep (defaults from the ``smd-dist.preprocessing``
         config): centre each neuron over stimuli; ``None``, ``"unit"`` or ``"zscore"``.
+    constant_neurons : {"refuse", "drop"}, optional
+        Neurons constant over the stimuli (dead units; default from the config,
+        ``"refuse"``): refuse reps whose normalisation would divide by them, or ``"drop"``
+        them from every rep before any metric (the count per rep is in the coordinates
+        ``n_constant_dropped_a``/``_b``). An output keeps the setting it was made with.
     device : str, optional
         Torch device for the kernels on workers (``None``: CUDA where present).
     progress : bool
@@ -273,6 +280,12 @@ def compute_distances(
         center = config.get("preprocessing.center", True)
     if normalize == "default":
         normalize = config.get("preprocessing.normalize", None)
+    if constant_neurons is None:
+        constant_neurons = config.get("preprocessing.constant_neurons", "refuse")
+    if constant_neurons not in ("refuse", "drop"):
+        raise InputError(
+            f"constant_neurons must be 'refuse' or 'drop', got {constant_neurons!r}"
+        )
     if device is None:
         device = config.get("device", None)
     if not isinstance(store, ActivationStore):
@@ -280,6 +293,8 @@ def compute_distances(
     chosen = select_reps(store.list(), reps)
     metric_objs = resolve_metrics(metrics)
     base_prep = {"center": bool(center), "normalize": normalize}
+    if constant_neurons == "drop":  # named only when set: older outputs stay resumable
+        base_prep["constant_neurons"] = "drop"
     specs = metric_specs(metric_objs, base_prep)
     preps_needed = sorted({p for _, p in specs})
     header = {
@@ -324,7 +339,9 @@ def compute_distances(
                 phase = time.perf_counter()
                 sources = _sources(store, chosen, preps_needed)
                 token = dask.base.tokenize(str(store.path), preps_needed, time.time_ns())
-                _check_inputs(active, chosen, todo, sources, token=token)
+                dropped = _check_inputs(active, chosen, todo, sources, token=token)
+                if constant_neurons == "drop":
+                    _record_dropped(sink, header, chosen, dropped)
                 _check_memory(active, store, chosen, todo)
                 report.seconds_inputs = time.perf_counter() - phase
                 phase = time.perf_counter()
@@ -349,7 +366,8 @@ def compute_distances(
         else:
             latest = sink.latest
         attrs = _dataset_attrs(store, chosen, metric_objs, base_prep, run_config)
-        ds = assemble(latest, chosen, metric_objs, attrs=attrs)
+        counts = _known_dropped(sink, chosen) if constant_neurons == "drop" else None
+        ds = assemble(latest, chosen, metric_objs, attrs=attrs, constant_dropped=counts)
         failures = _failures(ds, metric_objs)
         ds.attrs["n_failed_pairs"] = len(failures)
         ds.attrs["failed_pairs"] = failures
@@ -400,11 +418,12 @@ def _sources(store, chosen, preps) -> list[tasks.RepSource]:
     ]
 
 
-def _check_inputs(client, chosen, todo, sources, *, token: str) -> None:
+def _check_inputs(client, chosen, todo, sources, *, token: str) -> dict[int, int]:
     """Read and validate every rep that takes part, on the workers, before any pair.
 
     Each rep is checked once, by whichever worker is free; that worker keeps it prepared
     (within ``KEEP_PREPARED_FRACTION`` of its memory) for the pairs it later computes.
+    Returns the neurons each checked rep (by index) left out as constant.
     """
     from distributed import wait
 
@@ -422,6 +441,7 @@ def _check_inputs(client, chosen, todo, sources, *, token: str) -> None:
     futures = dict(zip(involved, submitted, strict=True))
     wait(submitted)
     problems = []
+    dropped = {}
     for i, future in sorted(futures.items()):
         if future.status == "error":
             err = future.exception()
@@ -429,12 +449,39 @@ def _check_inputs(client, chosen, todo, sources, *, token: str) -> None:
             if chosen[i].rep_id not in message:
                 message = f"{chosen[i].rep_id}: {message}"
             problems.append(message)
+        else:
+            dropped[i] = int(future.result())
         future.release()
     if problems:
         raise InputError(
             f"{len(problems)} representation(s) cannot be compared; nothing was computed:\n  "
             + "\n  ".join(problems)
         )
+    return dropped
+
+
+def _record_dropped(sink, header, chosen, dropped) -> None:
+    """Keep each checked rep's count of constant neurons, with its content hash, in the
+    output's header (an in-memory run keeps it on the sink): a resumed run that checks
+    no rep still labels every rep."""
+    counts = {chosen[i].rep_id: [chosen[i].content_hash, n] for i, n in dropped.items()}
+    if isinstance(sink, _MemorySink):
+        sink.dropped.update(counts)
+        return
+    known = sink.header().get("constant_dropped", {})
+    sink.initialise({**header, "constant_dropped": {**known, **counts}})
+
+
+def _known_dropped(sink, chosen) -> dict[str, int]:
+    """``rep_id -> constant neurons dropped`` for the reps whose content was checked."""
+    known = sink.dropped if isinstance(sink, _MemorySink) else sink.header().get(
+        "constant_dropped", {}
+    )
+    return {
+        r.rep_id: int(known[r.rep_id][1])
+        for r in chosen
+        if r.rep_id in known and known[r.rep_id][0] == r.content_hash
+    }
 
 
 def _check_memory(client, store, chosen, todo) -> None:

@@ -84,9 +84,14 @@ def _prepared(source: RepSource, keep_fraction: float) -> dict:
     )
 
 
-def check_rep(source: RepSource, keep_fraction: float) -> None:
-    """Validate one rep as a pair task would see it (and keep it, within the budget)."""
-    _prepared(source, keep_fraction)
+def check_rep(source: RepSource, keep_fraction: float) -> int:
+    """Validate one rep as a pair task would see it (and keep it, within the budget).
+
+    Returns how many of its neurons were left out as constant over the stimuli (the same
+    for every preprocessing: ``constant_neurons="drop"`` applies to all of them).
+    """
+    prepared = _prepared(source, keep_fraction)
+    return max((int(rep.dropped.size) for rep in prepared.values()), default=0)
 
 
 def compare_pairs(

@@ -34,6 +34,7 @@ __all__ = [
     "Certificate",
     "SolverError",
     "certify",
+    "cost_unit",
     "marginals",
     "min_reduced_cost",
     "squared_norms",
@@ -117,6 +118,23 @@ def squared_norms(A: np.ndarray) -> np.ndarray:
 def tolerance_from_norms(sq_norms_x, sq_norms_y) -> float:
     """:func:`tolerance` from the squared column norms of both sides."""
     return float(RELATIVE_TOLERANCE * (sq_norms_x.max() + sq_norms_y.max()))
+
+
+def cost_unit(tol: float) -> float:
+    """The power of two ``c`` that brings the costs of a problem certified to ``tol`` to
+    order one (``c · max D`` in [1/2, 2)).
+
+    POT's network simplex compares reduced costs and flows with absolute thresholds (the
+    float64 epsilon and 1e-14 in ``network_simplex_simple.h``), so on costs of order 1e-7
+    its duals carry errors of about 1e-15 that exceed a tolerance relative to the data
+    (1e-11 of it). It solves on ``c · D`` instead: a power of two changes no mantissa, so
+    the plan is the one it finds at scale one and the duals divided by ``c`` are exact
+    images of its duals; the certificate is then checked on the original costs.
+    """
+    scale = tol / RELATIVE_TOLERANCE
+    if not (math.isfinite(scale) and scale > 0):
+        return 1.0
+    return math.ldexp(1.0, -math.frexp(scale)[1])
 
 
 def min_reduced_cost(D: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:

@@ -41,7 +41,7 @@ import ot
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from smd_dist.kernel.certificate import ROW_CHUNK, SolverError, certify, marginals
+from smd_dist.kernel.certificate import ROW_CHUNK, SolverError, certify, cost_unit, marginals
 
 __all__ = [
     "AMBIGUITY_GAP",
@@ -154,9 +154,12 @@ def _replicated(D, *, tol):
 
 def _network_simplex(D, *, tol, potentials=None, counts=None):
     a, b = marginals(D.shape, counts)
-    G, u, v = _emd(a, b, D, potentials)
+    c = cost_unit(tol)  # POT's thresholds are absolute: it sees costs of order one
+    if potentials is not None:
+        potentials = tuple(p * c for p in potentials)
+    G, u, v = _emd(a, b, D * c, potentials)
     rows, cols = np.nonzero(G > 0)
-    return rows, cols, G[rows, cols], u, v
+    return rows, cols, G[rows, cols], u / c, v / c
 
 
 def _emd(a, b, D, potentials=None):

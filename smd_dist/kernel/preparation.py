@@ -12,12 +12,15 @@ import numpy as np
 import torch
 
 from smd_dist.kernel.allocator import small_page_empty
-from smd_dist.kernel.validation import check_normalizable, checked_columns
+from smd_dist.kernel.validation import check_normalizable, checked_columns, constant_columns
 
 __all__ = [
+    "CONSTANT_NEURONS",
+    "column_norms",
     "cross_product",
     "neuron_major",
     "preprocess",
+    "preprocess_columns",
     "resolve_device",
     "squared_distances",
     "tensor_view",
@@ -44,7 +47,23 @@ def resolve_device(device=None) -> torch.device:
     return dev
 
 
-def preprocess(X, *, center: bool = True, normalize: str | None = None, name: str = "X"):
+#: What preprocessing does with neurons constant over the stimuli (dead units): ``"refuse"``
+#: them where normalising would divide by zero, or ``"drop"`` them before centring.
+CONSTANT_NEURONS = ("refuse", "drop")
+
+#: Squared column norms inside this range are summed as they are; outside it (overflow,
+#: underflow, zero) the column is first scaled by a power of two.
+_SAFE_SQUARES = (2.0**-900, 2.0**900)
+
+
+def preprocess(
+    X,
+    *,
+    center: bool = True,
+    normalize: str | None = None,
+    constant_neurons: str = "refuse",
+    name: str = "X",
+):
     """Centre and normalise the tuning curves (columns) of one representation.
 
     Parameters
@@ -56,19 +75,46 @@ def preprocess(X, *, center: bool = True, normalize: str | None = None, name: st
     normalize : {None, "unit", "zscore"}
         ``"unit"``: each column to unit L2 norm (after centring when ``center``);
         ``"zscore"``: centre, then divide by the column's standard deviation (ddof=0),
-        whatever ``center`` says.
+        whatever ``center`` says. Norms are computed without overflow or underflow, so
+        the result does not depend on the data's units.
+    constant_neurons : {"refuse", "drop"}
+        ``"refuse"``: a neuron constant over the stimuli is a ``ValueError`` when
+        ``normalize`` would divide by its zero spread (kept otherwise). ``"drop"``: every
+        neuron constant over the stimuli (:func:`~smd_dist.kernel.validation.constant_columns`)
+        is left out first, whatever ``normalize`` says.
     name : str
         Label for error messages.
 
     Returns
     -------
-    numpy.ndarray, shape (M, N), float64, Fortran order (each tuning curve contiguous)
+    numpy.ndarray, shape (M, N'), float64, Fortran order (each tuning curve contiguous)
+        ``N' = N`` less the dropped neurons.
 
     Raises
     ------
     ValueError
-        Bad input (see :mod:`smd_dist.kernel.validation`) or a constant neuron under normalisation.
+        Bad input (see :mod:`smd_dist.kernel.validation`), a constant neuron under
+        normalisation with ``constant_neurons="refuse"``, or no neuron left to keep.
     """
+    return preprocess_columns(
+        X, center=center, normalize=normalize, constant_neurons=constant_neurons, name=name
+    )[0]
+
+
+def preprocess_columns(
+    X,
+    *,
+    center: bool = True,
+    normalize: str | None = None,
+    constant_neurons: str = "refuse",
+    name: str = "X",
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`preprocess`, also returning the columns of ``X`` it dropped as constant
+    (sorted; empty unless ``constant_neurons="drop"``)."""
+    if constant_neurons not in CONSTANT_NEURONS:
+        raise ValueError(
+            f"constant_neurons must be one of {CONSTANT_NEURONS}, got {constant_neurons!r}"
+        )
     X, sums = checked_columns(X, name=name)
     # Column-wise float64 arithmetic is memory-bound: NumPy on the host is as fast as torch
     # here and exactly reproducible; the device only pays off for the cross product.
@@ -77,14 +123,44 @@ def preprocess(X, *, center: bool = True, normalize: str | None = None, name: st
     # than the centring it rides on. The float64 conversion of a float32 input rides on
     # the same copy.
     out = neuron_major(X)
+    dropped = np.empty(0, dtype=np.int64)
+    if constant_neurons == "drop":
+        dropped = constant_columns(out)
+        if dropped.size == out.shape[1]:
+            raise ValueError(
+                f"{name} (shape {X.shape}) has no neuron that varies over the stimuli; "
+                "constant_neurons='drop' would leave nothing to compare"
+            )
+        if dropped.size:
+            live = np.ones(out.shape[1], dtype=bool)
+            live[dropped] = False
+            out, sums = neuron_major(out[:, live]), sums[live]
     check_normalizable(out, center=center, normalize=normalize, name=name)
     if center or normalize == "zscore":
         out -= sums / X.shape[0]  # bit-identical to X.mean(axis=0), without another pass
-    if normalize == "unit":
-        out /= np.sqrt(np.einsum("mi,mi->i", out, out))
-    elif normalize == "zscore":
-        out /= np.sqrt(np.einsum("mi,mi->i", out, out) / out.shape[0])
-    return out
+    if normalize is not None:
+        out /= column_norms(out, rms=normalize == "zscore")
+    return out, dropped
+
+
+def column_norms(A: np.ndarray, *, rms: bool = False) -> np.ndarray:
+    """``||a_j||`` (or ``||a_j|| / sqrt(M)`` with ``rms``) of every column of a
+    (stimuli M, neurons) array, at any scale.
+
+    Columns whose sum of squares would overflow or underflow float64 are scaled by a power
+    of two first (exact), so the norm is accurate for values anywhere in float64's range;
+    the others, nearly always all of them, are summed as they are.
+    """
+    m = A.shape[0] if rms else 1
+    sq = np.einsum("mi,mi->i", A, A)
+    norms = np.sqrt(sq / m)
+    odd = np.flatnonzero(~((sq > _SAFE_SQUARES[0]) & (sq < _SAFE_SQUARES[1])))
+    if odd.size:
+        sub = A[:, odd]
+        exponent = np.frexp(np.abs(sub).max(axis=0))[1]
+        sub = np.ldexp(sub, -exponent)
+        norms[odd] = np.ldexp(np.sqrt(np.einsum("mi,mi->i", sub, sub) / m), exponent)
+    return norms
 
 
 def neuron_major(X: np.ndarray, *, block: int = 64) -> np.ndarray:

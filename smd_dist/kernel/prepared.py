@@ -14,6 +14,11 @@ prepared rep therefore keeps one column of each group first, in order, and the c
 after them: the merged problem's columns are a prefix, a view, and no merged copy of the
 rep exists next to it (in float64 or in low precision). ``neurons`` maps each column back to
 the neuron it came from, so plans are reported in the caller's order.
+
+A prepared rep's squared column norms lie in :data:`NORM_RANGE` (or are all zero): inside
+it every cost, dual and certificate of a solve is a normal float64 number, and the solvers
+see costs of order one (:func:`smd_dist.kernel.certificate.cost_unit`), so results scale
+exactly with the data. Data beyond it is refused, never computed into a wrong number.
 """
 
 from __future__ import annotations
@@ -25,10 +30,22 @@ import numpy as np
 
 from smd_dist.kernel.bounds import LowPrecision, low_precision
 from smd_dist.kernel.certificate import squared_norms
-from smd_dist.kernel.preparation import neuron_major, preprocess
+from smd_dist.kernel.preparation import neuron_major, preprocess_columns
 from smd_dist.kernel.validation import check_same_stimuli
 
-__all__ = ["PreparedRep", "as_prepared", "identical_columns", "prepare", "prepare_pair"]
+__all__ = [
+    "NORM_RANGE",
+    "PreparedRep",
+    "as_prepared",
+    "identical_columns",
+    "prepare",
+    "prepare_pair",
+]
+
+#: Range of the largest squared tuning-curve norm of a prepared rep. Above it a squared
+#: distance (up to four times it) could overflow; below it the certificate's tolerance,
+#: 1e-11 of it, would be subnormal. Values from about 1e-150 to 1e152 pass (M = 40).
+NORM_RANGE = (2.0**-1000, 2.0**1016)
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +71,9 @@ class PreparedRep:
         original one.
     name : str
         Label for messages (``"model/layer"``).
+    dropped : numpy.ndarray of int
+        Neurons (columns of the caller's array) left out as constant over the stimuli
+        (``constant_neurons="drop"``); ``neurons`` and ``columns`` index the others.
     """
 
     columns: np.ndarray
@@ -63,6 +83,7 @@ class PreparedRep:
     counts: np.ndarray
     neurons: np.ndarray | None = None
     name: str = "X"
+    dropped: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     _low: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -142,9 +163,11 @@ def identical_columns(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return keep, group, counts.astype(np.int64)
 
 
-def _made(X, *, name: str, owned: bool) -> PreparedRep:
+def _made(X, *, name: str, owned: bool, dropped=None) -> PreparedRep:
     """The prepared rep of an already prepared array; ``owned``: reorder ``X`` in place
     and make it read-only (else a reordered copy is made where columns repeat)."""
+    sq_norms = squared_norms(X)
+    _check_range(X, sq_norms, name=name)
     keep, group, counts = identical_columns(X)
     n, k = X.shape[1], keep.size
     neurons = None
@@ -163,27 +186,52 @@ def _made(X, *, name: str, owned: bool) -> PreparedRep:
         else:
             X = neuron_major(X[:, neurons])
         group = group[neurons]
+        sq_norms = squared_norms(X)
     if owned:
         X.flags.writeable = False
     return PreparedRep(
         columns=X,
-        sq_norms=squared_norms(X),
+        sq_norms=sq_norms,
         n_distinct=int(k),
         group=group,
         counts=counts,
         neurons=neurons,
         name=name,
+        **({} if dropped is None else {"dropped": dropped}),
     )
 
 
-def prepare(X, *, center: bool = True, normalize: str | None = None, name: str = "X"):
+def _check_range(X: np.ndarray, sq_norms: np.ndarray, *, name: str) -> None:
+    """Refuse a prepared array whose squared norms leave :data:`NORM_RANGE`."""
+    peak = float(sq_norms.max())
+    low, high = NORM_RANGE
+    if peak <= high and (peak >= low or not X.any()):
+        return
+    largest = float(np.abs(X).max())
+    raise ValueError(
+        f"{name} (shape {X.shape}): its largest squared tuning-curve norm after "
+        f"preprocessing is {peak:.3g} (largest |value| {largest:.3g}), outside "
+        f"{low:.3g}..{high:.3g} where float64 costs keep their precision; multiply the "
+        "data by a constant (distances scale with it; scores and CKA do not change), or "
+        "normalise it (normalize='unit')"
+    )
+
+
+def prepare(
+    X,
+    *,
+    center: bool = True,
+    normalize: str | None = None,
+    constant_neurons: str = "refuse",
+    name: str = "X",
+):
     """Validate, centre and normalise one (stimuli, neurons) array into a :class:`PreparedRep`.
 
     Parameters
     ----------
     X : array_like, shape (M, N)
         Stimuli in rows, neurons in columns.
-    center, normalize, name :
+    center, normalize, constant_neurons, name :
         As :func:`smd_dist.kernel.preparation.preprocess`.
 
     Returns
@@ -194,15 +242,24 @@ def prepare(X, *, center: bool = True, normalize: str | None = None, name: str =
     Raises
     ------
     ValueError
-        Bad input (see :mod:`smd_dist.kernel.validation`) or a constant neuron under
-        normalisation.
+        Bad input (see :mod:`smd_dist.kernel.validation`), a constant neuron under
+        normalisation with ``constant_neurons="refuse"``, or values whose squared norms
+        leave :data:`NORM_RANGE`.
     """
-    return _made(preprocess(X, center=center, normalize=normalize, name=name), name=name,
-                 owned=True)
+    columns, dropped = preprocess_columns(
+        X, center=center, normalize=normalize, constant_neurons=constant_neurons, name=name
+    )
+    return _made(columns, name=name, owned=True, dropped=dropped)
 
 
 def prepare_pair(
-    X, Y, *, center: bool = True, normalize: str | None = None, names=("X", "Y")
+    X,
+    Y,
+    *,
+    center: bool = True,
+    normalize: str | None = None,
+    constant_neurons: str = "refuse",
+    names=("X", "Y"),
 ) -> tuple[PreparedRep, PreparedRep]:
     """:func:`prepare` both (stimuli, neurons) arrays of a pair and check their stimuli.
 
@@ -211,8 +268,9 @@ def prepare_pair(
     ValueError
         Bad input in either (named by ``names``) or different stimulus counts.
     """
-    x = prepare(X, center=center, normalize=normalize, name=names[0])
-    y = prepare(Y, center=center, normalize=normalize, name=names[1])
+    options = {"center": center, "normalize": normalize, "constant_neurons": constant_neurons}
+    x = prepare(X, **options, name=names[0])
+    y = prepare(Y, **options, name=names[1])
     check_same_stimuli(x.columns, y.columns, names=names)
     return x, y
 

@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - older POT: the dense path serves every
     emd_c_sparse = None
 
 from smd_dist.kernel.bounds import CostBounds
+from smd_dist.kernel.certificate import cost_unit
 from smd_dist.kernel.dense import NETWORK_SIMPLEX_MAX_ITER as MAX_ITER
 
 __all__ = ["SOLVER", "SparseSolution", "SparseUnsuitable", "north_west_corner", "solve_sparse"]
@@ -127,8 +128,11 @@ def north_west_corner(counts_x: np.ndarray, counts_y: np.ndarray) -> np.ndarray:
     return i * np.int64(cy.size) + j
 
 
-def _network_simplex(a, b, keys, costs, ny, warm=None):
+def _network_simplex(a, b, keys, costs, ny, warm=None, *, unit=1.0):
     """Optimal plan and duals on the candidate arcs ``keys`` (sorted ``i*Ny + j``).
+
+    POT solves on ``costs · unit`` (a power of two, :func:`cost_unit`: its thresholds are
+    absolute); the duals come back, and ``warm`` goes in, in the units of ``costs``.
 
     ``warm``: the previous round's duals. POT starts its pivots from them; the optimum is
     the same, reached in fewer pivots (measured: a re-solve after a round that added a few
@@ -138,16 +142,18 @@ def _network_simplex(a, b, keys, costs, ny, warm=None):
     if emd_c_sparse is None:
         raise SparseUnsuitable("this POT has no sparse network simplex (needs POT >= 0.9.7)")
     rows, cols = keys // ny, keys % ny
+    warm = tuple(w * unit for w in warm) if warm is not None else ()
     # Called directly: ot.emd would take a sparse matrix apart into these arrays every round.
     flow_r, flow_c, flow, _, u, v, code = emd_c_sparse(
-        a, b, rows.astype(np.uint64), cols.astype(np.uint64), costs, MAX_ITER, *(warm or ())
+        a, b, rows.astype(np.uint64), cols.astype(np.uint64), costs * unit, MAX_ITER, *warm
     )
     if code != _OPTIMAL:
         raise SparseUnsuitable(f"sparse network simplex ended with code {code}, not optimal")
     keep = flow > 0
     r, c, m = flow_r[keep].astype(np.int64), flow_c[keep].astype(np.int64), flow[keep]
     order = np.lexsort((c, r))
-    return r[order], c[order], m[order], np.asarray(u, float), np.asarray(v, float)
+    u, v = np.asarray(u, float) / unit, np.asarray(v, float) / unit
+    return r[order], c[order], m[order], u, v
 
 
 class _Candidates:
@@ -213,6 +219,7 @@ def solve_sparse(
     k = CANDIDATES * max(1, round(ny / nx))
     cand = _Candidates(bounds, _union(bounds.candidates(k), north_west_corner(cx, cy)))
     slack = tol / 8
+    unit = cost_unit(tol)
     cushion = CUSHION * bounds.scale
     rounds = 0
     warm = None
@@ -220,7 +227,7 @@ def solve_sparse(
         rounds += 1
         if rounds > MAX_ROUNDS:
             raise SparseUnsuitable(f"the candidate set did not settle in {MAX_ROUNDS} rounds")
-        rows, cols, mass, u, v = _network_simplex(a, b, cand.keys, cand.costs, ny, warm)
+        rows, cols, mass, u, v = _network_simplex(a, b, cand.keys, cand.costs, ny, warm, unit=unit)
         warm = (u, v)
         # Far from optimal the bounds doubt most entries, and computing all of them would
         # cost more than the dense product: beyond the round's budget the most doubtful few

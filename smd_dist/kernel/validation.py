@@ -3,6 +3,11 @@
 Arrays are (stimuli M, neurons N): a neuron's tuning curve is a column. Each check raises
 ``ValueError`` naming the problem, the array's label (for example ``"resnet18/layer3"``)
 and its shape, so a failure on a worker still says which pair was bad.
+
+Inputs that look right but are not are settled here too: a labelled array (an
+``xarray.DataArray``, recognised by its ``dims``) is read by its dimension names, not its
+axis order; a masked array with masked entries is refused; torch dtypes NumPy lacks
+(bfloat16, float8) are upcast to float32 exactly. ``docs/inputs.md`` has the table.
 """
 
 from __future__ import annotations
@@ -16,8 +21,14 @@ __all__ = [
     "check_same_stimuli",
     "checked_columns",
     "checked_with_sums",
+    "constant_columns",
     "describe_indices",
 ]
+
+#: Dimension names (any case) that mark the stimulus axis and the neuron axis of a
+#: labelled array.
+STIMULUS_DIMS = frozenset({"stimulus", "stimuli", "presentation", "presentations"})
+NEURON_DIMS = frozenset({"neuron", "neurons", "unit", "units"})
 
 
 def describe_indices(idx, *, limit: int = 8) -> str:
@@ -37,8 +48,9 @@ def check_array(X, *, name: str = "X") -> np.ndarray:
     Parameters
     ----------
     X : array_like, shape (M, N)
-        Stimuli in rows, neurons in columns. NumPy arrays, CPU torch tensors and nested
-        sequences are accepted.
+        Stimuli in rows, neurons in columns. NumPy arrays, torch tensors (any device and
+        floating dtype), nested sequences, and labelled arrays whose ``dims`` name the
+        stimulus and neuron axes (``xarray.DataArray``, transposed as needed) are accepted.
     name : str
         Label used in error messages (``"model/layer"``).
 
@@ -50,7 +62,9 @@ def check_array(X, *, name: str = "X") -> np.ndarray:
     ------
     ValueError
         Non-numeric dtype (strings, objects, booleans, complex), not 2-D, zero neurons,
-        fewer than 2 stimuli, or any NaN/Inf (the offending rows and columns are listed).
+        fewer than 2 stimuli, any NaN/Inf (the offending rows and columns are listed),
+        column sums that overflow float64, masked entries, or a labelled array whose
+        dimension names do not say which axis holds the stimuli.
     """
     return checked_with_sums(X, name=name)[0]
 
@@ -72,9 +86,7 @@ def checked_columns(X, *, name: str = "X") -> tuple[np.ndarray, np.ndarray]:
     one) and its float64 column sums, bit-identical to those of the float64 copy: a float32
     store read is converted once, by whoever makes the array it keeps.
     """
-    if hasattr(X, "detach") and hasattr(X, "cpu"):  # torch tensor on any device
-        X = X.detach().cpu().numpy()
-    arr = np.asarray(X)
+    arr = _as_numpy(X, name=name)
     shape = tuple(arr.shape)
     if arr.dtype.kind not in "iuf":
         raise ValueError(
@@ -108,7 +120,61 @@ def checked_columns(X, *, name: str = "X") -> tuple[np.ndarray, np.ndarray]:
             f"{name} (shape {shape}) contains {'/'.join(kinds)} in stimulus rows "
             f"{describe_indices(bad_rows)}, neuron columns {describe_indices(bad_cols)}"
         )
+    if not sums_finite:  # finite values whose sum overflows: the mean would be wrong
+        bad_cols = np.flatnonzero(~np.isfinite(sums))
+        raise ValueError(
+            f"{name} (shape {shape}) has values up to {float(np.abs(arr).max()):.3g} whose "
+            f"sums over the stimuli overflow float64 in neuron columns "
+            f"{describe_indices(bad_cols)}; divide the data by a constant first"
+        )
     return arr, sums
+
+
+def _as_numpy(X, *, name: str) -> np.ndarray:
+    """NumPy view (or copy) of the accepted input kinds, stimuli in rows."""
+    if hasattr(X, "detach") and hasattr(X, "cpu"):  # torch tensor on any device
+        if X.is_floating_point() and X.element_size() < 4 and str(X.dtype) != "torch.float16":
+            X = X.float()  # bfloat16, float8: NumPy has no such dtype; float32 holds them exactly
+        return X.numpy(force=True)
+    if isinstance(X, np.ma.MaskedArray):
+        masked = np.ma.getmaskarray(X)
+        if masked.any():
+            rows = np.flatnonzero(masked.any(axis=tuple(range(1, masked.ndim))))
+            raise ValueError(
+                f"{name} (shape {X.shape}) is a masked array with {int(masked.sum())} masked "
+                f"entries (stimulus rows {describe_indices(rows)}); every entry takes part "
+                "in the metrics, so fill them (X.filled(value)) or leave those stimuli out"
+            )
+        return np.asarray(X.data)
+    dims = getattr(X, "dims", None)
+    if isinstance(dims, tuple) and len(dims) == 2:
+        return _stimuli_first(np.asarray(X), dims, name=name)
+    return np.asarray(X)
+
+
+def _stimuli_first(arr: np.ndarray, dims: tuple, *, name: str) -> np.ndarray:
+    """A labelled 2-D array's values with the stimulus axis first, read off its dim names.
+
+    One recognised name settles both axes; none, or two of the same kind, is ambiguous.
+    """
+    kinds = []
+    for dim in dims:
+        label = str(dim).lower()
+        kinds.append(
+            "stimulus" if label in STIMULUS_DIMS else "neuron" if label in NEURON_DIMS else None
+        )
+    first, second = kinds
+    if first != second:
+        if first in ("stimulus", None) and second in ("neuron", None):
+            return arr
+        if first in ("neuron", None) and second in ("stimulus", None):
+            return arr.T
+    raise ValueError(
+        f"{name} is a labelled array with dims {dims} (shape {arr.shape}): which axis holds "
+        f"the stimuli is ambiguous. Name one of them from {sorted(STIMULUS_DIMS)} or "
+        f"{sorted(NEURON_DIMS)} (e.g. X.rename({{{dims[0]!r}: 'stimulus', {dims[1]!r}: "
+        "'neuron'})), or pass a plain (stimuli, neurons) array"
+    )
 
 
 def check_pair(X, Y, *, names: tuple[str, str] = ("X", "Y")) -> tuple[np.ndarray, np.ndarray]:
@@ -171,14 +237,33 @@ def check_normalizable(
         raise ValueError(f"normalize must be None, 'unit' or 'zscore', got {normalize!r}")
     if normalize is None:
         return
-    Z = X - X.mean(axis=0) if (center or normalize == "zscore") else X
-    scale = np.sqrt((Z * Z).sum(axis=0))
-    # A column whose spread is at rounding level of its magnitude is constant in all but name.
-    tiny = 64 * np.finfo(np.float64).eps * np.sqrt(X.shape[0]) * np.abs(X).max(axis=0)
-    bad = np.flatnonzero(scale <= tiny)
+    if normalize == "unit" and not center:
+        bad, what = np.flatnonzero(~X.any(axis=0)), "all-zero"
+    else:
+        bad, what = constant_columns(X), "constant"
     if bad.size:
-        what = "all-zero" if normalize == "unit" and not center else "constant"
         raise ValueError(
             f"{name} (shape {X.shape}) has {bad.size} {what} neuron(s) at columns "
-            f"{describe_indices(bad)}; normalize={normalize!r} would divide by zero"
+            f"{describe_indices(bad)}; normalize={normalize!r} would divide by zero "
+            "(constant_neurons='drop' leaves them out)"
         )
+
+
+def constant_columns(X: np.ndarray) -> np.ndarray:
+    """Indices of the columns of a (stimuli, neurons) array that are constant over the
+    stimuli (dead units).
+
+    A column counts as constant when its spread is at rounding level of its magnitude,
+
+    .. math:: \\lVert x - \\bar x \\rVert \\le 64\\, \\varepsilon \\sqrt{M} \\max_m |x_m|,
+
+    evaluated on the column scaled by a power of two (exact) to a largest value in
+    [1/2, 1), so that no square overflows or underflows whatever the data's units.
+    """
+    peak = np.abs(X).max(axis=0)
+    unit = np.ldexp(1.0, -np.frexp(peak)[1])  # 1 for an all-zero column
+    Z = X * unit
+    Z -= Z.mean(axis=0)
+    spread = np.sqrt(np.einsum("mi,mi->i", Z, Z))
+    tiny = 64 * np.finfo(np.float64).eps * np.sqrt(X.shape[0]) * (peak * unit)
+    return np.flatnonzero(spread <= tiny)

@@ -30,16 +30,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from smd_dist.kernel.certificate import Certificate
-from smd_dist.kernel.preparation import preprocess
+from smd_dist.kernel.preparation import CONSTANT_NEURONS, preprocess
 from smd_dist.kernel.prepared import prepare_pair
 from smd_dist.kernel.transport import solve
-from smd_dist.kernel.validation import check_array, check_same_stimuli, describe_indices
+from smd_dist.kernel.validation import (
+    check_array,
+    check_same_stimuli,
+    constant_columns,
+    describe_indices,
+)
 
-__all__ = ["CONSTANT_NEURONS", "CrossValidatedScore", "check_cv", "soft_matching_cv"]
-
-#: What to do with neurons constant on some fold's training or held-out stimuli.
-CONSTANT_NEURONS = ("refuse", "drop")
-
+__all__ = ["CrossValidatedScore", "check_cv", "soft_matching_cv"]
 
 @dataclass(frozen=True)
 class CrossValidatedScore:
@@ -189,22 +190,13 @@ def soft_matching_cv(
     )
 
 
-def _constant(X: np.ndarray) -> np.ndarray:
-    """Columns of a (stimuli, neurons) array that are constant: the rule of
-    :func:`smd_dist.kernel.validation.check_normalizable` (spread at rounding level)."""
-    Z = X - X.mean(axis=0)
-    scale = np.sqrt((Z * Z).sum(axis=0))
-    return scale <= 64 * np.finfo(np.float64).eps * np.sqrt(X.shape[0]) * np.abs(X).max(axis=0)
-
-
 def _varying(X, folds, name, constant_neurons, k, seed) -> np.ndarray:
     """Mask of the neurons that vary on every fold's training and held-out stimuli."""
     keep = np.ones(X.shape[1], dtype=bool)
     for f, split in enumerate(folds):
         for part, idx in zip(("training", "held-out"), split, strict=True):
-            bad = _constant(X[idx])
-            if bad.any() and constant_neurons == "refuse":
-                cols = np.flatnonzero(bad)
+            cols = constant_columns(X[idx])
+            if cols.size and constant_neurons == "refuse":
                 raise ValueError(
                     f"{name} (shape {X.shape}) has {cols.size} neuron(s) constant on the "
                     f"{part} stimuli of fold {f + 1}/{k} (cv={k}, seed={seed}) at columns "
@@ -212,7 +204,7 @@ def _varying(X, folds, name, constant_neurons, k, seed) -> np.ndarray:
                     "constant_neurons='drop' (smd_dist.soft_matching_cv) to leave out "
                     "neurons constant on any fold"
                 )
-            keep &= ~bad
+            keep[cols] = False
     if not keep.any():
         raise ValueError(
             f"{name} (shape {X.shape}): every neuron is constant on some fold's stimuli "

@@ -65,11 +65,26 @@ class Metric:
     _compute: Callable = field(repr=False, compare=False)
     fixed_preprocessing: dict | None = None
 
-    def preprocessing(self, *, center: bool = True, normalize: str | None = None) -> dict:
-        """What to apply once per representation before :meth:`compute`."""
+    def preprocessing(
+        self,
+        *,
+        center: bool = True,
+        normalize: str | None = None,
+        constant_neurons: str = "refuse",
+    ) -> dict:
+        """What to apply once per representation before :meth:`compute`.
+
+        ``constant_neurons`` applies whatever the metric fixes: a run that drops constant
+        neurons compares the same neurons in every metric. It is named only when
+        ``"drop"``, so the default's keys are those of outputs made before it existed.
+        """
         if self.fixed_preprocessing is not None:
-            return dict(self.fixed_preprocessing)
-        return {"center": bool(center), "normalize": normalize}
+            prep = dict(self.fixed_preprocessing)
+        else:
+            prep = {"center": bool(center), "normalize": normalize}
+        if constant_neurons != "refuse":
+            prep["constant_neurons"] = constant_neurons
+        return prep
 
     def compute(self, x: PreparedRep, y: PreparedRep, *, device=None) -> PairValue:
         """The metric on two reps prepared as :meth:`preprocessing` says."""

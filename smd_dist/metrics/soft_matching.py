@@ -18,8 +18,9 @@ References
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import scipy.sparse as sp
 
 from smd_dist.kernel.certificate import Certificate
@@ -50,11 +51,15 @@ class SoftMatchingResult:
         ``1 - cost / 2``, the soft matching score, when the columns were centred and scaled
         to unit norm (``center=True, normalize="unit"``); ``None`` otherwise.
     plan : scipy.sparse.coo_array or None
-        The optimal plan (Nx, Ny) when ``return_plan=True``.
+        The optimal plan (Nx, Ny) when ``return_plan=True``; with neurons dropped, over
+        the kept neurons in their order.
     solver : str
         Which exact method produced the plan (see :mod:`smd_dist.kernel.transport`).
     certificate : Certificate
         Dual feasibility violation, primal–dual gap and tolerance (all passed).
+    dropped : tuple of numpy.ndarray
+        Columns of X and of Y left out as constant over the stimuli
+        (``constant_neurons="drop"``); empty otherwise.
     """
 
     distance: float
@@ -63,6 +68,9 @@ class SoftMatchingResult:
     plan: sp.coo_array | None
     solver: str
     certificate: Certificate
+    dropped: tuple[np.ndarray, np.ndarray] = field(
+        default_factory=lambda: (np.empty(0, np.int64), np.empty(0, np.int64))
+    )
 
 
 def transport(x: PreparedRep, y: PreparedRep, *, device=None) -> Transport:
@@ -76,6 +84,7 @@ def soft_matching(
     *,
     center: bool = True,
     normalize: str | None = None,
+    constant_neurons: str = "refuse",
     device=None,
     return_plan: bool = False,
     names: tuple[str, str] = ("X", "Y"),
@@ -95,6 +104,9 @@ def soft_matching(
         Subtract each neuron's mean over stimuli first.
     normalize : {None, "unit", "zscore"}
         Scale each column to unit norm (after centring), or z-score it (ddof=0).
+    constant_neurons : {"refuse", "drop"}
+        Neurons constant over the stimuli (dead units): ``"refuse"`` raises where
+        normalising would divide by zero; ``"drop"`` leaves them out of both arrays first.
     device : str or torch.device, optional
         Where the cross product runs; default CUDA when available, else CPU.
     return_plan : bool
@@ -109,7 +121,8 @@ def soft_matching(
     Raises
     ------
     ValueError
-        Bad input (NaN/Inf, shape, dtype, constant neurons under normalisation).
+        Bad input (NaN/Inf, shape, dtype, constant neurons under normalisation with
+        ``constant_neurons="refuse"``, values beyond float64's reach once squared).
     smd_dist.kernel.SolverError
         If optimality could not be certified (never a silently approximate number).
 
@@ -118,7 +131,9 @@ def soft_matching(
     .. [1] Khosla, M., & Williams, A. H. (2024). Soft matching distance: a metric on neural
        representations that captures single-neuron tuning. Proceedings of UniReps, PMLR 243.
     """
-    x, y = prepare_pair(X, Y, center=center, normalize=normalize, names=names)
+    x, y = prepare_pair(
+        X, Y, center=center, normalize=normalize, constant_neurons=constant_neurons, names=names
+    )
     tr = transport(x, y, device=device)
     cost = max(tr.cost, 0.0)
     score = 1.0 - cost / 2.0 if (center and normalize == "unit") else None
@@ -129,21 +144,37 @@ def soft_matching(
         plan=tr.plan() if return_plan else None,
         solver=tr.solver,
         certificate=tr.certificate,
+        dropped=(x.dropped, y.dropped),
     )
 
 
 def soft_matching_distance(
-    X, Y, *, center: bool = True, normalize: str | None = None, device=None
+    X,
+    Y,
+    *,
+    center: bool = True,
+    normalize: str | None = None,
+    constant_neurons: str = "refuse",
+    device=None,
 ) -> float:
     """Soft matching distance ``d(X, Y)`` (see :func:`soft_matching`), a float.
 
     Arrays are (stimuli, neurons); widths may differ.
     """
-    return soft_matching(X, Y, center=center, normalize=normalize, device=device).distance
+    return soft_matching(
+        X, Y, center=center, normalize=normalize, constant_neurons=constant_neurons,
+        device=device,
+    ).distance
 
 
 def soft_matching_score(
-    X, Y, *, device=None, cv: int | None = None, seed: int | None = 0
+    X,
+    Y,
+    *,
+    constant_neurons: str = "refuse",
+    device=None,
+    cv: int | None = None,
+    seed: int | None = 0,
 ) -> float:
     """Soft matching score: the best average correlation of matched tuning curves.
 
@@ -152,15 +183,30 @@ def soft_matching_score(
         s(X, Y) = \\max_{P \\in \\mathcal T} \\sum_{ij} P_{ij}\\,
         \\operatorname{corr}(x_i, y_j) = 1 - d(\\tilde X, \\tilde Y)^2 / 2
 
-    where :math:`\\tilde X, \\tilde Y` have centred, unit-norm columns; ``s`` is in [-1, 1].
-    Arrays are (stimuli, neurons). Constant neurons have no correlation and raise
-    ``ValueError``.
+    where :math:`\\tilde X, \\tilde Y` have centred, unit-norm columns; ``s`` is in [-1, 1]
+    and does not depend on the data's units. Arrays are (stimuli, neurons).
 
     With ``cv=k`` the plan is fitted on the training stimuli of each of ``k`` folds
     (``sklearn.model_selection.KFold(k, shuffle=True, random_state=seed)``) and scored on
     its held-out stimuli, each part centred and normalised on its own; the mean over folds
     is returned (:func:`smd_dist.soft_matching_cv` gives the folds and more options).
+
+    Parameters
+    ----------
+    constant_neurons : {"refuse", "drop"}
+        Neurons constant over the stimuli (dead ReLUs) have no correlation: ``"refuse"``
+        (default) raises ``ValueError`` naming them; ``"drop"`` scores the others (with
+        ``cv``, those constant on any fold's part).
+    device : str or torch.device, optional
+    cv : int, optional
+        Folds of the cross-validated score; ``None`` scores in sample.
+    seed : int
+        Seed of the folds' shuffle.
     """
     if cv is not None:
-        return soft_matching_cv(X, Y, cv=cv, seed=seed, device=device).score
-    return soft_matching(X, Y, center=True, normalize="unit", device=device).score
+        return soft_matching_cv(
+            X, Y, cv=cv, seed=seed, constant_neurons=constant_neurons, device=device
+        ).score
+    return soft_matching(
+        X, Y, center=True, normalize="unit", constant_neurons=constant_neurons, device=device
+    ).score

@@ -87,3 +87,27 @@ def test_demo_refuses_a_foreign_folder(tmp_path):
     result = CliRunner().invoke(main, ["demo", "build", str(tmp_path), "--small", "--quiet"])
     assert result.exit_code != 0 and "not an smd-dist activation store" in result.output
     assert (tmp_path / "digits" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_engine_scores_the_digits_nets_with_dead_units_dropped(two_builds):
+    import numpy as np
+    from distributed import Client, LocalCluster
+
+    from smd_dist.engine import InputError, compute_distances
+
+    digits = ActivationStore(two_builds[0].digits, mode="r")
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                     dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        with pytest.raises(InputError, match="constant_neurons='drop'"):
+            compute_distances(digits, metrics=["soft_matching_score"], client=client,
+                              progress=False)
+        ds = compute_distances(digits, metrics=["soft_matching_score"], client=client,
+                               progress=False, constant_neurons="drop")
+    assert ds.attrs["n_failed_pairs"] == 0
+    assert ds.n_constant_dropped_a.values.max() > 0  # dead ReLUs
+    score = ds["soft_matching_score"].values
+    assert np.isfinite(score).all() and score.min() >= -1 and score.max() <= 1 + 1e-12

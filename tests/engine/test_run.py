@@ -183,6 +183,9 @@ def test_input_checks_are_submitted_widest_first_in_one_call(store, monkeypatch)
     class Done:
         status = "finished"
 
+        def result(self):
+            return 0  # neurons dropped as constant
+
         def release(self):
             pass
 
@@ -318,6 +321,87 @@ def test_incompatible_output_is_refused(store, client, tmp_path):
         compute_distances(
             store, output=tmp_path / "out", client=client, progress=False, normalize="zscore"
         )
+
+
+def dead_store(path):
+    """The tiny store with dead units (constant neurons) in two reps."""
+    store = make_store(path)
+    dead = np.random.default_rng(2).standard_normal((M, 7))
+    dead[:, [1, 4]] = 0.0
+    dead[:, 6] = 1.5
+    store.write("net-c", "relu", dead)
+    half = np.random.default_rng(3).standard_normal((M, 5))
+    half[:, 0] = 0.0
+    store.write("net-d", "relu", half)
+    return store
+
+
+def test_the_score_drops_constant_neurons_when_asked_and_records_how_many(tmp_path, client):
+    store = dead_store(tmp_path / "store")
+    with pytest.raises(InputError, match=r"net-c/relu.*constant_neurons='drop'"):
+        compute_distances(store, metrics=["soft_matching_score"], client=client, progress=False)
+    out = tmp_path / "out"
+    ds = compute_distances(
+        store,
+        metrics=["soft_matching_score", "soft_matching"],
+        output=out,
+        client=client,
+        progress=False,
+        constant_neurons="drop",
+    )
+    assert ds.attrs["n_failed_pairs"] == 0
+    counts = dict(zip(ds.rep_a.values, ds.n_constant_dropped_a.values.tolist(), strict=True))
+    assert counts == {r: 0 for r in WIDTHS} | {"net-c/relu": 3, "net-d/relu": 1}
+    assert ds.n_constant_dropped_b.values.tolist() == ds.n_constant_dropped_a.values.tolist()
+    a, b = store.read("net-c", "relu"), store.read("net-d", "relu")
+    score = ds["soft_matching_score"].sel(rep_a="net-c/relu", rep_b="net-d/relu").item()
+    assert score == pytest.approx(
+        smd_dist.soft_matching_score(a, b, constant_neurons="drop"), rel=1e-12
+    )
+    # every metric sees the same neurons: the distance too is on the live ones
+    distance = ds["soft_matching"].sel(rep_a="net-c/relu", rep_b="net-d/relu").item()
+    live = [np.delete(a, [1, 4, 6], axis=1), np.delete(b, 0, axis=1)]
+    assert distance == pytest.approx(smd_dist.soft_matching_distance(*live), rel=1e-12)
+    assert json.loads(ds.attrs["preprocessing"])["constant_neurons"] == "drop"
+
+    # resumed with nothing to do: the counts are still known
+    again = compute_distances(
+        store,
+        metrics=["soft_matching_score", "soft_matching"],
+        output=out,
+        client=client,
+        progress=False,
+        constant_neurons="drop",
+    )
+    assert again.n_constant_dropped_a.values.tolist() == ds.n_constant_dropped_a.values.tolist()
+    assert open_distances(out).n_constant_dropped_b.values.tolist() == list(counts.values())
+    # an output keeps the setting it was made with
+    with pytest.raises(IncompatibleOutputError, match="constant_neurons"):
+        compute_distances(store, metrics=["soft_matching"], output=out, client=client,
+                          progress=False)
+    with pytest.raises(InputError, match="'refuse' or 'drop'"):
+        compute_distances(store, client=client, progress=False, constant_neurons="keep")
+
+
+def test_default_preprocessing_keys_are_unchanged(store, client, tmp_path):
+    """Outputs made before constant_neurons existed stay resumable: the default adds no key."""
+    ds = compute_distances(store, output=tmp_path / "out", client=client, progress=False)
+    assert json.loads(ds.attrs["preprocessing"]) == {"center": True, "normalize": None}
+    assert "n_constant_dropped_a" not in ds.coords
+    assert smd_dist.config.get("preprocessing.constant_neurons") == "refuse"
+
+
+def test_cli_run_config_drops_constant_neurons(tmp_path):
+    store = dead_store(tmp_path / "store")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"store: {store.path}\noutput: out\nmetrics: [soft_matching_score]\n"
+        "preprocessing: {constant_neurons: drop}\ncluster: {kind: local, n-workers: 1}\n"
+    )
+    result = CliRunner().invoke(main, ["run", str(cfg), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    ds = open_distances(tmp_path / "out")
+    assert ds.n_constant_dropped_a.sel(rep_a="net-c/relu").item() == 3
 
 
 def test_second_run_on_a_locked_output_is_refused(store, client, tmp_path):

@@ -8,9 +8,11 @@ import torch
 from scipy.spatial.distance import cdist
 
 from smd_dist.kernel.preparation import (
+    column_norms,
     cross_product,
     neuron_major,
     preprocess,
+    preprocess_columns,
     resolve_device,
     squared_distances,
 )
@@ -94,3 +96,40 @@ def test_cuda_matches_cpu(rng):  # pragma: no cover - runs on GPU machines only
     np.testing.assert_allclose(
         cross_product(X, Y, device="cuda"), cross_product(X, Y, device="cpu"), rtol=1e-12
     )
+
+
+# --- any scale; constant neurons -------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-170, 1e-10, 1.0, 1e10, 1e170, 1e300])
+def test_normalised_columns_do_not_depend_on_the_units(rng, scale):
+    X = rng.standard_normal((30, 6))
+    for normalize in ("unit", "zscore"):
+        want = preprocess(X, normalize=normalize)
+        np.testing.assert_allclose(preprocess(X * scale, normalize=normalize), want, rtol=1e-13)
+    np.testing.assert_allclose(
+        column_norms(X * scale) / scale, np.linalg.norm(X, axis=0), rtol=1e-14
+    )
+
+
+def test_drop_leaves_constant_neurons_out_before_centring(rng):
+    X = rng.standard_normal((25, 7))
+    X[:, [1, 5]] = 4.0
+    X[:, 6] = 0.0
+    kept = np.array([0, 2, 3, 4])
+    for normalize in (None, "unit", "zscore"):
+        out, dropped = preprocess_columns(X, normalize=normalize, constant_neurons="drop")
+        assert dropped.tolist() == [1, 5, 6] and out.flags.f_contiguous
+        want = preprocess(X[:, kept], normalize=normalize)
+        np.testing.assert_allclose(out, want, rtol=1e-14, atol=1e-15)
+    # without normalising, refuse keeps them (they are fine there)
+    assert preprocess(X).shape == (25, 7)
+    with pytest.raises(ValueError, match=r"constant_neurons='drop' leaves them out"):
+        preprocess(X, normalize="unit")
+
+
+def test_drop_needs_a_varying_neuron_and_a_known_option(rng):
+    with pytest.raises(ValueError, match="no neuron that varies"):
+        preprocess(np.ones((5, 3)), constant_neurons="drop", name="m/l")
+    with pytest.raises(ValueError, match="constant_neurons must be one of"):
+        preprocess(rng.standard_normal((5, 3)), constant_neurons="keep")

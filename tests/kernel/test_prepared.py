@@ -162,3 +162,19 @@ def test_plan_and_duals_come_back_in_the_callers_neuron_order():
     assert reduced.min() >= -1e-9 and np.abs(reduced[tr.rows, tr.cols]).max() <= 1e-9
     order = np.lexsort((tr.cols, tr.rows))
     assert np.array_equal(order, np.arange(order.size))  # sorted by (row, col)
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1e-160, 1e155, 1e200])
+def test_values_whose_squares_leave_float64_are_refused_not_computed(scale):
+    X = np.random.default_rng(3).standard_normal((40, 6)) * scale
+    with pytest.raises(ValueError, match=r"net/l \(shape \(40, 6\)\).*multiply the data"):
+        prepare(X, name="net/l")
+    prepare(np.zeros((40, 6)))  # all zero is in range: every cost is exactly zero
+    assert prepare(X, normalize="unit").sq_norms.max() == pytest.approx(1.0)
+
+
+def test_dropped_neurons_are_recorded():
+    X = _with_copies()
+    rep = prepare(X, constant_neurons="drop")
+    assert rep.dropped.tolist() == [0, 4, 10] and rep.shape == (20, 9)
+    assert prepare(X).dropped.size == 0 and prepare(X).shape == (20, 12)

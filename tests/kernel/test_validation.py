@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 import smd_dist
-from smd_dist.kernel.validation import check_array, check_normalizable, check_pair
+from smd_dist.kernel.validation import (
+    check_array,
+    check_normalizable,
+    check_pair,
+    constant_columns,
+)
 
 
 @pytest.fixture
@@ -154,3 +159,76 @@ def test_score_rejects_constant_neurons(rng):
     A[:, 0] = 5.0
     with pytest.raises(ValueError, match="constant"):
         smd_dist.soft_matching_score(A, rng.standard_normal((10, 4)))
+
+
+# --- inputs that look right but are not ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dims, flipped",
+    [
+        (("stimulus", "neuron"), False),
+        (("neuron", "stimulus"), True),
+        (("Presentation", "units"), False),
+        (("units", "stimuli"), True),
+        (("image", "unit"), False),  # one known name settles both axes
+        (("neurons", "time"), True),
+    ],
+)
+def test_labelled_arrays_are_read_by_their_dim_names(X, dims, flipped):
+    xr = pytest.importorskip("xarray")
+    labelled = xr.DataArray(X.T if flipped else X, dims=dims)
+    np.testing.assert_array_equal(check_array(labelled), X)
+    d = smd_dist.soft_matching_distance(labelled, X + 0.5)
+    assert d == smd_dist.soft_matching_distance(X, X + 0.5)
+
+
+@pytest.mark.parametrize(
+    "dims", [("dim_0", "dim_1"), ("unit", "neuron"), ("stimulus", "presentation")]
+)
+def test_labelled_array_with_ambiguous_dims_is_refused(X, dims):
+    xr = pytest.importorskip("xarray")
+    with pytest.raises(ValueError, match="ambiguous") as err:
+        check_array(xr.DataArray(X, dims=dims), name="m/l")
+    assert "m/l" in str(err.value) and str(dims) in str(err.value)
+
+
+def test_masked_entries_are_refused_and_an_empty_mask_is_its_data(X):
+    masked = np.ma.masked_array(X, mask=np.zeros(X.shape, bool))
+    np.testing.assert_array_equal(check_array(masked), X)
+    masked[4, 1] = np.ma.masked
+    masked[9, 3] = np.ma.masked
+    with pytest.raises(ValueError, match=r"2 masked entries \(stimulus rows \[4, 9\]\)"):
+        check_array(masked, name="m/l")
+    with pytest.raises(ValueError, match="masked"):
+        smd_dist.soft_matching_score(masked, X)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float8_e4m3fn"])
+def test_low_precision_torch_tensors_are_upcast_exactly(X, dtype):
+    torch = pytest.importorskip("torch")
+    if not hasattr(torch, dtype):
+        pytest.skip(f"torch has no {dtype}")
+    t = torch.tensor(X, dtype=torch.float32).to(getattr(torch, dtype))
+    want = t.float().numpy().astype(np.float64)
+    np.testing.assert_array_equal(check_array(t), want)
+    assert smd_dist.soft_matching_distance(t, X) == smd_dist.soft_matching_distance(want, X)
+
+
+def test_sums_that_overflow_are_refused(X):
+    with pytest.raises(ValueError, match=r"overflow float64 in neuron columns \[0, 1, 2, 3, 4\]"):
+        check_array(np.abs(X) * 1e307 + 1e307, name="m/l")
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-160, 1.0, 1e160, 1e300])
+def test_constant_columns_at_any_scale(X, scale):
+    X[:, 2] = 7.0
+    X[:, 4] = 0.0
+    assert constant_columns(X * scale).tolist() == [2, 4]
+
+
+def test_dataframes_and_tensors_with_gradients_are_their_values(X):
+    pd = pytest.importorskip("pandas")
+    torch = pytest.importorskip("torch")
+    np.testing.assert_array_equal(check_array(pd.DataFrame(X)), X)
+    np.testing.assert_array_equal(check_array(torch.tensor(X, requires_grad=True) * 1), X)

@@ -203,6 +203,86 @@ def test_cka_constant_representation_is_an_error(rng):
         smd_dist.linear_cka(np.ones((5, 3)), rng.standard_normal((5, 2)))
 
 
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("shape", [(60, 20), (15, 40), (30, 30)])
+def test_procrustes_of_a_rotated_copy_is_zero_to_rounding(seed, shape):
+    # sqrt(|X|² + |Y|² - 2|XᵀY|_*) cancels here: 6e-8 of the norm; netrep gets 6e-14.
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal(shape)
+    Y = X @ ortho_group.rvs(shape[1], random_state=seed)
+    norm = np.linalg.norm(X - X.mean(0))
+    assert smd_dist.procrustes_distance(X, Y) <= 1e-10 * norm
+    assert smd_dist.procrustes_distance(Y, X) <= 1e-10 * norm
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("shape", [(50, 6, 11), (12, 30, 17), (20, 20, 20)])
+def test_procrustes_matches_scipy_to_rounding(seed, shape):
+    m, nx, ny = shape
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((m, nx))
+    Y = X[:, rng.integers(0, nx, ny)] + 0.01 * rng.standard_normal((m, ny))  # near zero
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+    n = max(nx, ny)
+    Xp, Yp = np.pad(Xc, ((0, 0), (0, n - nx))), np.pad(Yc, ((0, 0), (0, n - ny)))
+    R, _ = orthogonal_procrustes(Yp, Xp)
+    assert smd_dist.procrustes_distance(X, Y) == pytest.approx(
+        np.linalg.norm(Xp - Yp @ R), rel=1e-11
+    )
+
+
+EXTREME = [1e-150, 1e-100, 1e-40, 1e-8, 1e8, 1e40, 1e100, 1e150]
+BEYOND = [1e-300, 1e-170, 1e160, 1e300]
+
+
+@pytest.mark.parametrize("scale", EXTREME + BEYOND)
+def test_extreme_scales_give_the_right_number_or_a_value_error(rng, scale):
+    X, Y = rng.standard_normal((40, 20)), rng.standard_normal((40, 30))
+    # invariant metrics and homogeneous distances (degree one)
+    cases = {
+        smd_dist.soft_matching_score: 0,
+        smd_dist.linear_cka: 0,
+        smd_dist.soft_matching_distance: 1,
+        smd_dist.procrustes_distance: 1,
+    }
+    for metric, degree in cases.items():
+        want = metric(X, Y) * scale**degree
+        if scale in BEYOND and metric is not smd_dist.soft_matching_score:
+            with pytest.raises(ValueError, match="multiply the data by a constant"):
+                metric(X * scale, Y * scale)
+            continue
+        assert metric(X * scale, Y * scale) == pytest.approx(want, rel=1e-12), metric.__name__
+
+
+def test_score_does_not_depend_on_the_units(rng):
+    X, Y = rng.standard_normal((40, 20)), rng.standard_normal((40, 30))
+    want = smd_dist.soft_matching_score(X, Y)
+    for exponent in range(-300, 301, 25):
+        s = 10.0**exponent
+        assert smd_dist.soft_matching_score(X * s, Y * s) == pytest.approx(want, rel=1e-12)
+
+
+# ------------------------------------------------------------------- constant neurons
+
+
+def test_score_drops_constant_neurons_when_asked(rng):
+    X, Y = rng.standard_normal((30, 9)), rng.standard_normal((30, 12))
+    X[:, [0, 4]] = 0.0  # dead ReLUs
+    Y[:, 7] = 2.5  # constant, not zero
+    with pytest.raises(ValueError, match=r"columns \[0, 4\].*constant_neurons='drop'"):
+        smd_dist.soft_matching_score(X, Y)
+    got = smd_dist.soft_matching_score(X, Y, constant_neurons="drop")
+    live_x, live_y = np.delete(X, [0, 4], axis=1), np.delete(Y, 7, axis=1)
+    assert got == smd_dist.soft_matching_score(live_x, live_y)
+    result = smd_dist.soft_matching(
+        X, Y, normalize="unit", constant_neurons="drop", return_plan=True
+    )
+    assert [d.tolist() for d in result.dropped] == [[0, 4], [7]]
+    assert result.plan.shape == (7, 11) and result.score == got
+    with pytest.raises(ValueError, match="constant_neurons must be one of"):
+        smd_dist.soft_matching_score(X, Y, constant_neurons="ignore")
+
+
 # ---------------------------------------------------------------------------- registry
 
 
