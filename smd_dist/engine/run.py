@@ -281,7 +281,7 @@ def compute_distances(
     metric_objs = resolve_metrics(metrics)
     base_prep = {"center": bool(center), "normalize": normalize}
     specs = metric_specs(metric_objs, base_prep)
-    preps_needed = sorted({p for _, p in specs})
+    preps_needed = sorted({p for _, p, _ in specs})
     header = {
         "format": OUTPUT_FORMAT,
         "preprocessing": base_prep,
@@ -563,7 +563,7 @@ def _run_pairs(
                             "worker": "",
                         }
                         for a, b in ids
-                        for name, _ in specs
+                        for name, *_ in specs
                     ]
                 else:
                     results = future.result()
