@@ -428,9 +428,11 @@ def sinkhorn_interval(
 
 
 def _product_state(problem: _Problem) -> _State:
+    """The product plan ``a bᵀ`` as an iterate (zero potentials, a kernel of ones)."""
     nx, ny = problem.D.shape
-    ones = torch.ones(nx, ny, dtype=torch.float64, device=problem.D.device)
-    return _State(ones[:, 0] * 0, ones[0] * 0, ones, ones[:, 0], ones[0], 1.0)
+    kw = {"dtype": torch.float64, "device": problem.D.device}
+    zeros_x, zeros_y = torch.zeros(nx, **kw), torch.zeros(ny, **kw)
+    return _State(zeros_x, zeros_y, torch.ones(nx, ny, **kw), zeros_x + 1, zeros_y + 1, 1.0)
 
 
 @dataclass(frozen=True)
