@@ -3,9 +3,11 @@
 An output is a zarr group on a local path with two parts:
 
 * ``ledger/`` — one subgroup ("part") per flush of finished pairs. A part holds two
-  arrays, ``num`` (value, max_violation, gap, seconds) and ``txt`` (metric, rep ids,
-  content hashes, solver, error, worker), each chunk checksummed (CRC32C), and a SHA-256
-  of the whole part in its attributes, written last together with ``complete: true``.
+  arrays, ``num`` (value, max_violation, gap, seconds, lower, upper: the columns its
+  ``num_fields`` attribute names; parts without it hold the first four) and ``txt``
+  (metric, rep ids, content hashes, solver, error, worker), each chunk checksummed
+  (CRC32C), and a SHA-256 of the whole part in its attributes, written last together with
+  ``complete: true``.
   A part interrupted mid-write is therefore never complete and is ignored; a corrupted
   one fails its checksum and is reported, never read as data. The ledger is the source
   of truth; later parts supersede earlier ones for the same key.
@@ -38,7 +40,9 @@ from zarr.dtype import VariableLengthUTF8
 OUTPUT_FORMAT = 1
 LEDGER = "ledger"
 QUARANTINE = "quarantine"
-_NUM_FIELDS = ("value", "max_violation", "gap", "seconds")
+_NUM_FIELDS = ("value", "max_violation", "gap", "seconds", "lower", "upper")
+#: The ``num`` columns of parts written before ``num_fields`` was recorded.
+_NUM_FIELDS_V1 = _NUM_FIELDS[:4]
 _TXT_FIELDS = ("metric", "rep_a", "rep_b", "hash_a", "hash_b", "solver", "error", "worker")
 _CODECS = [ZstdCodec(level=3), Crc32cCodec()]
 
@@ -60,7 +64,8 @@ class PairRecord:
     """The result of one metric on one pair of representations.
 
     ``rep_a < rep_b`` always (see :func:`canonical_pair`). ``error`` is empty when the
-    computation succeeded; otherwise ``value`` is NaN and ``error`` says why.
+    computation succeeded; otherwise ``value`` is NaN and ``error`` says why. ``lower``
+    and ``upper`` hold a certified interval on the value when the metric gave one.
     """
 
     metric: str
@@ -75,6 +80,8 @@ class PairRecord:
     seconds: float = float("nan")
     error: str = ""
     worker: str = ""
+    lower: float = float("nan")
+    upper: float = float("nan")
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
@@ -90,10 +97,13 @@ def canonical_pair(a: str, b: str) -> tuple[str, str]:
     return (a, b) if a <= b else (b, a)
 
 
-def _part_checksum(num: np.ndarray, txt: np.ndarray) -> str:
+def _part_checksum(num: np.ndarray, txt: np.ndarray, fields=None) -> str:
+    """SHA-256 of a part's arrays, and of its ``num`` column names when it records them."""
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(num, dtype="<f8").tobytes())
     digest.update("\x1f".join(str(t) for t in txt.ravel()).encode("utf-8"))
+    if fields is not None:
+        digest.update("\x1f".join(fields).encode("utf-8"))
     return digest.hexdigest()
 
 
@@ -207,7 +217,13 @@ class ResultsOutput:
         )
         text[...] = txt
         # zarr writes attributes one key at a time: the completion mark must come last.
-        part.attrs.update({"n": len(records), "sha256": _part_checksum(num, txt)})
+        part.attrs.update(
+            {
+                "n": len(records),
+                "num_fields": list(_NUM_FIELDS),
+                "sha256": _part_checksum(num, txt, _NUM_FIELDS),
+            }
+        )
         part.attrs["complete"] = True
         return name
 
@@ -242,14 +258,19 @@ class ResultsOutput:
             raise CorruptOutputError(
                 f"{where}: a chunk failed to decode ({err}){_pairs_hint(txt)}"
             ) from err
-        if num.shape != (attrs.get("n"), len(_NUM_FIELDS)) or _part_checksum(
-            num, txt
-        ) != attrs.get("sha256"):
+        recorded = attrs.get("num_fields")
+        fields = _NUM_FIELDS_V1 if recorded is None else tuple(map(str, recorded))
+        if (
+            not set(fields) <= set(_NUM_FIELDS)
+            or num.shape != (attrs.get("n"), len(fields))
+            or _part_checksum(num, txt, None if recorded is None else fields)
+            != attrs.get("sha256")
+        ):
             raise CorruptOutputError(f"{where}: checksum mismatch{_pairs_hint(txt)}")
         return [
             PairRecord(
                 **dict(zip(_TXT_FIELDS, (str(t) for t in row_txt), strict=True)),
-                **dict(zip(_NUM_FIELDS, (float(v) for v in row_num), strict=True)),
+                **dict(zip(fields, (float(v) for v in row_num), strict=True)),
             )
             for row_txt, row_num in zip(txt, num, strict=True)
         ]
@@ -366,8 +387,10 @@ def assemble(
     xarray.Dataset
         Per metric ``m``: ``m`` (rep_a, rep_b) float64, symmetric, with the identity value
         on the diagonal (0 for distances, 1 for similarities); ``m_solver``, ``m_error``
-        (str), ``m_seconds``, ``m_max_violation``, ``m_gap`` (float64). Missing pairs are
-        NaN with the error ``"not computed"``.
+        (str), ``m_seconds``, ``m_max_violation``, ``m_gap`` (float64); for a metric with
+        certified intervals (``metric.interval``) also ``m_lower`` and ``m_upper`` (NaN
+        where the pair was solved exactly; the identity value on the diagonal). Missing
+        pairs are NaN with the error ``"not computed"``.
     """
     ids = np.array([r.rep_id for r in reps], dtype=object)
     n = len(reps)
@@ -377,11 +400,14 @@ def assemble(
         solver = np.full((n, n), "", dtype=object)
         error = np.full((n, n), "not computed", dtype=object)
         diag = {name: np.full((n, n), np.nan) for name in ("seconds", "max_violation", "gap")}
+        bounds = ("lower", "upper") if getattr(metric, "interval", False) else ()
+        diag.update({name: np.full((n, n), np.nan) for name in bounds})
+        identity = 0.0 if metric.kind == "distance" else 1.0
         for i in range(n):
-            value[i, i] = 0.0 if metric.kind == "distance" else 1.0
+            value[i, i] = identity
             solver[i, i], error[i, i] = "identity", ""
-            for arr in diag.values():
-                arr[i, i] = 0.0
+            for name, arr in diag.items():
+                arr[i, i] = identity if name in bounds else 0.0
         for i in range(n):
             for j in range(i + 1, n):
                 a, b = reps[i], reps[j]

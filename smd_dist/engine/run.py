@@ -296,7 +296,7 @@ def compute_distances(
     if constant_neurons == "drop":  # named only when set: older outputs stay resumable
         base_prep["constant_neurons"] = "drop"
     specs = metric_specs(metric_objs, base_prep)
-    preps_needed = sorted({p for _, p in specs})
+    preps_needed = sorted({p for _, p, _ in specs})
     header = {
         "format": OUTPUT_FORMAT,
         "preprocessing": base_prep,
@@ -610,7 +610,7 @@ def _run_pairs(
                             "worker": "",
                         }
                         for a, b in ids
-                        for name, _ in specs
+                        for name, *_ in specs
                     ]
                 else:
                     results = future.result()

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from smd_dist import config
 from smd_dist import metrics as metric_registry
 
-__all__ = ["InputError", "metric_specs", "prep_key", "resolve_metrics", "select_reps"]
+__all__ = [
+    "InputError",
+    "metric_options",
+    "metric_specs",
+    "prep_key",
+    "resolve_metrics",
+    "select_reps",
+]
 
 
 class InputError(ValueError):
@@ -72,6 +79,29 @@ def prep_key(prep: dict) -> str:
     return json.dumps(prep, sort_keys=True)
 
 
-def metric_specs(metric_objs, base_prep: dict) -> list[tuple[str, str]]:
-    """``(metric name, prep key)`` per metric: what a pair task runs on which prepared array."""
-    return [(m.name, prep_key(m.preprocessing(**base_prep))) for m in metric_objs]
+def metric_options(metric) -> dict:
+    """The metric's options: the ``smd-dist.metric-options.<name>`` config over its defaults.
+
+    Raises
+    ------
+    InputError
+        Options the metric does not take, or values out of range.
+    """
+    given = config.get(f"metric-options.{metric.name}", None) or {}
+    if not isinstance(given, dict):
+        raise InputError(
+            f"config smd-dist.metric-options.{metric.name} must be a mapping of option names "
+            f"to values, got {given!r}"
+        )
+    try:
+        return metric.with_options(given)
+    except ValueError as err:
+        raise InputError(f"config smd-dist.metric-options.{metric.name}: {err}") from None
+
+
+def metric_specs(metric_objs, base_prep: dict) -> list[tuple[str, str, dict]]:
+    """``(metric name, prep key, options)`` per metric: what a pair task runs on which
+    prepared array, and how."""
+    return [
+        (m.name, prep_key(m.preprocessing(**base_prep)), metric_options(m)) for m in metric_objs
+    ]

@@ -106,7 +106,7 @@ def compare_pairs(
     prepared = {rep: _prepared(source, keep_fraction) for rep, source in sources.items()}
     out = []
     for rep_a, rep_b in pairs:
-        for name, prep in metric_specs:
+        for name, prep, options in metric_specs:
             metric = metric_registry.get(name)
             xa, xb = prepared[rep_a][prep], prepared[rep_b][prep]
             record = {"metric": name, "rep_a": rep_a, "rep_b": rep_b, "worker": worker}
@@ -119,7 +119,7 @@ def compare_pairs(
                 # Each rep passed check_array when it was prepared; per pair only the
                 # stimulus counts can disagree, and a full pass over both would cost more.
                 check_same_stimuli(xa.columns, xb.columns, names=(rep_a, rep_b))
-                result = metric.compute(xa, xb, device=device)
+                result = metric.compute(xa, xb, device=device, **options)
             except Exception as err:  # recorded with the pair; the run goes on
                 record.update(value=float("nan"), error=f"{type(err).__name__}: {err}")
             else:
@@ -129,6 +129,8 @@ def compare_pairs(
                     solver=result.solver,
                     max_violation=float(cert.get("max_violation", np.nan)),
                     gap=float(cert.get("gap", np.nan)),
+                    lower=np.nan if result.lower is None else float(result.lower),
+                    upper=np.nan if result.upper is None else float(result.upper),
                 )
             record["seconds"] = time.perf_counter() - start
             out.append(record)

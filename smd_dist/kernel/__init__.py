@@ -20,6 +20,9 @@ order data flows through them:
 ``transport``
     :func:`solve`: which method for which pair, merging identical neurons; the
     :class:`Transport` it returns.
+``sinkhorn``
+    The fast mode: entropic transport turned into a certified interval on the exact cost
+    (a feasible dual from below, a rounded feasible plan from above).
 
 Nothing here knows of Dask, zarr, the CLI or configuration.
 """

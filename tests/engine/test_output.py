@@ -66,6 +66,8 @@ def record(a, b, value, metric="soft_matching", error=""):
         gap=0.0,
         seconds=0.1,
         error=error,
+        lower=0.5,
+        upper=4.0,
     )
 
 
