@@ -84,9 +84,17 @@ def _prepared(source: RepSource, keep_fraction: float) -> dict:
     )
 
 
-def check_rep(source: RepSource, keep_fraction: float) -> None:
-    """Validate one rep as a pair task would see it (and keep it, within the budget)."""
-    _prepared(source, keep_fraction)
+def check_rep(source: RepSource, keep_fraction: float) -> str | None:
+    """Validate one rep as a pair task would see it (and keep it, within the budget).
+
+    Returns what is wrong with it, or ``None``. A bad rep is an answer here, not a task
+    error: Dask would log each failed task with its traceback on the worker.
+    """
+    try:
+        _prepared(source, keep_fraction)
+    except ValueError as err:  # InputError, StoreError, CorruptStoreError
+        return str(err)
+    return None
 
 
 def compare_pairs(
