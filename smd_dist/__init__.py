@@ -30,6 +30,7 @@ _PUBLIC = {
     "extract": "smd_dist.store",
     "linear_cka": "smd_dist.metrics",
     "open_distances": "smd_dist.engine",
+    "pairwise": "smd_dist.engine",
     "permutation_distance": "smd_dist.metrics",
     "procrustes_distance": "smd_dist.metrics",
     "soft_matching": "smd_dist.metrics",
