@@ -93,7 +93,7 @@ ADDRESS_KEYS = {"address": "scheduler address, e.g. tcp://10.0.0.5:8786"}
 SLURM_JOBQUEUE_KEYS = {
     "cores": "cores per job",
     "memory": "memory per job, e.g. '16GB'",
-    "processes": "worker processes per job (default: one per core)",
+    "processes": "worker processes per job (default: one per two cores, two threads each)",
     "walltime": "job walltime, e.g. '02:00:00'",
     "queue": "SLURM partition (-p)",
     "account": "SLURM account (-A)",
