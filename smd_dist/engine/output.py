@@ -383,8 +383,11 @@ class ResultsOutput:
             warnings.simplefilter("ignore", category=UserWarning)
             ds.to_zarr(self.path, mode="a", consolidated=False, encoding=encoding)
         self._write_header({**header, "assembled": True})
-        # Last: plain xr.open_zarr reads consolidated metadata first and warns without it.
-        # smd-dist itself always reads the metadata of each node, never this summary.
+
+    def consolidate(self) -> None:
+        """Write the consolidated metadata plain :func:`xarray.open_zarr` reads first (it
+        warns without it). Last thing a run does, after :meth:`compact`: any later write
+        to the root drops it. smd-dist itself reads each node's own metadata."""
         with warnings.catch_warnings():  # "not part of the format 3 specification" yet
             warnings.simplefilter("ignore", category=UserWarning)
             zarr.consolidate_metadata(self.path, zarr_format=3)

@@ -683,6 +683,7 @@ def _compute(setup: _Setup, client, report: RunReport, *, resume, fresh, progres
         if setup.output is not None:
             sink.write_dataset(ds)
             sink.compact()
+            sink.consolidate()
         report.seconds_finish = time.perf_counter() - phase
     return ds
 
