@@ -69,7 +69,8 @@ def main() -> None:
 @click.option("--reps", "reps_override", multiple=True,
               help="Glob on 'model/layer' or a model name, instead of the config's reps "
                    "(repeatable).")
-@click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+@click.option("--no-progress", is_flag=True,
+              help="Print nothing while it runs (no cluster line, no progress bar).")
 def run(config_path, dry_run, fresh, output_override, reps_override, no_progress) -> None:
     """Compute every pair named by the run CONFIG (YAML) and write the labeled matrix.
 
@@ -232,8 +233,10 @@ def store_ls(store: str) -> None:
     records = opened.list()
     click.echo(f"{len(records)} reps, {opened.n_stimuli or 0} stimuli")
     width = max((len(r.rep_id) for r in records), default=0)
-    for r in records:
-        click.echo(f"{r.rep_id:<{width}}  {r.n_stimuli} x {r.n_neurons}  {r.content_hash[:19]}")
+    shapes = [f"{r.n_stimuli} x {r.n_neurons}" for r in records]
+    across = max((len(shape) for shape in shapes), default=0)
+    for r, shape in zip(records, shapes, strict=True):
+        click.echo(f"{r.rep_id:<{width}}  {shape:<{across}}  {r.content_hash[:19]}")
 
 
 @store_group.command("verify")
