@@ -170,11 +170,10 @@ def plot_mds(
             x[idx[0]], y[idx[0]], s=90, marker="s", facecolors="none", edgecolors=colour, zorder=3
         )
         named += {"all": idx, "ends": list(dict.fromkeys([idx[0], idx[-1]]))}.get(mode, [])
-    # "box": the limits set below to keep the names inside are kept; the box takes the
-    # aspect (with "datalim", Matplotlib would move the limits again).
+    # "box": the limits set below (names inside, the axes' area filled) are kept; with
+    # "datalim" Matplotlib would move them again.
     ax.set_aspect("equal", adjustable="box")
-    if named:
-        _annotate_inside(fig, ax, [(layers[i], x[i], y[i]) for i in named])
+    _fit_limits(fig, ax, _annotate(ax, [(layers[i], x[i], y[i]) for i in named]))
     if len(colours) <= 20:
         ax.legend(fontsize=7, loc="best", frameon=False)
     ax.set_xlabel(f"MDS {components[0]}")
@@ -220,12 +219,12 @@ def plot_dendrogram(
     return _finish(fig, path, dpi)
 
 
-def _annotate_inside(fig, ax, points) -> None:
-    """Name each point (text, x, y), each text pointing away from the middle of the cloud,
-    then widen the axes' limits until every text lies inside them."""
-    xs = np.array([p[1] for p in points], dtype=float)
-    ys = np.array([p[2] for p in points], dtype=float)
-    mid_x, mid_y = float(np.median(xs)), float(np.median(ys))
+def _annotate(ax, points) -> list:
+    """Name each point (text, x, y), each text pointing away from the middle of the cloud."""
+    if not points:
+        return []
+    mid_x = float(np.median([p[1] for p in points]))
+    mid_y = float(np.median([p[2] for p in points]))
     texts = []
     for text, px, py in points:
         right, up = px >= mid_x, py >= mid_y
@@ -240,18 +239,32 @@ def _annotate_inside(fig, ax, points) -> None:
                 va="bottom" if up else "top",
             )
         )
+    return texts
+
+
+def _fit_limits(fig, ax, texts) -> None:
+    """Widen the limits until every text lies inside them and the data fill the axes' area
+    at equal aspect (one unit the same length on both axes)."""
     for _ in range(8):  # the limits move the points, which move the texts: a few rounds
         fig.canvas.draw()
         to_data = ax.transData.inverted()
         boxes = [t.get_window_extent().transformed(to_data) for t in texts]
         (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
-        need_x = (min(x0, *(b.x0 for b in boxes)), max(x1, *(b.x1 for b in boxes)))
-        need_y = (min(y0, *(b.y0 for b in boxes)), max(y1, *(b.y1 for b in boxes)))
-        if need_x == (x0, x1) and need_y == (y0, y1):
+        nx0, nx1 = min([x0, *(b.x0 for b in boxes)]), max([x1, *(b.x1 for b in boxes)])
+        ny0, ny1 = min([y0, *(b.y0 for b in boxes)]), max([y1, *(b.y1 for b in boxes)])
+        area = ax.get_position(original=True)
+        width, height = fig.get_size_inches()
+        ratio = (area.height * height) / (area.width * width)
+        if (ny1 - ny0) < ratio * (nx1 - nx0):
+            grow = (ratio * (nx1 - nx0) - (ny1 - ny0)) / 2
+            ny0, ny1 = ny0 - grow, ny1 + grow
+        else:
+            grow = ((ny1 - ny0) / ratio - (nx1 - nx0)) / 2
+            nx0, nx1 = nx0 - grow, nx1 + grow
+        if np.allclose([nx0, nx1, ny0, ny1], [x0, x1, y0, y1], rtol=0, atol=1e-9 * (nx1 - nx0)):
             return
-        pad_x, pad_y = 0.02 * (need_x[1] - need_x[0]), 0.02 * (need_y[1] - need_y[0])
-        ax.set_xlim(need_x[0] - pad_x, need_x[1] + pad_x)
-        ax.set_ylim(need_y[0] - pad_y, need_y[1] + pad_y)
+        ax.set_xlim(nx0, nx1)
+        ax.set_ylim(ny0, ny1)
 
 
 def _distance_label(metric: str, source_kind: str | None) -> str:
