@@ -127,9 +127,9 @@ def pairwise(
     defined = [p for p in pairs if not chosen.equal_width_only or widths[p[0]] == widths[p[1]]]
     entries = sum(widths[a] * widths[b] for a, b in defined)
     if client is None and entries > IN_PROCESS_ENTRIES:
-        from smd_dist.engine.run import _default_client
+        from smd_dist.engine.run import current_client
 
-        client = _default_client()
+        client = current_client()
     if client is None:
         values = _pair_values(chosen.name, prep, device, defined, arrays)
     else:

@@ -50,6 +50,7 @@ __all__ = [
     "RunPlan",
     "RunReport",
     "compute_distances",
+    "current_client",
     "output_status",
     "plan_run",
 ]
@@ -378,9 +379,13 @@ def _setup(
     )
 
 
-def _default_client():
-    """Dask's current client (the last one made, or the one in a ``with`` block), if any."""
-    if "distributed" not in sys.modules:  # no client can exist: don't pay for the import
+def current_client():
+    """Dask's current client (the last one made, or the one in a ``with`` block), or None.
+
+    Dask libraries run on the client the user made (``distributed.Client.current``); this
+    never imports distributed where nothing has, since no client can exist then.
+    """
+    if "distributed" not in sys.modules:
         return None
     from distributed import Client
 
@@ -492,7 +497,7 @@ def compute_distances(
     if not isinstance(report, RunReport):
         raise config.ConfigError(f"report must be a RunReport, got {report!r}")
     if client is None and cluster is None:
-        client = _default_client()
+        client = current_client()
     setup = _setup(
         store,
         reps=reps,

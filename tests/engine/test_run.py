@@ -536,7 +536,7 @@ def test_bad_arguments_are_refused_before_any_cluster_or_file(
         raise AssertionError("a cluster was started")
 
     monkeypatch.setattr(clusters, "make_client", no_cluster)
-    monkeypatch.setattr(run, "_default_client", lambda: None)
+    monkeypatch.setattr(run, "current_client", lambda: None)
     monkeypatch.chdir(tmp_path)
     kwargs = {"output": tmp_path / "out", **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -617,7 +617,7 @@ def test_progress_false_starts_a_cluster_without_a_word(store, tmp_path, monkeyp
                             dashboard_address=":0")
 
     monkeypatch.setattr(clusters, "make_cluster", in_process)
-    monkeypatch.setattr(run, "_default_client", lambda: None)
+    monkeypatch.setattr(run, "current_client", lambda: None)
     capfd.readouterr()
     compute_distances(store, cluster={"kind": "local", "n-workers": 1}, progress=False)
     assert started and capfd.readouterr() == ("", "")
