@@ -221,8 +221,9 @@ def _output_lock(path: Path):
                     f"output {str(path)!r} is being written by another run{holder}; wait "
                     "for it to finish or use another output path"
                 ) from None
-    ours = os.stat(lock_path)
+    ours = None
     try:
+        ours = os.stat(lock_path)
         info_path.write_text(
             json.dumps(
                 {
@@ -238,7 +239,7 @@ def _output_lock(path: Path):
             with contextlib.suppress(OSError):
                 info_path.unlink()
             with contextlib.suppress(OSError):
-                if os.path.samestat(os.stat(lock_path), ours):
+                if ours is not None and os.path.samestat(os.stat(lock_path), ours):
                     lock_path.unlink()
         finally:
             lock.release()
@@ -511,6 +512,7 @@ def compute_distances(
         flags={"resume": resume, "fresh": fresh, "progress": progress},
     )
     report.n_reps, report.n_pairs = len(setup.chosen), setup.n_pairs
+    report.n_computed = report.n_records_written = report.n_saved = 0
     if client is None and setup.cluster["kind"] == "local":
         from smd_dist.engine.clusters import refuse_unguarded_main
 
