@@ -754,9 +754,12 @@ def _check_inputs(client, chosen, todo, sources, *, token: str) -> None:
     )
     futures = dict(zip(involved, submitted, strict=True))
     wait(submitted)
+    # The answers in one round trip (each future.result() would be one).
+    answered = [i for i, future in futures.items() if future.status != "error"]
+    answers = dict(zip(answered, client.gather([futures[i] for i in answered]), strict=True))
     problems = []
     for i, future in sorted(futures.items()):
-        message = str(future.exception()) if future.status == "error" else future.result()
+        message = answers[i] if i in answers else str(future.exception())
         if message is not None:
             if chosen[i].rep_id not in message:
                 message = f"{chosen[i].rep_id}: {message}"

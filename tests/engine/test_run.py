@@ -195,6 +195,9 @@ def test_input_checks_are_submitted_widest_first_in_one_call(store, monkeypatch)
             calls.append(key)
             return [Done() for _ in key]
 
+        def gather(self, futures):
+            return [future.result() for future in futures]
+
     monkeypatch.setattr(distributed, "wait", lambda futures: None)
     chosen = store.list()
     todo = [(i, j) for i in range(len(chosen)) for j in range(i + 1, len(chosen))]
