@@ -9,50 +9,114 @@ import sys
 
 import click
 
+#: Exit codes of every command.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT):
+    """Print ``smd-dist: error: <message>`` to stderr and exit with ``code``."""
+    click.echo(f"smd-dist: error: {message}", err=True)
+    sys.exit(code)
+
+
+class _Main(click.Group):
+    """The command group, with one exit-code scheme and one message prefix for every
+    command: 0 ok, 1 some items failed (pairs, verified reps), 2 bad input or config
+    (``smd-dist: error: ...``), 130 interrupted."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:  # Ctrl-C outside a run
+            click.echo("smd-dist: interrupted", err=True)
+            code = EXIT_INTERRUPTED
+        except click.UsageError as err:
+            hint = ""
+            if err.ctx is not None:
+                hint = f"\nTry '{err.ctx.command_path} {err.ctx.help_option_names[0]}' for help."
+            click.echo(f"smd-dist: error: {err.format_message()}{hint}", err=True)
+            code = EXIT_BAD_INPUT
+        except click.ClickException as err:
+            click.echo(f"smd-dist: error: {err.format_message()}", err=True)
+            code = EXIT_BAD_INPUT
+        except (ValueError, OSError) as err:  # smd-dist's input errors are ValueErrors
+            click.echo(f"smd-dist: error: {err}", err=True)
+            code = EXIT_BAD_INPUT
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="smd-dist")
 def main() -> None:
-    """Soft matching distances between every pair of neural representations."""
+    """Soft matching distances between every pair of neural representations.
+
+    Exit codes: 0 ok, 1 some pairs failed, 2 bad input or config, 130 interrupted.
+    """
 
 
 # --- run / status / info / config (engine) ---------------------------------------------
 @main.command("run")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
-@click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
-def run(config_path: str, no_progress: bool) -> None:
+@click.option("--dry-run", is_flag=True,
+              help="Say what the run would do (pairs, memory) and write nothing.")
+@click.option("--fresh", is_flag=True,
+              help="Discard the output's existing results first (e.g. written with other "
+                   "settings).")
+@click.option("--output", "output_override", type=click.Path(),
+              help="Write here instead of the config's output.")
+@click.option("--reps", "reps_override", multiple=True,
+              help="Glob on 'model/layer' or a model name, instead of the config's reps "
+                   "(repeatable).")
+@click.option("--no-progress", is_flag=True,
+              help="Print nothing while it runs (no cluster line, no progress bar).")
+def run(config_path, dry_run, fresh, output_override, reps_override, no_progress) -> None:
     """Compute every pair named by the run CONFIG (YAML) and write the labeled matrix.
 
     Exits 0 when every pair succeeded, 1 when some pairs failed (they are recorded in the
-    output with their errors; a rerun retries only them), 2 on bad input or config.
+    output with their errors; a rerun retries only them), 2 on bad input or config, 130
+    when interrupted (Ctrl-C: the pairs finished are saved; the same command resumes).
     """
-    from smd_dist.config import ConfigError, check_keys, load_run_config
-    from smd_dist.engine import RunReport, compute_distances
+    import os
 
+    from smd_dist.config import load_run_config
+    from smd_dist.engine import RunInterrupted, RunReport, compute_distances, plan_run
+
+    cfg = load_run_config(config_path)
+    if output_override:
+        cfg["output"] = os.path.abspath(output_override)
+    if reps_override:
+        cfg["reps"] = list(reps_override)
+    prep = cfg.get("preprocessing") or {}
+    options = {
+        "reps": cfg.get("reps"),
+        "metrics": cfg.get("metrics") or ("soft_matching",),
+        "output": cfg["output"],
+        "resume": cfg.get("resume", True),
+        "fresh": fresh,
+        "center": prep.get("center"),
+        "normalize": prep.get("normalize", "default"),
+        "constant_neurons": prep.get("constant_neurons"),
+        "device": cfg.get("device"),
+        "cluster": cfg.get("cluster"),
+        "engine": cfg.get("engine"),
+    }
+    if dry_run:
+        _print_plan(plan_run(cfg["store"], **options))
+        return
+    report = RunReport(0, 0, 0)
     try:
-        cfg = load_run_config(config_path)
-        prep = cfg.get("preprocessing") or {}
-        check_keys(prep, ("center", "normalize", "constant_neurons"), where="preprocessing")
-        report = RunReport(0, 0, 0)
         ds = compute_distances(
-            cfg["store"],
-            reps=cfg.get("reps"),
-            metrics=cfg.get("metrics") or ("soft_matching",),
-            output=cfg["output"],
-            resume=cfg.get("resume", True),
-            center=prep.get("center"),
-            normalize=prep.get("normalize", "default"),
-            constant_neurons=prep.get("constant_neurons"),
-            device=cfg.get("device"),
-            cluster=cfg.get("cluster"),
-            progress=not no_progress,
-            run_config=cfg,
-            report=report,
-            engine=cfg.get("engine"),
+            cfg["store"], **options, progress=not no_progress, run_config=cfg, report=report
         )
-    except (ConfigError, ValueError, OSError) as err:
-        click.echo(f"smd-dist run: error: {err}", err=True)
-        sys.exit(2)
+    except RunInterrupted as stop:
+        click.echo(
+            f"smd-dist: interrupted: {stop.n_saved} of {stop.n_pairs} pairs saved; run the "
+            "same command again to resume",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
     names = [str(v) for v in ds.data_vars if "kind" in ds[v].attrs]
     click.echo(
         f"{report.n_pairs} pairs of {report.n_reps} reps: {report.n_done_before} already done, "
@@ -60,10 +124,39 @@ def run(config_path: str, no_progress: bool) -> None:
         f"output {cfg['output']}"
     )
     if report.failed:
-        click.echo(f"{len(report.failed)} pair result(s) failed:", err=True)
+        click.echo(f"smd-dist: {len(report.failed)} pair result(s) failed:", err=True)
         for line in report.failed:
             click.echo(f"  {line}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
+
+
+def _print_plan(plan) -> None:
+    shown = ", ".join(plan.reps[:6]) + (f", ... ({len(plan.reps) - 6} more)"
+                                         if len(plan.reps) > 6 else "")
+    click.echo(f"store     {plan.store}")
+    click.echo(f"output    {plan.output} ({plan.output_state})")
+    click.echo(f"reps      {len(plan.reps)}: {shown}")
+    click.echo(f"metrics   {', '.join(plan.metrics)}")
+    click.echo(f"pairs     {plan.n_pairs}: {plan.n_done} already done, {plan.n_todo} to compute")
+    if plan.largest_pair:
+        click.echo(
+            f"memory    per worker thread: about {_size(plan.largest_pair_bytes)} for the "
+            f"largest pair ({' vs '.join(plan.largest_pair)}), "
+            f"{_size(plan.median_pair_bytes)} for the median one"
+        )
+    cluster = {k: v for k, v in plan.cluster.items() if v is not None and k != "kind"}
+    click.echo(f"cluster   {plan.cluster['kind']} {cluster}")
+    if plan.output_state.startswith("incompatible"):
+        _fail(f"the run would be refused: {plan.output_state[len('incompatible: '):]}; "
+              "--fresh discards the output's results")
+    click.echo("dry run: nothing was computed or written")
 
 
 @main.command("status")
@@ -75,11 +168,7 @@ def status(output: str, as_json: bool) -> None:
 
     from smd_dist.engine import output_status
 
-    try:
-        info = output_status(output)
-    except ValueError as err:
-        click.echo(f"smd-dist status: error: {err}", err=True)
-        sys.exit(2)
+    info = output_status(output)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -129,6 +218,75 @@ def show_config() -> None:
     click.echo(yaml.safe_dump({"smd-dist": dask.config.get("smd-dist")}, sort_keys=False))
 
 
+# --- store ls / verify / import (store) -------------------------------------------------
+@main.group("store")
+def store_group() -> None:
+    """An activation store: list, verify, import arrays."""
+
+
+@store_group.command("ls")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+def store_ls(store: str) -> None:
+    """List the reps of STORE in its order (models as written, layers in depth order)."""
+    from smd_dist.store import ActivationStore
+
+    opened = ActivationStore(store, mode="r")
+    records = opened.list()
+    click.echo(f"{len(records)} reps, {opened.n_stimuli or 0} stimuli")
+    width = max((len(r.rep_id) for r in records), default=0)
+    shapes = [f"{r.n_stimuli} x {r.n_neurons}" for r in records]
+    across = max((len(shape) for shape in shapes), default=0)
+    for r, shape in zip(records, shapes, strict=True):
+        click.echo(f"{r.rep_id:<{width}}  {shape:<{across}}  {r.content_hash[:19]}")
+
+
+@store_group.command("verify")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+def store_verify(store: str, no_progress: bool) -> None:
+    """Read every chunk of STORE and check every content hash; exit 1 on damage."""
+    from smd_dist.store import ActivationStore
+
+    report = ActivationStore(store, mode="r").verify(progress=not no_progress)
+    click.echo(str(report))
+    if not report.ok:
+        sys.exit(EXIT_FAILED)
+
+
+@store_group.command("import")
+@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", required=True, help="Model name in the store.")
+@click.option("--layer", "-l", "layers", multiple=True, metavar="KEY[=NAME]",
+              help="Array to import, in order, optionally renamed (repeatable; default: "
+                   "all, in the file's order). For a .npy file: its layer name.")
+@click.option("--ids", "ids_file", type=click.Path(exists=True, dir_okay=False),
+              help="Text file with one stimulus id per line (default: the file's "
+                   "'stimulus_ids' entry, if any).")
+@click.option("--overwrite", is_flag=True, help="Replace layers that already exist.")
+def store_import(store, file, model, layers, ids_file, overwrite) -> None:
+    """Import the (stimuli, neurons) arrays of FILE (.npy, .npz, .h5) into STORE."""
+    from smd_dist.store import import_arrays
+
+    chosen = None
+    if layers:
+        if file.lower().endswith(".npy"):
+            chosen = list(layers)
+        else:
+            chosen = dict(
+                (key, name or key) for key, _, name in (item.partition("=") for item in layers)
+            )
+    ids = _read_ids(ids_file) if ids_file else None
+    records = import_arrays(store, file, model=model, layers=chosen, stimulus_ids=ids,
+                            overwrite=overwrite)
+    for rec in records:
+        click.echo(f"{rec.rep_id}\t{rec.n_stimuli} x {rec.n_neurons}\t{rec.content_hash[:19]}")
+
+
+def _read_ids(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
 
 # --- extract / demo (store) ------------------------------------------------------------
 
@@ -175,8 +333,9 @@ def _load_torch_model(spec: str):
               help="package.module:factory, or a file from torch.save / torch.jit.save.")
 @click.option("--inputs", type=click.Path(exists=True, dir_okay=False),
               help="A .npy array of stimuli, first axis = stimuli.")
-@click.option("--layer", "-l", "layers", multiple=True,
-              help="Module path as in model.named_modules() (repeat, or comma-separate).")
+@click.option("--layer", "-l", "layers", multiple=True, metavar="[NAME=]MODULE",
+              help="Module path as in model.named_modules(), stored as NAME if given "
+                   "(repeat, or comma-separate).")
 @click.option("--name", "model_name", help="Model name in the store.")
 @click.option("--pooling", type=click.Choice(["flatten", "mean"]), default="flatten",
               show_default=True)
@@ -204,7 +363,12 @@ def extract_command(store, model_spec, inputs, layers, model_name, pooling, batc
                                     ("--name", model_name)) if not val]
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)}")
-    layer_names = [part.strip() for item in layers for part in item.split(",") if part.strip()]
+    layer_names = {}  # module path -> stored layer name, as extract() takes them
+    for part in (p.strip() for item in layers for p in item.split(",")):
+        name, named, module = (x.strip() for x in part.partition("="))
+        module = module if named else name
+        if part and layer_names.setdefault(module, name) != name:
+            raise click.BadParameter(f"module {module!r} named twice", param_hint="--layer")
     x = np.load(inputs, mmap_mode="r")
     ids = None
     if ids_file:
@@ -275,6 +439,9 @@ def demo_build_command(path, small, quiet):
     default="metric",
     show_default=True,
 )
+@click.option("--mds-labels", type=click.Choice(["auto", "all", "ends", "none"]), default="auto",
+              show_default=True,
+              help="Layers named on the MDS plot (auto: all up to 40 points, else the ends).")
 @click.option("--linkage", default="average", show_default=True, help="scipy linkage method.")
 @click.option(
     "--format", "fmt", type=click.Choice(["png", "svg", "pdf"]), default="png", show_default=True
@@ -282,7 +449,8 @@ def demo_build_command(path, small, quiet):
 @click.option("--dpi", type=int, default=150, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Metric MDS seed.")
 def plot(
-    results, outdir, metric, kinds, reps, models, layers, mds_method, linkage, fmt, dpi, seed
+    results, outdir, metric, kinds, reps, models, layers, mds_method, mds_labels, linkage, fmt,
+    dpi, seed
 ) -> None:
     """Draw a heatmap, an MDS scatter and a dendrogram of a results store into OUTDIR."""
     from pathlib import Path
@@ -305,7 +473,7 @@ def plot(
                     emb = analysis.metric_mds(ds, metric=name, random_state=seed)
                 else:
                     emb = analysis.classical_mds(ds, metric=name)
-                analysis.plot_mds(emb, path, dpi=dpi)
+                analysis.plot_mds(emb, path, dpi=dpi, annotate=mds_labels)
             else:
                 analysis.plot_dendrogram(
                     analysis.cluster(ds, metric=name, method=linkage), path, dpi=dpi
@@ -331,14 +499,9 @@ def cluster_job_script(config_path: str) -> None:
     Needs no SLURM: the scheduler's address, known only at run time, is a placeholder.
     Exits 2 on a bad config or a cluster kind other than slurm.
     """
-    from smd_dist.config import ConfigError
     from smd_dist.engine.clusters import job_script, read_cluster_section
 
-    try:
-        click.echo(job_script(read_cluster_section(config_path)), nl=False)
-    except (ConfigError, OSError) as err:
-        click.echo(f"smd-dist cluster job-script: error: {err}", err=True)
-        sys.exit(2)
+    click.echo(job_script(read_cluster_section(config_path)), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

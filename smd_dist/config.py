@@ -40,6 +40,21 @@ RUN_CONFIG_KEYS = {
     "resume": "bool, skip pairs already in the output (default true)",
     "engine": "engine tuning: flush-seconds, wave-size, max-pairs-per-task, task-entries",
 }
+# What each top-level value must be; the values inside the sections are checked by the
+# engine (smd_dist.engine.settings, smd_dist.engine.clusters) before anything runs.
+_RUN_CONFIG_TYPES = {
+    "store": (str,),
+    "output": (str,),
+    "reps": (str, list, type(None)),
+    "metrics": (str, list, type(None)),
+    "preprocessing": (dict, type(None)),
+    "device": (str, type(None)),
+    "cluster": (dict, type(None)),
+    "resume": (bool,),
+    "engine": (dict, type(None)),
+}
+_TYPE_NAMES = {str: "a string", list: "a list", dict: "a mapping", bool: "true or false",
+               type(None): "null"}
 
 
 def get(key: str, default: Any = None) -> Any:
@@ -111,7 +126,17 @@ def read_config_file(path: str | os.PathLike) -> dict:
             f"run config {str(path)!r} must be a mapping of keys to values, "
             f"got {type(cfg).__name__}"
         )
-    check_keys(cfg, RUN_CONFIG_KEYS, where=f"run config {str(path)!r}")
+    where = f"run config {str(path)!r}"
+    check_keys(cfg, RUN_CONFIG_KEYS, where=where)
+    for key, value in cfg.items():
+        types = _RUN_CONFIG_TYPES[key]
+        if not isinstance(value, types):
+            wanted = " or ".join(_TYPE_NAMES[t] for t in types)
+            raise ConfigError(f"{where}: {key!r} must be {wanted}, got {value!r}")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {key!r} must be a list of strings, got {value!r}")
+    check_keys(cfg.get("preprocessing") or {}, ("center", "normalize", "constant_neurons"),
+               where=f"{where}, preprocessing")
     return cfg
 
 

@@ -59,8 +59,9 @@ def select(
     Returns
     -------
     xarray.Dataset
-        The same Dataset restricted on both axes, in the original order (the order reps were
-        stored in, which is the depth order within a model).
+        The same Dataset restricted on both axes, in the order it was given (a run's order:
+        models as they were written to the store, each model's layers in depth order), never
+        re-sorted by name or by pattern.
 
     Raises
     ------
@@ -194,13 +195,15 @@ def dissimilarity(
 
 
 def rep_coords(da: xr.DataArray | xr.Dataset, dim: str = "rep") -> dict[str, tuple]:
-    """The ``rep``/``model``/``layer``/``n_neurons`` coords of the ``rep_a`` axis, renamed."""
+    """The ``rep``/``model``/``layer``/``layer_index``/``n_neurons`` coords of the ``rep_a``
+    axis, renamed (``layer_index`` and ``n_neurons`` where the results carry them)."""
     ids = [str(r) for r in da["rep_a"].values]
     coords: dict[str, tuple] = {dim: (dim, ids)}
     coords["model"] = (dim, [str(m) for m in _coord(da, "model_a", ids)])
     coords["layer"] = (dim, [str(x) for x in _coord(da, "layer_a", ids)])
-    if "n_neurons_a" in da.coords:
-        coords["n_neurons"] = (dim, np.asarray(da["n_neurons_a"].values))
+    for name in ("layer_index", "n_neurons"):
+        if f"{name}_a" in da.coords:
+            coords[name] = (dim, np.asarray(da[f"{name}_a"].values))
     return coords
 
 

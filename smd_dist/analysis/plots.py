@@ -34,7 +34,10 @@ def plot_heatmap(
 ):
     """Heatmap of one metric with layer tick labels, model names and lines between models.
 
-    When every rep is the same layer of a different model, the ticks name the models.
+    When every rep is the same layer of a different model, the ticks name the models. The
+    colour range spans the off-diagonal entries only (the diagonal, 0 for a distance and 1
+    for a similarity, would stretch it and wash out every difference), and the diagonal
+    is drawn in grey.
 
     Parameters
     ----------
@@ -52,6 +55,8 @@ def plot_heatmap(
     max_labels : int, default 80
         Above this many reps the per-layer tick labels are left out.
     """
+    from matplotlib import colormaps
+
     D = dissimilarity(ds, metric)
     name = str(D.name)
     da = ds[name] if isinstance(ds, xr.Dataset) else ds
@@ -69,7 +74,13 @@ def plot_heatmap(
         side = float(np.clip(3.0 + 0.22 * n, 5.0, 20.0))
         figsize = (side + 1.2, side)
     fig, ax = _figure(figsize)
-    image = ax.imshow(np.asarray(da.values, dtype=float), cmap=cmap, interpolation="nearest")
+    values = np.asarray(da.values, dtype=float).copy()
+    np.fill_diagonal(values, np.nan)
+    colours = colormaps[cmap].with_extremes(bad="0.85")
+    off = values[np.isfinite(values)]
+    limits = (float(off.min()), float(off.max())) if off.size else (None, None)
+    image = ax.imshow(values, cmap=colours, interpolation="nearest", vmin=limits[0],
+                      vmax=limits[1])
     cbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     cbar.set_label(name)
     spans = _runs(models)
@@ -100,6 +111,10 @@ def plot_heatmap(
     return _finish(fig, path, dpi)
 
 
+#: ``plot_mds(annotate="auto")`` names every layer up to this many points, else the ends.
+LABEL_ALL_UP_TO = 40
+
+
 def plot_mds(
     embedding: Embedding,
     path: str | Path | None = None,
@@ -107,15 +122,27 @@ def plot_mds(
     components: tuple[int, int] = (1, 2),
     figsize: tuple[float, float] = (7.0, 6.0),
     dpi: int = 150,
-    annotate: bool = True,
+    annotate: str | bool = "auto",
     title: str | None = None,
 ):
     """MDS scatter, one colour per model, each model's layers joined in depth order.
 
-    Depth order is the order the reps appear in the results (the store's order). The first
-    layer of each model is drawn as a hollow square; with ``annotate`` the first and last
-    layers are named.
+    Depth order is the ``layer_index`` the results carry (the order the layers were
+    written to the store), else the order the reps appear in. The first layer of each
+    model is drawn as a hollow square.
+
+    Parameters
+    ----------
+    annotate : {"auto", "all", "ends", "none"} or bool
+        Which points are named: every layer (``"all"``), each model's first and last
+        (``"ends"``), none; ``"auto"`` names all of them up to :data:`LABEL_ALL_UP_TO`
+        points, else the ends (``True`` is ``"auto"``, ``False`` is ``"none"``). The axes
+        grow so that every name lies inside them.
     """
+    modes = {True: "auto", False: "none"}
+    mode = modes.get(annotate, annotate) if isinstance(annotate, bool) else annotate
+    if mode not in ("auto", "all", "ends", "none"):
+        raise ValueError(f"annotate must be 'auto', 'all', 'ends' or 'none', got {annotate!r}")
     Z = embedding.coords
     comps = [int(c) for c in Z["component"].values]
     for c in components:
@@ -125,25 +152,32 @@ def plot_mds(
     y = Z.sel(component=components[1]).values
     models = [str(m) for m in Z["model"].values]
     layers = [str(v) for v in Z["layer"].values]
+    depth = (
+        [int(v) for v in Z["layer_index"].values]
+        if "layer_index" in Z.coords
+        else list(range(len(models)))
+    )
+    if mode == "auto":
+        mode = "all" if len(models) <= LABEL_ALL_UP_TO else "ends"
     fig, ax = _figure(figsize)
     colours = _colours(_unique(models))
+    named = []
     for model, colour in colours.items():
-        idx = [i for i, m in enumerate(models) if m == model]
+        idx = sorted((i for i, m in enumerate(models) if m == model), key=lambda i: depth[i])
         ax.plot(x[idx], y[idx], "-", color=colour, alpha=0.6, linewidth=1.2)
         ax.scatter(x[idx], y[idx], color=colour, s=28, label=model, zorder=3)
         ax.scatter(
             x[idx[0]], y[idx[0]], s=90, marker="s", facecolors="none", edgecolors=colour, zorder=3
         )
-        if annotate:
-            for i in {idx[0], idx[-1]}:
-                ax.annotate(
-                    layers[i], (x[i], y[i]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-                )
+        named += {"all": idx, "ends": list(dict.fromkeys([idx[0], idx[-1]]))}.get(mode, [])
+    # "box": the limits set below (names inside, the axes' area filled) are kept; with
+    # "datalim" Matplotlib would move them again.
+    ax.set_aspect("equal", adjustable="box")
+    _fit_limits(fig, ax, _annotate(ax, [(layers[i], x[i], y[i]) for i in named]))
     if len(colours) <= 20:
         ax.legend(fontsize=7, loc="best", frameon=False)
     ax.set_xlabel(f"MDS {components[0]}")
     ax.set_ylabel(f"MDS {components[1]}")
-    ax.set_aspect("equal", adjustable="datalim")
     what = _distance_label(embedding.metric, embedding.coords.attrs.get("source_kind"))
     ax.set_title(title or f"{embedding.method} MDS of {what} (stress {embedding.stress:.3f})")
     return _finish(fig, path, dpi)
@@ -183,6 +217,54 @@ def plot_dendrogram(
         or f"{clustering.method} linkage, cophenetic r = {clustering.cophenetic_correlation:.3f}"
     )
     return _finish(fig, path, dpi)
+
+
+def _annotate(ax, points) -> list:
+    """Name each point (text, x, y), each text pointing away from the middle of the cloud."""
+    if not points:
+        return []
+    mid_x = float(np.median([p[1] for p in points]))
+    mid_y = float(np.median([p[2] for p in points]))
+    texts = []
+    for text, px, py in points:
+        right, up = px >= mid_x, py >= mid_y
+        texts.append(
+            ax.annotate(
+                text,
+                (px, py),
+                fontsize=7,
+                xytext=(4 if right else -4, 3 if up else -3),
+                textcoords="offset points",
+                ha="left" if right else "right",
+                va="bottom" if up else "top",
+            )
+        )
+    return texts
+
+
+def _fit_limits(fig, ax, texts) -> None:
+    """Widen the limits until every text lies inside them and the data fill the axes' area
+    at equal aspect (one unit the same length on both axes)."""
+    for _ in range(8):  # the limits move the points, which move the texts: a few rounds
+        fig.canvas.draw()
+        to_data = ax.transData.inverted()
+        boxes = [t.get_window_extent().transformed(to_data) for t in texts]
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        nx0, nx1 = min([x0, *(b.x0 for b in boxes)]), max([x1, *(b.x1 for b in boxes)])
+        ny0, ny1 = min([y0, *(b.y0 for b in boxes)]), max([y1, *(b.y1 for b in boxes)])
+        area = ax.get_position(original=True)
+        width, height = fig.get_size_inches()
+        ratio = (area.height * height) / (area.width * width)
+        if (ny1 - ny0) < ratio * (nx1 - nx0):
+            grow = (ratio * (nx1 - nx0) - (ny1 - ny0)) / 2
+            ny0, ny1 = ny0 - grow, ny1 + grow
+        else:
+            grow = ((ny1 - ny0) / ratio - (nx1 - nx0)) / 2
+            nx0, nx1 = nx0 - grow, nx1 + grow
+        if np.allclose([nx0, nx1, ny0, ny1], [x0, x1, y0, y1], rtol=0, atol=1e-9 * (nx1 - nx0)):
+            return
+        ax.set_xlim(nx0, nx1)
+        ax.set_ylim(ny0, ny1)
 
 
 def _distance_label(metric: str, source_kind: str | None) -> str:

@@ -11,7 +11,10 @@
 ``output``
     The results output: the ledger of pair records and the assembled labeled matrix.
 ``run``
-    :func:`compute_distances`, from a selection to the labeled matrix.
+    :func:`compute_distances`, from a selection to the labeled matrix; :func:`plan_run`,
+    what a run would do.
+``pairwise``
+    :func:`pairwise`, every pair of a few in-memory arrays, no store needed.
 """
 
 from smd_dist.engine.output import (
@@ -20,7 +23,16 @@ from smd_dist.engine.output import (
     OutputError,
     open_distances,
 )
-from smd_dist.engine.run import OutputLockedError, RunReport, compute_distances, output_status
+from smd_dist.engine.pairwise import pairwise
+from smd_dist.engine.run import (
+    OutputLockedError,
+    RunInterrupted,
+    RunPlan,
+    RunReport,
+    compute_distances,
+    output_status,
+    plan_run,
+)
 from smd_dist.engine.selection import InputError
 
 __all__ = [
@@ -29,8 +41,12 @@ __all__ = [
     "InputError",
     "OutputError",
     "OutputLockedError",
+    "RunInterrupted",
+    "RunPlan",
     "RunReport",
     "compute_distances",
     "open_distances",
     "output_status",
+    "pairwise",
+    "plan_run",
 ]

@@ -37,13 +37,18 @@ until none is listed by ``squeue`` any more.
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import contextlib
 import getpass
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -88,7 +93,7 @@ ADDRESS_KEYS = {"address": "scheduler address, e.g. tcp://10.0.0.5:8786"}
 SLURM_JOBQUEUE_KEYS = {
     "cores": "cores per job",
     "memory": "memory per job, e.g. '16GB'",
-    "processes": "worker processes per job (default: one per core)",
+    "processes": "worker processes per job (default: one per two cores, two threads each)",
     "walltime": "job walltime, e.g. '02:00:00'",
     "queue": "SLURM partition (-p)",
     "account": "SLURM account (-A)",
@@ -124,6 +129,12 @@ VALID_KEYS = {
     **SLURM_KEYS,
 }
 ADAPT_KEYS = {"minimum": "fewest jobs", "maximum": "most jobs"}
+#: The keys each kind reads.
+KIND_KEYS = {
+    "local": {**LOCAL_KEYS, **DASK_KEYS},
+    "address": ADDRESS_KEYS,
+    "slurm": {**SLURM_KEYS, **DASK_KEYS},
+}
 
 #: Most task threads per worker process when neither ``n-workers`` nor
 #: ``threads-per-worker`` is set. The threads of a process share the reps it keeps, so each
@@ -382,9 +393,107 @@ def _settings_environ(settings: Mapping[str, Any]) -> dict:
 # --- local ---------------------------------------------------------------------------------
 
 
+class MainGuardError(RuntimeError):
+    """A script would start a local cluster from code its worker processes run again."""
+
+
+def unguarded_main_call() -> tuple[str, int] | None:
+    """``(script, line)`` where the ``__main__`` script calls into smd-dist outside an
+    ``if __name__ == "__main__":`` block, when worker processes would import it again.
+
+    A local cluster's worker processes are started with ``spawn`` (Dask's default
+    ``distributed.worker.multiprocessing-method``): each imports the ``__main__`` script
+    again, as multiprocessing does (``multiprocessing.spawn``), and so runs every
+    unguarded line, which would start a cluster of its own. ``None`` when nothing would
+    be re-run: an interactive session or notebook, ``python -m package``, a call under
+    the guard, ``fork`` workers, or a source that cannot be read.
+    """
+    method = dask.config.get("distributed.worker.multiprocessing-method", "spawn")
+    if method == "fork":
+        return None
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if spec_name == "__main__" or (spec_name or "").endswith(".__main__"):
+        return None  # multiprocessing never re-runs a package's __main__
+    frame, site = sys._getframe(1), None
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") in (
+            "__main__",
+            "__mp_main__",
+        ):
+            site = frame
+        frame = frame.f_back
+    if site is None:
+        return None
+    path, line = site.f_code.co_filename, site.f_lineno
+    if site.f_globals.get("__name__") == "__mp_main__":
+        return path, line  # this is a worker process re-running the script
+    if os.path.splitext(os.path.basename(path))[0] == "ipython":
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_main_test(node.test) and node.body:
+            if node.body[0].lineno <= line <= (node.body[-1].end_lineno or line):
+                return None
+    return path, line
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    """``__name__ == "__main__"``, either way round."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1
+            and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = (test.left, test.comparators[0])
+    names = [s.id for s in sides if isinstance(s, ast.Name)]
+    values = [s.value for s in sides if isinstance(s, ast.Constant)]
+    return names == ["__name__"] and values == ["__main__"]
+
+
+def refuse_unguarded_main(what: str = "compute_distances") -> None:
+    """Raise :class:`MainGuardError` where :func:`unguarded_main_call` finds the trap."""
+    found = unguarded_main_call()
+    if found is None:
+        return
+    path, line = found
+    name = os.path.basename(path)
+    raise MainGuardError(
+        f"{name}, line {line}, starts {what} outside `if __name__ == \"__main__\":`. "
+        f"Its local cluster's worker processes import {name} again and would each start "
+        f"a run of their own. Put the code that runs smd-dist under the guard:\n\n"
+        f"    if __name__ == \"__main__\":\n"
+        f"        ...  # the code from line {line}\n"
+    )
+
+
+@contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Worker processes started in this block ignore SIGINT.
+
+    Ctrl-C in a terminal reaches every process of the foreground group, workers
+    included, and each would print a traceback of whatever task it was in. A signal
+    ignored when a process starts stays ignored through ``exec`` and Python's start,
+    so only this process sees Ctrl-C, and it shuts the workers down. (Only the main
+    thread may change signal handling; elsewhere nothing changes.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _make_local(cfg: dict):
     from dask.system import CPU_COUNT
     from distributed import LocalCluster
+
+    refuse_unguarded_main("a local Dask cluster")
 
     n_workers, threads = default_layout(
         CPU_COUNT, n_workers=cfg.get("n-workers"), threads=cfg.get("threads-per-worker")
@@ -405,7 +514,13 @@ def _make_local(cfg: dict):
     env.update(SINGLE_THREAD_ENV)
     # The scheduler reads its settings when it starts, the nannies hand theirs to the
     # worker processes they spawn (and respawn).
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env, **dask_settings(cfg)}):
+    with (
+        dask.config.set({"distributed.nanny.pre-spawn-environ": env, **dask_settings(cfg)}),
+        _workers_ignore_ctrl_c(),
+        warnings.catch_warnings(),
+    ):
+        # Dask picks another dashboard port by itself; the link printed says which.
+        warnings.filterwarnings("ignore", "Port .* is already in use", UserWarning)
         return LocalCluster(**kwargs)
 
 
@@ -766,8 +881,10 @@ def make_client(
     """
     cfg = resolve_config(cluster_config)
     cluster = None if cfg["kind"] == "address" else make_cluster(cfg)
+    interrupted = False
     try:
-        with Client(cluster if cluster is not None else cfg["address"]) as client:
+        client = Client(cluster if cluster is not None else cfg["address"])
+        try:
             client.register_plugin(SingleThreaded(), name=SingleThreaded.name)
             if not quiet:
                 where = {
@@ -781,9 +898,53 @@ def make_client(
                     flush=True,
                 )
             yield client
+        except KeyboardInterrupt:
+            interrupted = True
+            with contextlib.suppress(Exception):  # the workers' own logs, in their processes
+                client.run(_mute_logs, on_error="ignore")
+            raise
+        finally:
+            with _silenced() if interrupted else contextlib.nullcontext():
+                client.close()
     finally:
         if cluster is not None:
-            cluster.close()
+            with _silenced() if interrupted else _nanny_quiet():
+                cluster.close()
+
+
+@contextmanager
+def _nanny_quiet() -> Iterator[None]:
+    """No "Worker process still alive after 4.0 seconds, killing" when our cluster closes:
+    on a busy machine a worker takes that long to exit, and killing it is what closing
+    asks for."""
+    nanny = logging.getLogger("distributed.nanny")
+    level = nanny.level
+    nanny.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        nanny.setLevel(level)
+
+
+async def _mute_logs() -> None:
+    # A coroutine runs on the worker's event loop, not behind the task it is busy with.
+    logging.disable(logging.CRITICAL)
+
+
+@contextmanager
+def _silenced() -> Iterator[None]:
+    """Dask's and asyncio's logs off while a cluster stops after Ctrl-C.
+
+    Workers stopped in the middle of a task make Dask log each closed connection, the
+    nanny's kill of a busy worker, and asyncio futures that nobody awaits any more: a page
+    of tracebacks about the shutdown that was asked for.
+    """
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _local_size(client) -> str:

@@ -154,39 +154,92 @@ class ResultsOutput:
             )
         return header
 
-    def initialise(self, header: dict) -> None:
-        """Create the output, or check that an existing one is compatible.
+    def incompatibility(self, header: dict) -> str | None:
+        """Why a run with ``header`` cannot add to this output, or ``None`` if it can.
 
         Compatible means the same output format, the same preprocessing and the same
         ``major.minor`` package version: values must compare bit for bit across runs.
+        A path that holds nothing yet is compatible with any run.
+
+        Raises
+        ------
+        OutputError
+            The path exists, is not empty and is not an smd-dist output.
+        """
+        if not self.exists():
+            if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+                raise OutputError(
+                    f"output path {str(self.path)!r} exists, is not empty and is not an "
+                    "smd-dist output; refusing to write into it"
+                )
+            return None
+        old = self.header()
+        for field in ("format", "preprocessing", "version_series"):
+            if old.get(field) != header.get(field):
+                return (
+                    f"output {str(self.path)!r} was written with {field}="
+                    f"{json.dumps(old.get(field))}, this run asks {field}="
+                    f"{json.dumps(header.get(field))}"
+                )
+        return None
+
+    def holds_results(self) -> bool:
+        """Whether any complete ledger part (or quarantined one) holds a pair result."""
+        if (self.path / QUARANTINE).is_dir() and any((self.path / QUARANTINE).iterdir()):
+            return True
+        for name in self.part_names():
+            try:
+                if self.read_part(name):
+                    return True
+            except CorruptOutputError:
+                return True
+        return False
+
+    def initialise(self, header: dict) -> None:
+        """Create the output, or check that an existing one is compatible.
+
+        An existing output written with other settings (:meth:`incompatibility`) is
+        refused when it holds results; one that holds none (its first run stopped before
+        any pair) simply takes this run's settings.
 
         Raises
         ------
         IncompatibleOutputError
             Naming each differing field with both values.
+        OutputError
+            The path exists, is not empty and is not an smd-dist output.
         """
+        problem = self.incompatibility(header)
         if self.exists():
-            old = self.header()
-            for field in ("format", "preprocessing", "version_series"):
-                if old.get(field) != header.get(field):
+            if problem is not None:
+                if self.holds_results():
                     raise IncompatibleOutputError(
-                        f"output {str(self.path)!r} was written with {field}="
-                        f"{json.dumps(old.get(field))}, this run asks {field}="
-                        f"{json.dumps(header.get(field))}; choose another output path "
-                        "or rerun with the original settings"
+                        f"{problem}; rerun with the original settings, choose another output "
+                        "path, or discard its results with --fresh (fresh=True)"
                     )
-            merged = {**old, **{k: v for k, v in header.items() if k != "created"}}
-            self._write_header(merged)
+                self._write_header(header)  # nothing was computed: take this run's settings
+                return
+            old = self.header()
+            self._write_header({**old, **{k: v for k, v in header.items() if k != "created"}})
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and any(self.path.iterdir()):
-            raise OutputError(
-                f"output path {str(self.path)!r} exists, is not empty and is not an "
-                "smd-dist output; refusing to write into it"
-            )
         group = zarr.open_group(self.path, mode="w")
         group.require_group(LEDGER)
         self._write_header(header)
+
+    def discard(self) -> None:
+        """Delete this output, results and all, so a run starts it afresh.
+
+        Raises
+        ------
+        OutputError
+            The path holds something other than an smd-dist output (never deleted).
+        """
+        if self.exists():
+            self.header()  # refuses a zarr group that is not an smd-dist output
+            shutil.rmtree(self.path)
+            return
+        self.incompatibility({})  # refuses a non-empty folder that is not an output
 
     def _write_header(self, header: dict) -> None:
         group = zarr.open_group(self.path, mode="a", use_consolidated=False)
@@ -280,10 +333,11 @@ class ResultsOutput:
 
         Parameters
         ----------
-        on_corrupt : {"raise", "quarantine"}
+        on_corrupt : {"raise", "quarantine", "skip"}
             ``"quarantine"`` moves a corrupt part to ``quarantine/`` (kept for
             inspection, never read again) and reports it; its pairs are then missing
-            and a resumed run computes them anew.
+            and a resumed run computes them anew. ``"skip"`` reports it and leaves it
+            where it is (nothing is written).
 
         Returns
         -------
@@ -301,9 +355,10 @@ class ResultsOutput:
             try:
                 part = self.read_part(name)
             except CorruptOutputError as err:
-                if on_corrupt != "quarantine":
+                if on_corrupt not in ("quarantine", "skip"):
                     raise
-                self._quarantine(name)
+                if on_corrupt == "quarantine":
+                    self._quarantine(name)
                 corrupt.append(str(err))
                 continue
             if part is None:
@@ -350,6 +405,14 @@ class ResultsOutput:
             ds.to_zarr(self.path, mode="a", consolidated=False, encoding=encoding)
         self._write_header({**header, "assembled": True})
 
+    def consolidate(self) -> None:
+        """Write the consolidated metadata plain :func:`xarray.open_zarr` reads first (it
+        warns without it). Last thing a run does, after :meth:`compact`: any later write
+        to the root drops it. smd-dist itself reads each node's own metadata."""
+        with warnings.catch_warnings():  # "not part of the format 3 specification" yet
+            warnings.simplefilter("ignore", category=UserWarning)
+            zarr.consolidate_metadata(self.path, zarr_format=3)
+
 
 def _pairs_hint(txt: np.ndarray | None) -> str:
     if txt is None or txt.ndim != 2 or txt.shape[1] != len(_TXT_FIELDS):
@@ -365,6 +428,7 @@ def assemble(
     metrics: Sequence,
     *,
     attrs: dict | None = None,
+    layer_index: dict | None = None,
     constant_dropped: dict | None = None,
 ) -> xr.Dataset:
     """Build the labeled distance matrices from pair records.
@@ -374,10 +438,14 @@ def assemble(
     records : dict
         ``key -> PairRecord`` as returned by :meth:`ResultsOutput.records`.
     reps : sequence
-        The representations, in matrix order; each has ``rep_id``, ``model``, ``layer``,
-        ``n_neurons`` and ``content_hash``.
+        The representations, in matrix order (the store's: models in the order they were
+        written, each model's layers in depth order); each has ``rep_id``, ``model``,
+        ``layer``, ``n_neurons`` and ``content_hash``.
     metrics : sequence
         :class:`smd_dist.metrics.Metric` objects (their ``name`` and ``kind``).
+    layer_index : dict, optional
+        ``rep_id -> position of the layer in its model`` (0 for the first layer written);
+        by default, the position among ``reps``.
     constant_dropped : dict, optional
         ``rep_id -> neurons left out as constant`` (runs with ``constant_neurons="drop"``);
         becomes the coordinates ``n_constant_dropped_a``/``_b`` (-1 where unknown).
@@ -390,9 +458,17 @@ def assemble(
         (str), ``m_seconds``, ``m_max_violation``, ``m_gap`` (float64); for a metric with
         certified intervals (``metric.interval``) also ``m_lower`` and ``m_upper`` (NaN
         where the pair was solved exactly; the identity value on the diagonal). Missing
-        pairs are NaN with the error ``"not computed"``.
+        pairs are NaN with the error ``"not computed"``. Coords on each axis ``s`` (``a``,
+        ``b``): ``model_s``, ``layer_s``, ``layer_index_s``, ``n_neurons_s``, and with
+        ``constant_dropped`` ``n_constant_dropped_s``.
     """
     ids = np.array([r.rep_id for r in reps], dtype=object)
+    if layer_index is None:
+        seen: dict[str, int] = {}
+        layer_index = {}
+        for r in reps:
+            layer_index[r.rep_id] = seen.get(r.model, 0)
+            seen[r.model] = layer_index[r.rep_id] + 1
     n = len(reps)
     data_vars = {}
     for metric in metrics:
@@ -435,6 +511,10 @@ def assemble(
     for side in ("a", "b"):
         coords[f"model_{side}"] = (f"rep_{side}", np.array([r.model for r in reps], dtype=object))
         coords[f"layer_{side}"] = (f"rep_{side}", np.array([r.layer for r in reps], dtype=object))
+        coords[f"layer_index_{side}"] = (
+            f"rep_{side}",
+            np.array([layer_index[r.rep_id] for r in reps], dtype="i8"),
+        )
         coords[f"n_neurons_{side}"] = (
             f"rep_{side}",
             np.array([r.n_neurons for r in reps], dtype="i8"),

@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import xarray as xr
 
 from smd_dist import config
 from smd_dist.engine import planning, tasks
+from smd_dist.engine import settings as settings_module
 from smd_dist.engine.output import (
     OUTPUT_FORMAT,
     OutputError,
@@ -42,11 +44,37 @@ from smd_dist.engine.output import (
 from smd_dist.engine.selection import InputError, metric_specs, resolve_metrics, select_reps
 from smd_dist.engine.settings import engine_settings
 
-__all__ = ["OutputLockedError", "RunReport", "compute_distances", "output_status"]
+__all__ = [
+    "OutputLockedError",
+    "RunInterrupted",
+    "RunPlan",
+    "RunReport",
+    "compute_distances",
+    "current_client",
+    "output_status",
+    "plan_run",
+]
 
 
 class OutputLockedError(OutputError):
     """Another run holds the output."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a run. What it saved stays in the output; the same call (or
+    command) again computes only the rest.
+
+    Attributes
+    ----------
+    n_saved, n_pairs : int
+        Pairs in the output, of the run's total.
+    output : str or None
+    """
+
+    def __init__(self, n_saved: int, n_pairs: int, output: str | None):
+        self.n_saved, self.n_pairs, self.output = n_saved, n_pairs, output
+        where = f"{n_saved} of {n_pairs} pairs saved" if output else "output=None: nothing saved"
+        super().__init__(f"interrupted: {where}; run the same command again to resume")
 
 
 @dataclass
@@ -55,7 +83,8 @@ class RunReport:
 
     ``seconds`` is the whole call; of it, ``seconds_inputs`` read, checked and prepared
     the reps, ``seconds_pairs`` computed the pairs (submission to the last result), and
-    ``seconds_finish`` assembled and wrote the labeled matrices.
+    ``seconds_finish`` assembled and wrote the labeled matrices. ``n_saved`` counts the
+    pairs this run wrote to the output so far (kept up to date while it runs).
     """
 
     n_reps: int
@@ -63,6 +92,7 @@ class RunReport:
     n_done_before: int
     n_computed: int = 0
     n_records_written: int = 0
+    n_saved: int = 0
     failed: list[str] = field(default_factory=list)
     incomplete_parts: list[str] = field(default_factory=list)
     corrupt_parts: list[str] = field(default_factory=list)
@@ -70,6 +100,47 @@ class RunReport:
     seconds_inputs: float = 0.0
     seconds_pairs: float = 0.0
     seconds_finish: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run would do, found without computing or writing anything
+    (:func:`plan_run`, ``smd-dist run --dry-run``).
+
+    Attributes
+    ----------
+    store, output : str
+    reps, metrics : tuple of str
+        In matrix order (the store's: models as written, each model's layers in depth
+        order).
+    n_pairs, n_done, n_todo : int
+        Pairs of the selection; of them, already in the output; left to compute.
+    output_state : str
+        ``"new"``, ``"resumes"``, ``"empty: takes this run's settings"``,
+        ``"discarded (fresh)"`` or ``"incompatible: ..."`` (the run would be refused).
+    largest_pair : tuple of str
+        The pair left to compute with the most cost entries (``Nx·Ny``), or ``()``.
+    largest_pair_bytes : int
+        Memory one worker thread needs to solve it, estimated
+        (:func:`~smd_dist.engine.planning.pair_memory_bytes`).
+    median_pair_bytes : int
+        The same for the median pair left to compute.
+    cluster : dict
+        The cluster section, checked, with the defaults filled in.
+    """
+
+    store: str
+    output: str | None
+    reps: tuple[str, ...]
+    metrics: tuple[str, ...]
+    n_pairs: int
+    n_done: int
+    n_todo: int
+    output_state: str
+    largest_pair: tuple[str, ...]
+    largest_pair_bytes: int
+    median_pair_bytes: int
+    cluster: dict
 
 
 def _check_output_writable(path: Path, needed_bytes: int) -> None:
@@ -123,24 +194,36 @@ def _gc_frozen():
 
 @contextlib.contextmanager
 def _output_lock(path: Path):
-    """Hold ``<output>.lock`` for the run (an OS lock: a killed run releases it)."""
+    """Hold ``<output>.lock`` for the run (an OS lock: a killed run releases it); when the
+    run ends, however it ends, the file goes too.
+
+    The file is unlinked while the lock is still held. A run that opened it just before
+    then gets the lock on an unlinked file, which filelock (4.x) detects and does not
+    count as holding it; taking the lock again creates a new file. (Unlinked after the
+    release instead, two runs could each hold a lock: one on the old file, one on a new.)
+    """
     from filelock import FileLock, Timeout
 
     lock_path = Path(f"{path}.lock")
     info_path = Path(f"{path}.lock.json")
     lock = FileLock(str(lock_path), timeout=0)
+    for attempt in range(3):
+        try:
+            lock.acquire()
+            break
+        except Timeout:
+            if lock_path.exists() or attempt == 2:  # else: released and removed meanwhile
+                holder = ""
+                with contextlib.suppress(OSError, ValueError):
+                    info = json.loads(info_path.read_text())
+                    holder = f" (pid {info['pid']} on {info['host']}, since {info['since']})"
+                raise OutputLockedError(
+                    f"output {str(path)!r} is being written by another run{holder}; wait "
+                    "for it to finish or use another output path"
+                ) from None
+    ours = None
     try:
-        lock.acquire()
-    except Timeout:
-        holder = ""
-        with contextlib.suppress(OSError, ValueError):
-            info = json.loads(info_path.read_text())
-            holder = f" (pid {info['pid']} on {info['host']}, since {info['since']})"
-        raise OutputLockedError(
-            f"output {str(path)!r} is being written by another run{holder}; wait for it "
-            "to finish or use another output path"
-        ) from None
-    try:
+        ours = os.stat(lock_path)
         info_path.write_text(
             json.dumps(
                 {
@@ -152,9 +235,14 @@ def _output_lock(path: Path):
         )
         yield
     finally:
-        with contextlib.suppress(OSError):
-            info_path.unlink()
-        lock.release()
+        try:
+            with contextlib.suppress(OSError):
+                info_path.unlink()
+            with contextlib.suppress(OSError):
+                if ours is not None and os.path.samestat(os.stat(lock_path), ours):
+                    lock_path.unlink()
+        finally:
+            lock.release()
 
 
 def _versions() -> dict:
@@ -191,6 +279,137 @@ class _MemorySink:
             self.latest[r.key] = r
 
 
+@dataclass
+class _Setup:
+    """A run's arguments, checked, and what follows from them before any compute."""
+
+    store: object
+    chosen: list
+    layer_index: dict
+    metric_objs: list
+    base_prep: dict
+    dropping: bool
+    specs: list
+    preps_needed: list
+    header: dict
+    n_pairs: int
+    device: str | None
+    settings: dict
+    output: Path | None
+    cluster: dict
+
+
+def _setup(
+    store,
+    *,
+    reps,
+    metrics,
+    output,
+    center,
+    normalize,
+    constant_neurons,
+    device,
+    engine,
+    cluster,
+    flags,
+) -> _Setup:
+    """Check every argument of a run and select its reps and metrics; read only the store's
+    records. Everything wrong is found here, before a cluster starts or a file is written.
+
+    Raises
+    ------
+    smd_dist.config.ConfigError
+        A setting of the wrong type or out of range, an unknown key.
+    InputError
+        Unknown reps or metrics, or an empty selection.
+    smd_dist.store.StoreError
+        No store at the path.
+    """
+    from smd_dist.engine.clusters import resolve_config
+    from smd_dist.store.activation_store import ActivationStore
+
+    for name, value in flags.items():
+        settings_module.flag(name, value)
+    settings = engine_settings(engine)
+    base_prep = settings_module.preprocessing(center, normalize, constant_neurons)
+    device = settings_module.device_option(device)
+    cluster_cfg = resolve_config(cluster)
+    if output is not None:
+        if not isinstance(output, str | os.PathLike) or "://" in str(output):
+            raise config.ConfigError(
+                f"output must be a local folder path, got {output!r} (URLs are not supported "
+                "for outputs; stores may be URLs)"
+            )
+        output = Path(output)
+    if reps is not None and not (
+        isinstance(reps, str)
+        or (isinstance(reps, Sequence) and all(isinstance(r, str) for r in reps))
+    ):
+        raise config.ConfigError(
+            f"reps must be a pattern or a list of patterns ('model/layer', a model name, "
+            f"globs), got {reps!r}"
+        )
+    if not isinstance(metrics, str) and not (
+        isinstance(metrics, Sequence) and all(isinstance(m, str) for m in metrics)
+    ):
+        raise config.ConfigError(f"metrics must be a name or a list of names, got {metrics!r}")
+    metric_objs = resolve_metrics(metrics)
+    if not isinstance(store, ActivationStore):
+        if not isinstance(store, str | os.PathLike):
+            raise config.ConfigError(
+                f"store must be an ActivationStore or its path, got {type(store).__name__}"
+            )
+        store = ActivationStore(str(store), mode="r")
+    records = store.list()
+    chosen = select_reps(records, reps)
+    layer_index, seen = {}, {}
+    for r in records:
+        layer_index[r.rep_id] = seen.get(r.model, 0)
+        seen[r.model] = layer_index[r.rep_id] + 1
+    specs = metric_specs(metric_objs, base_prep)
+    header = {
+        "format": OUTPUT_FORMAT,
+        "preprocessing": base_prep,
+        "version_series": ".".join(_versions()["smd-dist"].split(".")[:2]),
+        "store": str(store.path),
+        "reps": [r.rep_id for r in chosen],
+        "metrics": [m.name for m in metric_objs],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return _Setup(
+        store=store,
+        chosen=chosen,
+        layer_index=layer_index,
+        metric_objs=metric_objs,
+        base_prep=base_prep,
+        dropping=base_prep.get("constant_neurons") == "drop",
+        specs=specs,
+        preps_needed=sorted({p for _, p, _ in specs}),
+        header=header,
+        n_pairs=len(chosen) * (len(chosen) - 1) // 2,
+        device=device,
+        settings=settings,
+        output=output,
+        cluster=cluster_cfg,
+    )
+
+
+def current_client():
+    """Dask's current client (the last one made, or the one in a ``with`` block), or None.
+
+    Dask libraries run on the client the user made (``distributed.Client.current``); this
+    never imports distributed where nothing has, since no client can exist then.
+    """
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import Client
+
+    try:
+        return Client.current(allow_global=True)
+    except ValueError:
+        return None
+
+
 # -- the run ------------------------------------------------------------------------------
 def compute_distances(
     store,
@@ -200,6 +419,7 @@ def compute_distances(
     output: str | os.PathLike | None = None,
     client=None,
     resume: bool = True,
+    fresh: bool = False,
     center: bool | None = None,
     normalize: str | None = "default",
     constant_neurons: str | None = None,
@@ -220,12 +440,18 @@ def compute_distances(
         d(X, Y) = \\sqrt{\\min_{P \\ge 0,\\ P\\mathbf 1 = 1/N_x,\\ P^\\top \\mathbf 1 = 1/N_y}
                   \\sum_{ij} P_{ij} \\lVert x_i - y_j \\rVert^2}.
 
+    Every argument is checked, and the reps and metrics selected, before a cluster starts
+    or a file is written. A script that calls this at its top level must do so under
+    ``if __name__ == "__main__":`` (the local cluster's worker processes import the
+    script again); it is refused otherwise (:class:`~smd_dist.engine.clusters.MainGuardError`).
+
     Parameters
     ----------
     store : ActivationStore or str
         The activation store (or its path).
     reps : sequence of str, optional
-        ``"model/layer"`` ids, model names or glob patterns; all reps by default.
+        ``"model/layer"`` ids, model names or glob patterns; all reps by default. The
+        matrix keeps the store's order (models as written, layers in depth order).
     metrics : sequence of str
         Names from :func:`smd_dist.metrics.available`.
     output : path, optional
@@ -233,10 +459,15 @@ def compute_distances(
         ``resume`` a rerun computes only what is missing or failed. ``None`` keeps
         everything in memory.
     client : distributed.Client, optional
-        Use this client; otherwise one is made from ``cluster`` (see
-        :func:`smd_dist.engine.clusters.make_client`; a local cluster by default).
+        Run on this client. Without one: Dask's current client if there is one (and
+        ``cluster`` is not given), else a cluster started from ``cluster`` for this run
+        (:func:`smd_dist.engine.clusters.make_client`; a local cluster by default).
     resume : bool
         Reuse finished pairs found in ``output``.
+    fresh : bool
+        Discard an existing output at ``output`` first, results and all
+        (``smd-dist run --fresh``). A folder that is not an smd-dist output is never
+        deleted.
     center, normalize :
         Preprocessing applied once per rep (defaults from the ``smd-dist.preprocessing``
         config): centre each neuron over stimuli; ``None``, ``"unit"`` or ``"zscore"``.
@@ -246,13 +477,17 @@ def compute_distances(
         them from every rep before any metric (the count per rep is in the coordinates
         ``n_constant_dropped_a``/``_b``). An output keeps the setting it was made with.
     device : str, optional
-        Torch device for the kernels on workers (``None``: CUDA where present).
+        Torch device for the kernels on workers: ``"cpu"``, ``"cuda"``,
+        ``"cuda:<index>"`` (``None``: CUDA where present).
+    cluster : dict, optional
+        A run config's ``cluster:`` section (see :mod:`smd_dist.engine.clusters`).
     progress : bool
-        Print a progress bar (pairs done/total, rate, ETA) and the dashboard link.
+        Print the cluster, the dashboard link and a progress bar (pairs done/total,
+        rate, ETA). ``False`` prints nothing.
     run_config : dict, optional
         The run config, recorded in the output's attributes.
     report : RunReport, optional
-        Filled in with counts, failures and repairs.
+        Filled in with counts, failures and repairs, as the run goes.
     engine : dict, optional
         Engine settings (:data:`ENGINE_KEYS`) over the ``smd-dist.engine`` config; a run
         config's ``engine:`` section.
@@ -265,118 +500,231 @@ def compute_distances(
 
     Raises
     ------
+    smd_dist.config.ConfigError
+        An argument or setting of the wrong type or value, found before anything runs.
     InputError
         Unknown reps or metrics, an empty selection, or reps that cannot be compared
         (NaN, too few stimuli or neurons, constant neurons under normalisation), found
         before any pair is computed.
     OutputError
         The output is locked by another run, incompatible, not writable or too small.
+    RunInterrupted
+        Ctrl-C: the pairs finished so far are saved; the same call again resumes.
     """
-    from smd_dist.store.activation_store import ActivationStore
-
     started = time.perf_counter()
-    settings = engine_settings(engine)
-    if center is None:
-        center = config.get("preprocessing.center", True)
-    if normalize == "default":
-        normalize = config.get("preprocessing.normalize", None)
-    if constant_neurons is None:
-        constant_neurons = config.get("preprocessing.constant_neurons", "refuse")
-    if constant_neurons not in ("refuse", "drop"):
-        raise InputError(
-            f"constant_neurons must be 'refuse' or 'drop', got {constant_neurons!r}"
-        )
-    if device is None:
-        device = config.get("device", None)
-    if not isinstance(store, ActivationStore):
-        store = ActivationStore(str(store), mode="r")
-    chosen = select_reps(store.list(), reps)
-    metric_objs = resolve_metrics(metrics)
-    base_prep = {"center": bool(center), "normalize": normalize}
-    if constant_neurons == "drop":  # named only when set: older outputs stay resumable
-        base_prep["constant_neurons"] = "drop"
-    specs = metric_specs(metric_objs, base_prep)
-    preps_needed = sorted({p for _, p, _ in specs})
-    header = {
-        "format": OUTPUT_FORMAT,
-        "preprocessing": base_prep,
-        "version_series": ".".join(_versions()["smd-dist"].split(".")[:2]),
-        "store": str(store.path),
-        "reps": [r.rep_id for r in chosen],
-        "metrics": [m.name for m in metric_objs],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    n_pairs = len(chosen) * (len(chosen) - 1) // 2
-    if output is not None:
-        output_path = Path(output)
+    report = report if report is not None else RunReport(0, 0, 0)
+    if run_config is not None and not isinstance(run_config, dict):
+        raise config.ConfigError(f"run_config must be a mapping, got {run_config!r}")
+    if not isinstance(report, RunReport):
+        raise config.ConfigError(f"report must be a RunReport, got {report!r}")
+    if client is None and cluster is None:
+        client = current_client()
+    setup = _setup(
+        store,
+        reps=reps,
+        metrics=metrics,
+        output=output,
+        center=center,
+        normalize=normalize,
+        constant_neurons=constant_neurons,
+        device=device,
+        engine=engine,
+        cluster=cluster,
+        flags={"resume": resume, "fresh": fresh, "progress": progress},
+    )
+    report.n_reps, report.n_pairs = len(setup.chosen), setup.n_pairs
+    report.n_computed = report.n_records_written = report.n_saved = 0
+    if client is None and setup.cluster["kind"] == "local":
+        from smd_dist.engine.clusters import refuse_unguarded_main
+
+        refuse_unguarded_main()
+    try:
+        ds = _compute(setup, client, report, resume=resume, fresh=fresh, progress=progress,
+                      run_config=run_config)
+    except KeyboardInterrupt as interrupt:
+        if isinstance(interrupt, RunInterrupted):
+            raise
+        output = None if setup.output is None else str(setup.output)
+        raise RunInterrupted(
+            report.n_done_before + report.n_saved, setup.n_pairs, output
+        ) from None
+    report.seconds = time.perf_counter() - started
+    return ds
+
+
+def plan_run(
+    store,
+    *,
+    reps: Sequence[str] | str | None = None,
+    metrics: Sequence[str] | str = ("soft_matching",),
+    output: str | os.PathLike | None = None,
+    resume: bool = True,
+    fresh: bool = False,
+    center: bool | None = None,
+    normalize: str | None = "default",
+    constant_neurons: str | None = None,
+    device: str | None = None,
+    cluster: dict | None = None,
+    engine: dict | None = None,
+) -> RunPlan:
+    """What :func:`compute_distances` with these arguments would do; nothing is computed,
+    started or written (``smd-dist run --dry-run``).
+
+    Every argument is checked as the run would check it; the reps' data are not read
+    (the run checks them on the workers, before any pair).
+
+    Returns
+    -------
+    RunPlan
+
+    Raises
+    ------
+    As :func:`compute_distances`, before it would compute.
+    """
+    from smd_dist.engine.clusters import KIND_KEYS
+
+    setup = _setup(
+        store,
+        reps=reps,
+        metrics=metrics,
+        output=output,
+        center=center,
+        normalize=normalize,
+        constant_neurons=constant_neurons,
+        device=device,
+        engine=engine,
+        cluster=cluster,
+        flags={"resume": resume, "fresh": fresh},
+    )
+    state, latest = "new", {}
+    if setup.output is not None:
+        out = ResultsOutput(setup.output)
+        problem = out.incompatibility(setup.header)
+        if not out.exists():
+            state = "new"
+        elif fresh:
+            state = "discarded (fresh)"
+        else:
+            latest, _, _ = out.records(on_corrupt="skip")
+            if problem is None:
+                state = "resumes"
+            elif out.holds_results():
+                state = f"incompatible: {problem}"
+            else:
+                state = "empty: takes this run's settings"
+    if not resume or state != "resumes":
+        latest = {}
+    chosen = setup.chosen
+    todo = _pending_pairs(chosen, setup.metric_objs, latest)
+    n_stimuli = setup.store.n_stimuli or 0
+    sizes = sorted(
+        (planning.pair_memory_bytes(n_stimuli, chosen[i].n_neurons, chosen[j].n_neurons), i, j)
+        for i, j in todo
+    )
+    largest = sizes[-1] if sizes else (0, None, None)
+    return RunPlan(
+        store=str(setup.store.path),
+        output=None if setup.output is None else str(setup.output),
+        reps=tuple(r.rep_id for r in chosen),
+        metrics=tuple(m.name for m in setup.metric_objs),
+        n_pairs=setup.n_pairs,
+        n_done=setup.n_pairs - len(todo),
+        n_todo=len(todo),
+        output_state=state,
+        largest_pair=() if largest[1] is None else (chosen[largest[1]].rep_id,
+                                                    chosen[largest[2]].rep_id),
+        largest_pair_bytes=int(largest[0]),
+        median_pair_bytes=int(sizes[len(sizes) // 2][0]) if sizes else 0,
+        cluster={k: v for k, v in setup.cluster.items()
+                 if k == "kind" or k in KIND_KEYS[setup.cluster["kind"]]},
+    )
+
+
+def _compute(setup: _Setup, client, report: RunReport, *, resume, fresh, progress, run_config):
+    """The run proper: lock and open the output, compute what is missing, assemble."""
+    store, chosen, metric_objs = setup.store, setup.chosen, setup.metric_objs
+    n_pairs = setup.n_pairs
+    if setup.output is not None:
         needed = (
             600 * n_pairs * len(metric_objs) + 64 * len(chosen) ** 2 * len(metric_objs) + 2**20
         )
-        _check_output_writable(output_path, 2 * needed)
-        lock = _output_lock(output_path)
+        _check_output_writable(setup.output, 2 * needed)
+        lock = _output_lock(setup.output)
     else:
         lock = contextlib.nullcontext()
     with lock, _gc_frozen():
-        if output is not None:
-            sink = ResultsOutput(output_path)
-            sink.initialise(header)
+        if setup.output is not None:
+            sink = ResultsOutput(setup.output)
+            if fresh:
+                sink.discard()
+            sink.initialise(setup.header)
             latest, incomplete, corrupt = sink.records(on_corrupt="quarantine")
         else:
             sink, latest, incomplete, corrupt = _MemorySink(), {}, [], []
         if not resume:
             latest = {}
         todo = _pending_pairs(chosen, metric_objs, latest)
-        report = report if report is not None else RunReport(0, 0, 0)
-        report.n_reps, report.n_pairs = len(chosen), n_pairs
         report.n_done_before = n_pairs - len(todo)
         report.incomplete_parts, report.corrupt_parts = incomplete, corrupt
         for message in corrupt:
-            print(f"smd-dist: quarantined, pairs recomputed: {message}", file=sys.stderr)
+            warnings.warn(f"smd-dist: quarantined, pairs recomputed: {message}", stacklevel=3)
         if todo:
-            with _client_context(client, cluster) as active:
+            with _client_context(client, setup.cluster, quiet=not progress) as active:
                 if progress and client is not None:  # make_client prints it for its own
-                    print(f"smd-dist: dashboard {active.dashboard_link}", file=sys.stderr)
+                    print(
+                        f"smd-dist: using the Dask client of {active.scheduler.address}; "
+                        f"dashboard {active.dashboard_link}",
+                        file=sys.stderr,
+                    )
                 phase = time.perf_counter()
-                sources = _sources(store, chosen, preps_needed)
-                token = dask.base.tokenize(str(store.path), preps_needed, time.time_ns())
+                sources = _sources(store, chosen, setup.preps_needed)
+                token = dask.base.tokenize(str(store.path), setup.preps_needed, time.time_ns())
                 dropped = _check_inputs(active, chosen, todo, sources, token=token)
-                if constant_neurons == "drop":
-                    _record_dropped(sink, header, chosen, dropped)
+                if setup.dropping:
+                    _record_dropped(sink, setup.header, chosen, dropped)
                 _check_memory(active, store, chosen, todo)
                 report.seconds_inputs = time.perf_counter() - phase
                 phase = time.perf_counter()
-                report.n_computed, report.n_records_written = _run_pairs(
+                _run_pairs(
                     active,
                     chosen,
                     todo,
-                    specs,
-                    device,
+                    setup.specs,
+                    setup.device,
                     sink,
                     progress=progress,
                     already=n_pairs - len(todo),
                     total=n_pairs,
-                    settings=settings,
+                    settings=setup.settings,
                     sources=sources,
                     token=token,
+                    report=report,
                 )
                 report.seconds_pairs = time.perf_counter() - phase
         phase = time.perf_counter()
-        if output is not None:
+        if setup.output is not None:
             latest, _, _ = sink.records(on_corrupt="quarantine")
         else:
             latest = sink.latest
-        attrs = _dataset_attrs(store, chosen, metric_objs, base_prep, run_config)
-        counts = _known_dropped(sink, chosen) if constant_neurons == "drop" else None
-        ds = assemble(latest, chosen, metric_objs, attrs=attrs, constant_dropped=counts)
+        attrs = _dataset_attrs(store, chosen, metric_objs, setup.base_prep, run_config)
+        counts = _known_dropped(sink, chosen) if setup.dropping else None
+        ds = assemble(
+            latest,
+            chosen,
+            metric_objs,
+            attrs=attrs,
+            layer_index=setup.layer_index,
+            constant_dropped=counts,
+        )
         failures = _failures(ds, metric_objs)
         ds.attrs["n_failed_pairs"] = len(failures)
         ds.attrs["failed_pairs"] = failures
         report.failed = failures
-        if output is not None:
+        if setup.output is not None:
             sink.write_dataset(ds)
             sink.compact()
+            sink.consolidate()
         report.seconds_finish = time.perf_counter() - phase
-    report.seconds = time.perf_counter() - started
     return ds
 
 
@@ -400,13 +748,13 @@ def _pending_pairs(chosen, metric_objs, latest) -> list[tuple[int, int]]:
 
 
 @contextlib.contextmanager
-def _client_context(client, cluster_config):
+def _client_context(client, cluster_config, *, quiet: bool = False):
     if client is not None:
         yield client
         return
     from smd_dist.engine.clusters import make_client
 
-    with make_client(cluster_config) as made:
+    with make_client(cluster_config, quiet=quiet) as made:
         yield made
 
 
@@ -440,17 +788,19 @@ def _check_inputs(client, chosen, todo, sources, *, token: str) -> dict[int, int
     )
     futures = dict(zip(involved, submitted, strict=True))
     wait(submitted)
+    # The answers in one round trip (each future.result() would be one).
+    answered = [i for i, future in futures.items() if future.status != "error"]
+    answers = dict(zip(answered, client.gather([futures[i] for i in answered]), strict=True))
     problems = []
     dropped = {}
     for i, future in sorted(futures.items()):
-        if future.status == "error":
-            err = future.exception()
-            message = str(err)
+        message, n_dropped = answers[i] if i in answers else (str(future.exception()), 0)
+        if message is not None:
             if chosen[i].rep_id not in message:
                 message = f"{chosen[i].rep_id}: {message}"
             problems.append(message)
         else:
-            dropped[i] = int(future.result())
+            dropped[i] = n_dropped
         future.release()
     if problems:
         raise InputError(
@@ -521,12 +871,14 @@ def _run_pairs(
     settings,
     sources,
     token,
+    report,
 ):
     """Submit pair tasks in waves, write records as they arrive.
 
     A task names its reps by :class:`RepSource`; the worker that runs it uses the prepared
-    arrays it keeps, or reads them from the store. Returns the number of pairs computed
-    and of records written.
+    arrays it keeps, or reads them from the store. The pairs computed and the records and
+    pairs written go into ``report`` as they happen, so an interrupted run can say what
+    it saved.
     """
     from distributed import wait
     from tqdm.auto import tqdm
@@ -547,9 +899,14 @@ def _run_pairs(
         threads = sum(client.nthreads().values())
         return 4 * max(threads, 1)
 
+    def pair_ids(task):
+        # Each pair is solved in its key's order, whatever the matrix order: a value is
+        # the same bits in every run, resumed, reordered or not.
+        return [canonical_pair(chosen[i].rep_id, chosen[j].rep_id) for i, j in task]
+
     def submit(task):
         reps_in = sorted({i for pair in task for i in pair})
-        ids = [(chosen[i].rep_id, chosen[j].rep_id) for i, j in task]
+        ids = pair_ids(task)
         return client.submit(
             tasks.compare_pairs,
             ids,
@@ -562,10 +919,10 @@ def _run_pairs(
 
     hashes = {r.rep_id: r.content_hash for r in chosen}
     buffer: list[PairRecord] = []
+    buffered_pairs = 0
     last_flush = time.monotonic()
     pending: dict = {}
     queue = list(reversed(batches))
-    computed = written = 0
     bar = tqdm(
         total=total,
         initial=already,
@@ -576,11 +933,12 @@ def _run_pairs(
     )
 
     def flush():
-        nonlocal buffer, last_flush, written
+        nonlocal buffer, buffered_pairs, last_flush
         if buffer:
             sink.append(buffer)
-            written += len(buffer)
-            buffer = []
+            report.n_records_written += len(buffer)
+            report.n_saved += buffered_pairs
+            buffer, buffered_pairs = [], 0
         last_flush = time.monotonic()
 
     try:
@@ -597,7 +955,7 @@ def _run_pairs(
                 done = set()
             for future in done:
                 task = pending.pop(future)
-                ids = [(chosen[i].rep_id, chosen[j].rep_id) for i, j in task]
+                ids = pair_ids(task)
                 if future.status == "error":
                     err = future.exception()
                     results = [
@@ -628,14 +986,14 @@ def _run_pairs(
                             }
                         )
                     )
-                computed += len(task)
+                report.n_computed += len(task)
+                buffered_pairs += len(task)
                 bar.update(len(task))
             if buffer and (time.monotonic() - last_flush >= flush_seconds or not pending):
                 flush()
     finally:
         flush()
         bar.close()
-    return computed, written
 
 
 def _failures(ds: xr.Dataset, metric_objs) -> list[str]:

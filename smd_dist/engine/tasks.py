@@ -84,14 +84,19 @@ def _prepared(source: RepSource, keep_fraction: float) -> dict:
     )
 
 
-def check_rep(source: RepSource, keep_fraction: float) -> int:
+def check_rep(source: RepSource, keep_fraction: float) -> tuple[str | None, int]:
     """Validate one rep as a pair task would see it (and keep it, within the budget).
 
-    Returns how many of its neurons were left out as constant over the stimuli (the same
-    for every preprocessing: ``constant_neurons="drop"`` applies to all of them).
+    Returns what is wrong with it (``None`` when nothing is), and how many of its neurons
+    were left out as constant over the stimuli (the same for every preprocessing:
+    ``constant_neurons="drop"`` applies to all of them). A bad rep is an answer here, not a
+    task error: Dask would log each failed task with its traceback on the worker.
     """
-    prepared = _prepared(source, keep_fraction)
-    return max((int(rep.dropped.size) for rep in prepared.values()), default=0)
+    try:
+        prepared = _prepared(source, keep_fraction)
+    except ValueError as err:  # InputError, StoreError, CorruptStoreError
+        return str(err), 0
+    return None, max((int(rep.dropped.size) for rep in prepared.values()), default=0)
 
 
 def compare_pairs(

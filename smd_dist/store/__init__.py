@@ -6,6 +6,8 @@
 ``extraction``
     :func:`extract`: forward hooks on a torch model's modules, streamed into a store
     (imported on first use: it needs torch).
+``importing``
+    :func:`import_arrays`: arrays from ``.npy``, ``.npz`` or HDF5 files into a store.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from smd_dist.store.activation_store import (
     content_hash,
     rep_id,
 )
+from smd_dist.store.importing import import_arrays
 
 _EXTRACTION = ("ExtractionError", "extract")
 
@@ -33,6 +36,7 @@ __all__ = [
     "VerifyReport",
     "content_hash",
     "extract",
+    "import_arrays",
     "rep_id",
 ]
 

@@ -35,6 +35,7 @@ import difflib
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,10 @@ RESERVED_ATTRS = (
     "complete",
     "chunks",
 )
+# Attr of a rep's group: when the rep was first written (ns since the epoch, strictly
+# increasing within a process); list() returns reps in this order.
+ORDER_ATTR = "first_written_ns"
+_LAST_ORDER = [0]
 # Zarr's portable node-name characters; "." and "_" are encoded when leading ("..",
 # hidden files, zarr's reserved "__" prefix).
 _SAFE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
@@ -177,6 +182,14 @@ def default_chunks(n_stimuli: int | None, n_neurons: int) -> tuple[int, int]:
     else:  # unknown length: keep edge chunks (padded on disk) from dwarfing short reps
         rows = min(rows, 4096)
     return int(rows), int(cols)
+
+
+def _write_order() -> int:
+    """A stamp for :data:`ORDER_ATTR`: wall-clock ns, bumped past the last one given here, so
+    reps written back to back in one process never tie."""
+    stamp = max(time.time_ns(), _LAST_ORDER[0] + 1)
+    _LAST_ORDER[0] = stamp
+    return stamp
 
 
 def _now() -> str:
@@ -554,13 +567,20 @@ class ActivationStore:
         return self._current(model, layer) is not None
 
     def list(self) -> list[RepRecord]:
-        """One :class:`RepRecord` per complete rep, sorted by (model, layer)."""
+        """One :class:`RepRecord` per complete rep, in the order they were written.
+
+        Models come in the order of their first rep, and each model's layers in the order
+        they were first written (:func:`extract` writes them in forward order), so
+        ``conv2`` stays before ``conv10`` and ``relu1`` before ``out``. Replacing a rep
+        keeps its place. Reps written before smd-dist recorded this order come first, by
+        name.
+        """
         try:
             reps = self.root["reps"]
         except KeyError:
             return []
         nodes = dict(reps.members(max_depth=None))
-        records = []
+        records, written = [], {}
         for path, node in nodes.items():
             if path.count("/") != 1 or not isinstance(node, zarr.Group):
                 continue
@@ -568,8 +588,17 @@ class ActivationStore:
             arr = nodes.get(f"{path}/{current}") if current else None
             if arr is None or not arr.attrs.get("complete"):
                 continue
-            records.append(_record(arr.attrs.asdict()))
-        return sorted(records, key=lambda r: (r.model, r.layer))
+            record = _record(arr.attrs.asdict())
+            records.append(record)
+            order = node.attrs.get(ORDER_ATTR)
+            written[record.rep_id] = order if isinstance(order, int) else 0
+        first = {}
+        for r in records:
+            first[r.model] = min(first.get(r.model, written[r.rep_id]), written[r.rep_id])
+        return sorted(
+            records,
+            key=lambda r: (first[r.model], r.model, written[r.rep_id], r.layer),
+        )
 
     def record(self, model: str, layer: str) -> RepRecord:
         """The :class:`RepRecord` of one rep."""
@@ -823,7 +852,9 @@ class RepWriter:
         self.record: RepRecord | None = None
         group = store.root.require_group(self._gpath)
         if "model" not in group.attrs:
-            group.attrs.update({"model": model, "layer": layer, "current": None})
+            group.attrs.update(
+                {"model": model, "layer": layer, "current": None, ORDER_ATTR: _write_order()}
+            )
         self._node = "v" + uuid.uuid4().hex[:16]
         self._array = group.create_array(
             self._node,

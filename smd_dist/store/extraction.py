@@ -209,7 +209,7 @@ def extract(
     Returns
     -------
     list of RepRecord
-        One per layer, in the order given.
+        One per layer, in the order given; the store lists them in forward order.
 
     Raises
     ------
@@ -312,6 +312,10 @@ def extract(
                             f"module {module_name!r} ({model_name}/{layer}) was not called in "
                             f"the forward pass of the batch starting at stimulus {row}"
                         )
+                # Hooks fire in forward order: the reps are created (and listed) in depth
+                # order, whatever order the layers were named in.
+                for module_name in captured:
+                    layer = mapping[module_name]
                     acts = captured[module_name]
                     if acts.ndim != 2 or (n is not None and acts.shape[0] != n):
                         raise ExtractionError(
@@ -338,4 +342,4 @@ def extract(
                 row += int(next(iter(captured.values())).shape[0])
         if not writers:
             raise ExtractionError(f"{model_name}: batches was empty; nothing to extract")
-    return [w.record for w in writers.values()]
+    return [writers[module_name].record for module_name in mapping]

@@ -423,3 +423,57 @@ def test_plot_cli(tiny, tmp_path):
     result = runner.invoke(main, ["plot", str(store), str(out), "--reps", "nope/*"])
     assert result.exit_code != 0
     assert "unknown rep pattern" in result.output and "'nope/*'" in result.output
+
+
+def test_heatmap_colours_span_the_off_diagonal_only(tmp_path):
+    rng = np.random.default_rng(4)
+    d = rng.uniform(5.0, 6.0, (6, 6))
+    d = (d + d.T) / 2
+    np.fill_diagonal(d, 0.0)
+    ds = results_dataset(d, [f"m{i // 3}/l{i % 3}" for i in range(6)])
+    image = analysis.plot_heatmap(ds).axes[0].images[0]
+    off = d[~np.eye(6, dtype=bool)]
+    assert image.get_clim() == (off.min(), off.max())
+    assert np.isnan(np.diag(image.get_array().filled(np.nan))).all()  # drawn as "bad": grey
+    score = results_dataset(1 - d / 10, list(ds.rep_a.values), name="linear_cka")
+    assert analysis.plot_heatmap(score).axes[0].images[0].get_clim()[1] == (1 - off / 10).max()
+
+
+def _inside(fig, ax, texts):
+    fig.canvas.draw()
+    box = ax.get_window_extent()
+    return all(
+        box.x0 <= t.get_window_extent().x0 and t.get_window_extent().x1 <= box.x1
+        and box.y0 <= t.get_window_extent().y0 and t.get_window_extent().y1 <= box.y1
+        for t in texts
+    )
+
+
+def test_mds_names_every_layer_inside_the_axes():
+    rng = np.random.default_rng(2)
+    models = [f"a-model-with-a-long-name-{m}" for m in range(3) for _ in range(4)]
+    ids = [f"{m}/encoder.layer.{i % 4}.attention.output" for i, m in enumerate(models)]
+    points = rng.standard_normal((12, 2)) * [4.0, 1.0]
+    ds = results_dataset(squareform(pdist(points)), ids)
+    emb = analysis.classical_mds(ds)
+    fig = analysis.plot_mds(emb)
+    texts = fig.axes[0].texts
+    assert sorted(t.get_text() for t in texts) == sorted(r.split("/")[1] for r in ids)
+    assert _inside(fig, fig.axes[0], texts)
+    ends = analysis.plot_mds(emb, annotate="ends").axes[0].texts
+    assert len(ends) == 6
+    assert len(analysis.plot_mds(emb, annotate="none").axes[0].texts) == 0
+    with pytest.raises(ValueError, match="annotate must be"):
+        analysis.plot_mds(emb, annotate="some")
+
+
+def test_mds_joins_layers_in_depth_order():
+    P = np.array([[0.0, 0.0], [1.0, 0.2], [2.0, -0.1], [3.0, 0.3]])
+    ds = results_dataset(squareform(pdist(P)), ["m/c", "m/a", "m/d", "m/b"])
+    depth = ("rep_a", [2, 0, 3, 1])  # the order the layers were written: a, b, c, d
+    ds = ds.assign_coords(layer_index_a=depth, layer_index_b=("rep_b", depth[1]))
+    emb = analysis.classical_mds(ds)
+    assert emb.coords["layer_index"].values.tolist() == [2, 0, 3, 1]
+    line = analysis.plot_mds(emb).axes[0].lines[0]
+    x = emb.coords.sel(component=1).values
+    assert line.get_xdata().tolist() == [x[1], x[3], x[0], x[2]]

@@ -134,11 +134,36 @@ def test_deleted_chunk_fails_checksum(output):
 
 
 def test_incompatible_output_is_refused(output):
+    output.append([record(REPS[0], REPS[2], 2.0)])
     other = ResultsOutput(output.path)
-    with pytest.raises(IncompatibleOutputError, match="preprocessing"):
+    with pytest.raises(IncompatibleOutputError, match="preprocessing.*--fresh"):
         other.initialise({**HEADER, "preprocessing": {"center": True, "normalize": "unit"}})
     with pytest.raises(IncompatibleOutputError, match="version_series"):
         other.initialise({**HEADER, "version_series": "9.9"})
+
+
+def test_an_output_without_results_takes_the_new_settings(output):
+    # A first run stopped before any pair (a bad rep, Ctrl-C) must not lock its settings in.
+    unit = {**HEADER, "preprocessing": {"center": True, "normalize": "unit"}}
+    output.append([])  # nothing: no part is written
+    ResultsOutput(output.path).initialise(unit)
+    assert output.header()["preprocessing"] == unit["preprocessing"]
+    output.append([record(REPS[0], REPS[2], 2.0)])
+    with pytest.raises(IncompatibleOutputError):
+        output.initialise(HEADER)
+
+
+def test_discard_removes_an_output_and_nothing_else(output, tmp_path):
+    output.append([record(REPS[0], REPS[2], 2.0)])
+    output.discard()
+    assert not output.path.exists()
+    output.discard()  # nothing there: nothing to do
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not an smd-dist output"):
+        ResultsOutput(folder).discard()
+    assert (folder / "notes.txt").read_text() == "mine"
 
 
 def test_foreign_folder_is_refused(tmp_path):

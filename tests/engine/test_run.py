@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import ot
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 import smd_dist
 from smd_dist import metrics
 from smd_dist.cli import main
+from smd_dist.config import ConfigError
 from smd_dist.engine import (
     InputError,
     OutputLockedError,
@@ -66,7 +68,7 @@ def test_matrix_matches_kernel_and_independent_ot(store, client, tmp_path):
     ds = compute_distances(store, output=tmp_path / "out", client=client, progress=False)
     d = ds["soft_matching"]
     ids = list(WIDTHS)
-    assert list(d.rep_a.values) == sorted(ids)
+    assert list(d.rep_a.values) == ids  # the store's order: as written, not by name
     np.testing.assert_array_equal(d.values, d.values.T)
     assert np.all(np.diag(d.values) == 0)
     for a in ids:
@@ -184,7 +186,7 @@ def test_input_checks_are_submitted_widest_first_in_one_call(store, monkeypatch)
         status = "finished"
 
         def result(self):
-            return 0  # neurons dropped as constant
+            return None, 0  # no problem, no neuron dropped as constant
 
         def release(self):
             pass
@@ -193,6 +195,9 @@ def test_input_checks_are_submitted_widest_first_in_one_call(store, monkeypatch)
         def map(self, func, *iterables, key):
             calls.append(key)
             return [Done() for _ in key]
+
+        def gather(self, futures):
+            return [future.result() for future in futures]
 
     monkeypatch.setattr(distributed, "wait", lambda futures: None)
     chosen = store.list()
@@ -379,7 +384,7 @@ def test_the_score_drops_constant_neurons_when_asked_and_records_how_many(tmp_pa
     with pytest.raises(IncompatibleOutputError, match="constant_neurons"):
         compute_distances(store, metrics=["soft_matching"], output=out, client=client,
                           progress=False)
-    with pytest.raises(InputError, match="'refuse' or 'drop'"):
+    with pytest.raises(ConfigError, match="'refuse' or 'drop'"):
         compute_distances(store, client=client, progress=False, constant_neurons="keep")
 
 
@@ -449,6 +454,11 @@ def test_cli_run_and_status(store, tmp_path, monkeypatch):
         "cluster: {kind: local, n-workers: 1}\n"
     )
     runner = CliRunner()
+    result = runner.invoke(main, ["run", str(cfg), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "pairs     6: 0 already done, 6 to compute" in result.output
+    assert "largest pair (net-a/conv.2 vs net-b/fc)" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml", "store"]
     result = runner.invoke(main, ["run", str(cfg), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "6 pairs of 4 reps" in result.output
@@ -457,6 +467,17 @@ def test_cli_run_and_status(store, tmp_path, monkeypatch):
     assert "6 of 6 have results" in result.output and "failed      0" in result.output
     ds = open_distances(tmp_path / "out")
     assert set(json.loads(ds.attrs["metrics"])) == {"soft_matching", "linear_cka"}
+    # --reps and --output replace the config's; --output is taken from where one stands.
+    monkeypatch.chdir(tmp_path)
+    args = ["run", str(cfg), "--no-progress", "--reps", "net-b", "--reps", "net-a/conv.1",
+            "--output", "elsewhere"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "3 pairs of 3 reps" in result.output
+    assert list(open_distances(tmp_path / "elsewhere").rep_a.values) == [
+        "net-a/conv.1", "net-b/features/0", "net-b/fc"]
+    result = runner.invoke(main, ["run", str(cfg), "--dry-run", "--output", "elsewhere"])
+    assert "pairs     6: 3 already done, 3 to compute" in result.output, result.output
 
 
 @pytest.mark.parametrize(
@@ -469,13 +490,26 @@ def test_cli_run_and_status(store, tmp_path, monkeypatch):
             "store: s\noutput: o\nengine: {task-entries: -1}\n",
             "'task-entries' must be an integer >= 0, got -1",
         ),
+        ("store: s\noutput: o\npreprocessing: {normalize: zcore}\n", "did you mean 'zscore'"),
+        ("store: s\noutput: o\npreprocessing: {centre: true}\n", "did you mean 'center'"),
+        ("store: s\noutput: o\ncluster: {kind: local, n-wrkers: 1}\n", "'n-workers'"),
+        ("store: s\noutput: o\nresume: yes please\n", "'resume' must be true or false"),
+        ("store: s\noutput: o\nmetrics: soft_matching, linear_cka\n", "unknown metric"),
+        ("store: s\noutput: o\nreps: [1, 2]\n", "'reps' must be a list of strings"),
+        ("store: s\noutput: o\ndevice: gpu\n", "device must be null, 'cpu', 'cuda'"),
+        ("store: nowhere\noutput: o\n", "no activation store"),
     ],
 )
-def test_cli_run_reports_config_errors(tmp_path, text, message):
+def test_cli_run_reports_config_errors(tmp_path, store, text, message):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(text)
-    result = CliRunner().invoke(main, ["run", str(cfg)])
-    assert result.exit_code == 2 and message in result.output
+    cfg.write_text(text.replace("store: s\n", f"store: {store.path}\n"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for extra in ([], ["--dry-run"]):
+        result = CliRunner().invoke(main, ["run", str(cfg), *extra])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert result.output.startswith("smd-dist: error: ")
+        assert len(result.output.splitlines()) <= 5 and "Traceback" not in result.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
 def test_engine_settings_take_env_spelling_and_run_config_over_defaults():
@@ -531,3 +565,179 @@ def test_tasks_cover_each_pair_once_largest_work_first():
     assert full.count(False) <= 1
     # task_entries=0: one pair per task
     assert all(len(t) == 1 for t in planning.plan_tasks(reps, todo, task_entries=0, per_task=4))
+
+
+# --- order, early refusals, --fresh, the lock, the user's client, dry runs ------------------
+
+
+def test_the_matrix_keeps_depth_order_with_a_layer_index(tmp_path, client):
+    from smd_dist import analysis
+
+    depth = ["relu1", "layer.2", "layer.10", "out"]  # by name: layer.10, layer.2, out, relu1
+    store = make_store(
+        tmp_path / "store",
+        widths={f"{m}/{layer}": 5 for m in ("net-z", "net-a") for layer in depth},
+    )
+    ds = compute_distances(store, output=tmp_path / "out", client=client, progress=False)
+    written = [f"{m}/{layer}" for m in ("net-z", "net-a") for layer in depth]
+    assert list(ds.rep_a.values) == written and list(ds.rep_b.values) == written
+    assert ds["layer_index_a"].values.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    opened = open_distances(tmp_path / "out")
+    assert list(opened.rep_a.values) == written
+    assert opened["layer_index_b"].values.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    picked = analysis.select(opened, models="net-a", layers=["out", "layer.*"])
+    assert list(picked.rep_a.values) == ["net-a/layer.2", "net-a/layer.10", "net-a/out"]
+    assert picked["layer_index_a"].values.tolist() == [1, 2, 3]
+    # Values do not depend on the order: each pair is solved in its key's order.
+    xa, xb = store.read("net-z", "relu1"), store.read("net-a", "out")
+    value = ds["soft_matching"].sel(rep_a="net-z/relu1", rep_b="net-a/out").item()
+    assert value == smd_dist.soft_matching_distance(xb.astype(np.float64), xa.astype(np.float64))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"normalize": "zcore"}, "normalize' must be null, 'unit' or 'zscore', got 'zcore'"),
+        ({"center": "yes"}, "'center' must be true or false"),
+        ({"device": "gpu"}, "device must be null, 'cpu', 'cuda'"),
+        ({"cluster": {"kind": "local", "n-wrkers": 1}}, "did you mean 'n-workers'"),
+        ({"cluster": {"kind": "lcoal"}}, "did you mean 'local'"),
+        ({"engine": {"flush-secnds": 1}}, "did you mean 'flush-seconds'"),
+        ({"metrics": ["soft_matchng"]}, "soft_matching"),
+        ({"metrics": [3]}, "metrics must be a name or a list of names"),
+        ({"reps": ["net-z/*"]}, "matches no representation"),
+        ({"reps": 3}, "reps must be a pattern or a list"),
+        ({"resume": "no"}, "'resume' must be true or false"),
+        ({"fresh": 1}, "'fresh' must be true or false"),
+        ({"output": "s3://bucket/out"}, "must be a local folder"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_cluster_or_file(
+    store, tmp_path, monkeypatch, kwargs, match
+):
+    from smd_dist.engine import clusters
+
+    def no_cluster(*args, **kw):
+        raise AssertionError("a cluster was started")
+
+    monkeypatch.setattr(clusters, "make_client", no_cluster)
+    monkeypatch.setattr(run, "current_client", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    kwargs = {"output": tmp_path / "out", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        compute_distances(store, progress=False, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_no_lock_file_is_left_when_a_run_ends(store, client, tmp_path):
+    out = tmp_path / "out"
+    compute_distances(store, output=out, client=client, progress=False)
+    assert not Path(f"{out}.lock").exists() and not Path(f"{out}.lock.json").exists()
+    bad = np.random.default_rng(1).standard_normal((M, 4))
+    bad[:, 2] = 3.0
+    store.write("net-c", "flat", bad)  # the score refuses it on the workers, inside the lock
+    with pytest.raises(InputError, match="net-c/flat"):
+        compute_distances(store, output=out, client=client, progress=False,
+                          metrics=["soft_matching_score"])
+    assert not Path(f"{out}.lock").exists()
+    with run._output_lock(out):
+        assert Path(f"{out}.lock").exists()
+        with pytest.raises(OutputLockedError):
+            with run._output_lock(out):
+                pass
+        assert Path(f"{out}.lock").exists()  # the refused run took nothing away
+    assert not Path(f"{out}.lock").exists()
+    with run._output_lock(out):  # and it can be taken again
+        pass
+
+
+def test_fresh_discards_an_output_written_with_other_settings(store, client, tmp_path):
+    out = tmp_path / "out"
+    compute_distances(store, output=out, client=client, progress=False)
+    with pytest.raises(IncompatibleOutputError, match="--fresh"):
+        compute_distances(store, output=out, client=client, progress=False, normalize="zscore")
+    report = RunReport(0, 0, 0)
+    ds = compute_distances(store, output=out, client=client, progress=False,
+                           normalize="zscore", fresh=True, report=report)
+    assert report.n_done_before == 0 and report.n_computed == 6
+    assert json.loads(ds.attrs["preprocessing"])["normalize"] == "zscore"
+    x, y = store.read("net-a", "conv.1"), store.read("net-a", "conv.2")
+    assert ds["soft_matching"].sel(rep_a="net-a/conv.1", rep_b="net-a/conv.2").item() == (
+        smd_dist.soft_matching_distance(x.astype(np.float64), y.astype(np.float64),
+                                        normalize="zscore")
+    )
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep")
+    with pytest.raises(OutputError, match="not an smd-dist output"):
+        compute_distances(store, output=foreign, client=client, progress=False, fresh=True)
+    assert (foreign / "mine.txt").read_text() == "keep"
+
+
+def test_the_current_dask_client_is_used_and_progress_false_prints_nothing(
+    store, client, tmp_path, monkeypatch, capfd
+):
+    from smd_dist.engine import clusters
+
+    def no_cluster(*args, **kw):
+        raise AssertionError("a cluster was started although a client exists")
+
+    monkeypatch.setattr(clusters, "make_client", no_cluster)
+    capfd.readouterr()
+    ds = compute_distances(store, output=tmp_path / "out", progress=False)
+    assert ds.attrs["n_failed_pairs"] == 0
+    assert capfd.readouterr() == ("", "")
+
+
+def test_progress_false_starts_a_cluster_without_a_word(store, tmp_path, monkeypatch, capfd):
+    from distributed import LocalCluster
+
+    from smd_dist.engine import clusters
+
+    started = []
+
+    def in_process(cfg):  # the cluster make_client would start, in this process (faster)
+        started.append(cfg)
+        return LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                            dashboard_address=":0")
+
+    monkeypatch.setattr(clusters, "make_cluster", in_process)
+    monkeypatch.setattr(run, "current_client", lambda: None)
+    capfd.readouterr()
+    compute_distances(store, cluster={"kind": "local", "n-workers": 1}, progress=False)
+    assert started and capfd.readouterr() == ("", "")
+    compute_distances(store, cluster={"kind": "local", "n-workers": 1}, progress=True)
+    assert "smd-dist: local cluster, 1 worker" in capfd.readouterr().err
+
+
+def test_plan_run_says_what_a_run_would_do_and_writes_nothing(store, client, tmp_path):
+    out = tmp_path / "out"
+    plan = run.plan_run(store, output=out, cluster={"kind": "local", "n-workers": 1})
+    assert (plan.n_pairs, plan.n_done, plan.n_todo, plan.output_state) == (6, 0, 6, "new")
+    assert plan.reps == tuple(WIDTHS) and plan.metrics == ("soft_matching",)
+    assert plan.largest_pair == ("net-a/conv.2", "net-b/fc")
+    assert plan.largest_pair_bytes == planning.pair_memory_bytes(M, 9, 12)
+    assert plan.cluster["kind"] == "local" and plan.cluster["n-workers"] == 1
+    assert "jobs" not in plan.cluster  # a SLURM key
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    compute_distances(store, output=out, client=client, progress=False, reps=["net-a"])
+    plan = run.plan_run(store, output=out)
+    assert (plan.n_done, plan.n_todo, plan.output_state) == (1, 5, "resumes")
+    assert run.plan_run(store, output=out, resume=False).n_todo == 6
+    assert run.plan_run(store, output=out, normalize="unit").output_state.startswith(
+        "incompatible: output"
+    )
+    assert run.plan_run(store, output=out, normalize="unit", fresh=True).n_todo == 6
+    with pytest.raises(ValueError, match="zcore"):
+        run.plan_run(store, output=out, normalize="zcore")
+
+
+def test_plain_xr_open_zarr_opens_the_output_without_a_warning(store, client, tmp_path):
+    import warnings
+
+    ds = compute_distances(store, output=tmp_path / "out", client=client, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = xr.open_zarr(tmp_path / "out")
+    np.testing.assert_array_equal(plain["soft_matching"].values, ds["soft_matching"].values)
+    assert list(plain["layer_index_a"].values) == [0, 1, 0, 1]

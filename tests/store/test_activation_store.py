@@ -490,3 +490,37 @@ def test_open_in_dask_worker_process(tiny_store):
     with dask.config.set(scheduler="processes", num_workers=1):
         got = lazy.sum().compute()
     assert np.isclose(got, tiny_store.read("a", "conv1").sum(dtype=np.float64), rtol=1e-5)
+
+
+# --- order ---------------------------------------------------------------------------------
+
+
+def test_list_keeps_the_order_reps_were_written(tmp_path, rng):
+    store = ActivationStore(tmp_path / "store")
+    x = rng.standard_normal((6, 3))
+    layers = ["relu1", "layer.2", "layer.10", "out"]  # by name: layer.10 < layer.2 < out < relu1
+    for model in ("net-b", "net-a"):
+        for layer in layers:
+            store.write(model, layer, x)
+    written = [f"{m}/{layer}" for m in ("net-b", "net-a") for layer in layers]
+    assert [r.rep_id for r in store.list()] == written
+    # A replaced rep keeps its place; a new layer of a model joins the end of that model.
+    store.write("net-b", "layer.2", 2 * x, overwrite=True)
+    store.write("net-b", "head", x)
+    expected = written[:4] + ["net-b/head"] + written[4:]
+    assert [r.rep_id for r in store.list()] == expected
+    assert [r.rep_id for r in ActivationStore(store.path, mode="r").list()] == expected
+
+
+def test_a_store_without_recorded_order_lists_by_name(tmp_path, rng):
+    from smd_dist.store.activation_store import ORDER_ATTR
+
+    store = ActivationStore(tmp_path / "store")
+    for layer in ("b", "a", "c"):
+        store.write("m", layer, rng.standard_normal((6, 3)))
+    for layer in ("b", "a", "c"):  # as a store written before the order was recorded
+        group = store.root[f"reps/m/{layer}"]
+        group.attrs.put({k: v for k, v in group.attrs.asdict().items() if k != ORDER_ATTR})
+    assert [r.layer for r in store.list()] == ["a", "b", "c"]
+    store.write("m", "0-new", rng.standard_normal((6, 3)))  # written since: after them
+    assert [r.layer for r in store.list()] == ["a", "b", "c", "0-new"]

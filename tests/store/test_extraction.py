@@ -348,11 +348,12 @@ def test_cli_extract(tmp_path, monkeypatch, images):
     with torch.no_grad():
         expected = my_nets.build()(images).numpy()
     np.testing.assert_allclose(store.read("net.v1", "3"), expected, rtol=1e-5, atol=1e-6)
-    out = run(main, args)  # again: refused, with a clean message
-    assert out.exit_code == 1 and "--overwrite" in out.output and "Traceback" not in out.output
+    out = run(main, args)  # again: refused, with a clean message (2: bad input)
+    assert out.exit_code == 2 and "--overwrite" in out.output and "Traceback" not in out.output
+    assert out.output.startswith("smd-dist: error: ")
     assert run(main, args + ["--overwrite"]).exit_code == 0
     out = run(main, [*args[:6], "-l", "nope", "--name", "x"])
-    assert out.exit_code == 1 and "no module named 'nope'" in out.output
+    assert out.exit_code == 2 and "no module named 'nope'" in out.output
     torch.save(my_nets.build(), tmp_path / "net.pt")
     out = run(main, ["extract", store_path, "--model", str(tmp_path / "net.pt"), "--inputs",
                      str(tmp_path / "x.npy"), "-l", "3", "--name", "from-file"])
@@ -360,6 +361,13 @@ def test_cli_extract(tmp_path, monkeypatch, images):
     np.testing.assert_allclose(store.read("from-file", "3"), expected, rtol=1e-5, atol=1e-6)
     out = run(main, ["extract", store_path, "--model", "my_nets:build"])
     assert out.exit_code == 2 and "missing --inputs, --layer, --name" in out.output
+    # NAME=MODULE names a stored layer, as extract(layers={module: name}) does; the layers
+    # are stored in forward order whatever order they were named in.
+    out = run(main, [*args[:6], "-l", "logits=3", "-l", "relu = 1", "--name", "named"])
+    assert out.exit_code == 0, out.output
+    assert [r.layer for r in store.list() if r.model == "named"] == ["relu", "logits"]
+    assert store.record("named", "relu").attrs["module"] == "1"
+    np.testing.assert_array_equal(store.read("named", "logits"), store.read("net.v1", "3"))
 
 
 def test_custom_forward_for_image_label_batches(store, images):
@@ -397,3 +405,12 @@ def test_cuda_extraction_matches_cpu(tmp_path, images):
     for layer in ("1", "4"):
         np.testing.assert_allclose(gpu.read("m", layer), cpu.read("m", layer), rtol=1e-4,
                                    atol=1e-5)
+
+
+def test_layers_are_stored_in_forward_order_and_returned_as_named(store, images):
+    # Named out of order, with names whose sort order is neither: the store keeps depth.
+    layers = {"4": "a-logits", "1": "z-relu", "2": "m-conv"}
+    recs = extract(small_cnn(), batches_of(images, 8), layers=layers, store=store,
+                   model_name="cnn", progress=False)
+    assert [r.layer for r in recs] == ["a-logits", "z-relu", "m-conv"]
+    assert [r.layer for r in store.list()] == ["z-relu", "m-conv", "a-logits"]
