@@ -233,13 +233,15 @@ def demo_group() -> None:
 @click.argument("path", type=click.Path(file_okay=False))
 @click.option("--small", is_flag=True, help="Reduced build for tests (seconds, not minutes).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def demo_build_command(path, small, quiet):
+@click.option("--force", is_flag=True, help="Replace demo stores already in PATH.")
+def demo_build_command(path, small, quiet, force):
     """Build PATH/digits and PATH/minilm, two activation stores, offline and seeded."""
     from smd_dist.demo import build_demo
     from smd_dist.store import StoreError
 
     try:
-        result = build_demo(path, small=small, progress=not quiet, log=click.echo)
+        result = build_demo(path, small=small, progress=not quiet, log=click.echo,
+                            force=force)
     except StoreError as err:
         raise click.ClickException(str(err)) from err
     click.echo(

@@ -44,16 +44,15 @@ class RepSource:
 
 
 def _read_rep(source: RepSource) -> np.ndarray:
+    """The rep's values with the content hash the run started with, hashed as read."""
     from smd_dist.store import ActivationStore
+    from smd_dist.store.activation_store import RepChangedError
 
     store = ActivationStore(source.store, mode="r")
-    recorded = store.record(source.model, source.layer).content_hash
-    if recorded != source.content_hash:
-        raise InputError(
-            f"{source.rep_id} changed in the store during the run "
-            f"(content hash {source.content_hash[:19]} at start, {recorded[:19]} now)"
-        )
-    return store.read(source.model, source.layer, verify=True)
+    try:
+        return store.read(source.model, source.layer, content_hash=source.content_hash)
+    except RepChangedError as err:
+        raise InputError(f"{source.rep_id} changed in the store during the run: {err}") from err
 
 
 def prepare_rep(source: RepSource) -> dict:

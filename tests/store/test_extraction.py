@@ -373,13 +373,18 @@ def test_custom_forward_for_image_label_batches(store, images):
     np.testing.assert_allclose(store.read("m", "4"), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_url_store(images):
+def test_url_store_is_read_only(tmp_path, images):
+    """A store at a URL reads through fsspec; writing needs a file system's locks."""
     import uuid
 
     url = f"memory://smd-dist-test-{uuid.uuid4().hex}/store"
-    recs = extract(small_cnn(), [images], layers=["4"], store=url, model_name="m",
+    with pytest.raises(StoreError, match="is a URL.*mode='r'"):
+        extract(small_cnn(), [images], layers=["4"], store=url, model_name="m",
+                progress=False)
+    recs = extract(small_cnn(), [images], layers=["4"], store=tmp_path / "s", model_name="m",
                    progress=False)
-    again = ActivationStore(url, mode="r")
+    url = f"file://{tmp_path / 's'}"
+    again = ActivationStore(url, mode="r", storage_options={"auto_mkdir": False})
     assert again.list() == recs and again.path == url
     assert again.verify().ok
 
