@@ -19,6 +19,7 @@ import platform
 import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ from smd_dist.engine.output import (
 )
 from smd_dist.engine.selection import InputError, metric_specs, resolve_metrics, select_reps
 from smd_dist.engine.settings import engine_settings
+from smd_dist.store import locking
 
 __all__ = ["OutputLockedError", "RunReport", "compute_distances", "output_status"]
 
@@ -77,10 +79,11 @@ def _check_output_writable(path: Path, needed_bytes: int) -> None:
     parent = path if path.exists() else path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    probe = parent / f".smd-dist-write-test-{os.getpid()}"
     try:
-        probe.write_bytes(b"x")
-        probe.unlink()
+        # A fresh name, created exclusively: never a file some other user linked there.
+        fd, probe = tempfile.mkstemp(prefix=".smd-dist-write-test-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
         raise OutputError(
             f"output {str(path)!r} is not writable ({err.strerror or err}); nothing was computed"
@@ -121,40 +124,53 @@ def _gc_frozen():
                 gc.unfreeze()
 
 
+def _resolved(output: str | os.PathLike) -> Path:
+    """The output's real path: every alias of a folder (symbolic links, ``..``) shares
+    one lock.
+
+    Raises
+    ------
+    OutputError
+        ``output`` is a URL (``s3://``, ``memory://``): refused before any compute.
+    """
+    if "://" in str(output):
+        ResultsOutput(str(output))  # raises, naming the URL
+    return Path(output).expanduser().resolve()
+
+
 @contextlib.contextmanager
 def _output_lock(path: Path):
-    """Hold ``<output>.lock`` for the run (an OS lock: a killed run releases it)."""
-    from filelock import FileLock, Timeout
-
-    lock_path = Path(f"{path}.lock")
+    """Hold ``<output>.lock`` for the run (an OS lock: a killed run releases it), on the
+    output's resolved path, with who holds it in ``<output>.lock.json``."""
+    path = _resolved(path)
     info_path = Path(f"{path}.lock.json")
-    lock = FileLock(str(lock_path), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        holder = ""
-        with contextlib.suppress(OSError, ValueError):
-            info = json.loads(info_path.read_text())
-            holder = f" (pid {info['pid']} on {info['host']}, since {info['since']})"
-        raise OutputLockedError(
-            f"output {str(path)!r} is being written by another run{holder}; wait for it "
-            "to finish or use another output path"
-        ) from None
-    try:
-        info_path.write_text(
-            json.dumps(
-                {
-                    "pid": os.getpid(),
-                    "host": socket.gethostname(),
-                    "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                }
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(
+                locking.held(f"{path}.lock", timeout=0, what=f"output {str(path)!r}")
             )
-        )
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            info_path.unlink()
-        lock.release()
+        except locking.LockTimeout:
+            holder = ""
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                info = json.loads(info_path.read_text())
+                holder = f" (pid {info['pid']} on {info['host']}, since {info['since']})"
+            raise OutputLockedError(
+                f"output {str(path)!r} is being written by another run{holder}; wait for it "
+                "to finish or use another output path"
+            ) from None
+        except locking.LockError as err:
+            raise OutputError(f"output {str(path)!r}: {err}") from err
+        # Renamed into place: a link planted at the name is replaced, never written through.
+        locking.replace_file(info_path, json.dumps({
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }).encode())
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                info_path.unlink()
 
 
 def _versions() -> dict:
@@ -227,7 +243,8 @@ def compute_distances(
     metrics : sequence of str
         Names from :func:`smd_dist.metrics.available`.
     output : path, optional
-        Local folder for the results (zarr). Pairs are written as they finish; with
+        Folder for the results (zarr) on a local or network file system, not a URL (the
+        run locks it, on its resolved path). Pairs are written as they finish; with
         ``resume`` a rerun computes only what is missing or failed. ``None`` keeps
         everything in memory.
     client : distributed.Client, optional
@@ -243,7 +260,8 @@ def compute_distances(
     progress : bool
         Print a progress bar (pairs done/total, rate, ETA) and the dashboard link.
     run_config : dict, optional
-        The run config, recorded in the output's attributes.
+        The run config, recorded in the output's attributes with its secrets replaced
+        by ``***`` (:func:`smd_dist.config.redact`).
     report : RunReport, optional
         Filled in with counts, failures and repairs.
     engine : dict, optional
@@ -268,6 +286,7 @@ def compute_distances(
     from smd_dist.store.activation_store import ActivationStore
 
     started = time.perf_counter()
+    output_path = _resolved(output) if output is not None else None
     settings = engine_settings(engine)
     if center is None:
         center = config.get("preprocessing.center", True)
@@ -286,14 +305,13 @@ def compute_distances(
         "format": OUTPUT_FORMAT,
         "preprocessing": base_prep,
         "version_series": ".".join(_versions()["smd-dist"].split(".")[:2]),
-        "store": str(store.path),
+        "store": config.redact(str(store.path)),
         "reps": [r.rep_id for r in chosen],
         "metrics": [m.name for m in metric_objs],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     n_pairs = len(chosen) * (len(chosen) - 1) // 2
     if output is not None:
-        output_path = Path(output)
         needed = (
             600 * n_pairs * len(metric_objs) + 64 * len(chosen) ** 2 * len(metric_objs) + 2**20
         )
@@ -394,8 +412,10 @@ def _client_context(client, cluster_config):
 
 def _sources(store, chosen, preps) -> list[tasks.RepSource]:
     """Each selected rep's :class:`RepSource` (by index into ``chosen``)."""
+    options = json.dumps(store.storage_options, sort_keys=True) if store.storage_options else ""
     return [
-        tasks.RepSource(str(store.path), r.model, r.layer, r.content_hash, tuple(preps))
+        tasks.RepSource(str(store.path), r.model, r.layer, r.content_hash, tuple(preps),
+                        storage_options=options)
         for r in chosen
     ]
 
@@ -612,22 +632,23 @@ def _dataset_attrs(store, chosen, metric_objs, prep, run_config) -> dict:
         ),
         "preprocessing": json.dumps(prep),
         "versions": json.dumps(_versions()),
-        "store": str(store.path),
+        "store": config.redact(str(store.path)),
         "store_hashes": json.dumps({r.rep_id: r.content_hash for r in chosen}),
         "n_stimuli": int(store.n_stimuli or 0),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "run_config": json.dumps(run_config or {}, default=str),
+        # Recorded for provenance, without the tokens and passwords a config may hold.
+        "run_config": json.dumps(config.redact(run_config or {}), default=str),
     }
 
 
 def output_status(path: str | os.PathLike) -> dict:
     """Progress of an output: pairs done and failed, from the ledger; who holds it."""
-    out = ResultsOutput(path)
+    out = ResultsOutput(_resolved(path))
     header = out.header()
     latest, incomplete, _ = out.records(on_corrupt="raise")
     summary = summarize(latest.values())
     pairs = {(record.rep_a, record.rep_b) for record in latest.values()}
-    info_path = Path(f"{path}.lock.json")
+    info_path = Path(f"{out.path}.lock.json")
     holder = None
     if info_path.exists():
         with contextlib.suppress(OSError, ValueError):

@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,13 +30,16 @@ KEEP_PREPARED_FRACTION = 0.25
 @dataclass(frozen=True)
 class RepSource:
     """Where a pair task finds one rep: the store, the rep and its content hash at the
-    start of the run, and the preprocessings it needs (a few hundred bytes in the graph)."""
+    start of the run, and the preprocessings it needs (a few hundred bytes in the graph).
+    A store at a URL also carries its fsspec ``storage_options`` (JSON; kept out of the
+    repr, as they may hold credentials)."""
 
     store: str
     model: str
     layer: str
     content_hash: str
     preps: tuple[str, ...]
+    storage_options: str = field(default="", repr=False)
 
     @property
     def rep_id(self) -> str:
@@ -48,7 +51,8 @@ def _read_rep(source: RepSource) -> np.ndarray:
     from smd_dist.store import ActivationStore
     from smd_dist.store.activation_store import RepChangedError
 
-    store = ActivationStore(source.store, mode="r")
+    options = json.loads(source.storage_options) if source.storage_options else None
+    store = ActivationStore(source.store, mode="r", storage_options=options)
     try:
         return store.read(source.model, source.layer, content_hash=source.content_hash)
     except RepChangedError as err:
