@@ -223,6 +223,7 @@ def compute_distances(
     run_config: dict | None = None,
     report: RunReport | None = None,
     engine: dict | None = None,
+    security=None,
 ) -> xr.Dataset:
     """Compare every pair of selected representations; return the labeled matrices.
 
@@ -267,6 +268,10 @@ def compute_distances(
     engine : dict, optional
         Engine settings (:data:`ENGINE_KEYS`) over the ``smd-dist.engine`` config; a run
         config's ``engine:`` section.
+    security : distributed.Security, optional
+        TLS certificates for the cluster made from ``cluster`` (see
+        :func:`smd_dist.engine.clusters.make_client`): those a ``kind: address``
+        scheduler expects, or those to give a cluster started here.
 
     Returns
     -------
@@ -336,7 +341,7 @@ def compute_distances(
         for message in corrupt:
             print(f"smd-dist: quarantined, pairs recomputed: {message}", file=sys.stderr)
         if todo:
-            with _client_context(client, cluster) as active:
+            with _client_context(client, cluster, security) as active:
                 if progress and client is not None:  # make_client prints it for its own
                     print(f"smd-dist: dashboard {active.dashboard_link}", file=sys.stderr)
                 phase = time.perf_counter()
@@ -400,13 +405,13 @@ def _pending_pairs(chosen, metric_objs, latest) -> list[tuple[int, int]]:
 
 
 @contextlib.contextmanager
-def _client_context(client, cluster_config):
+def _client_context(client, cluster_config, security=None):
     if client is not None:
         yield client
         return
     from smd_dist.engine.clusters import make_client
 
-    with make_client(cluster_config) as made:
+    with make_client(cluster_config, security=security) as made:
         yield made
 
 
