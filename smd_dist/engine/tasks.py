@@ -96,12 +96,22 @@ def compare_pairs(
     pairs: list, sources: dict, metric_specs: list, device, keep_fraction: float
 ) -> list[dict]:
     """Run every metric on every pair of one task; a failure is recorded, not raised."""
+    from smd_dist.engine import worker_cache
     from smd_dist.kernel.allocator import reuse_freed_memory
-    from smd_dist.kernel.validation import check_same_stimuli
 
     reuse_freed_memory()
     worker = _worker_name()
     prepared = {rep: _prepared(source, keep_fraction) for rep, source in sources.items()}
+    try:
+        return _compare(pairs, prepared, metric_specs, device, worker)
+    finally:
+        # The solves may have made low-precision copies of the kept reps: count them.
+        worker_cache.remeasure(sources.values())
+
+
+def _compare(pairs, prepared, metric_specs, device, worker) -> list[dict]:
+    from smd_dist.kernel.validation import check_same_stimuli
+
     out = []
     for rep_a, rep_b in pairs:
         for name, prep in metric_specs:
