@@ -20,7 +20,13 @@ from smd_dist.engine.output import (
     OutputError,
     open_distances,
 )
-from smd_dist.engine.run import OutputLockedError, RunReport, compute_distances, output_status
+from smd_dist.engine.run import (
+    OutputLockedError,
+    RunReport,
+    SchedulerLostError,
+    compute_distances,
+    output_status,
+)
 from smd_dist.engine.selection import InputError
 
 __all__ = [
@@ -30,6 +36,7 @@ __all__ = [
     "OutputError",
     "OutputLockedError",
     "RunReport",
+    "SchedulerLostError",
     "compute_distances",
     "open_distances",
     "output_status",

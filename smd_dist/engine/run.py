@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 import platform
 import shutil
@@ -44,11 +45,21 @@ from smd_dist.engine.selection import InputError, metric_specs, resolve_metrics,
 from smd_dist.engine.settings import engine_settings
 from smd_dist.store import locking
 
-__all__ = ["OutputLockedError", "RunReport", "compute_distances", "output_status"]
+__all__ = [
+    "OutputLockedError",
+    "RunReport",
+    "SchedulerLostError",
+    "compute_distances",
+    "output_status",
+]
 
 
 class OutputLockedError(OutputError):
     """Another run holds the output."""
+
+
+class SchedulerLostError(ConnectionError):
+    """The Dask scheduler went away mid-run; the pairs finished before it are kept."""
 
 
 @dataclass
@@ -287,6 +298,8 @@ def compute_distances(
         before any pair is computed.
     OutputError
         The output is locked by another run, incompatible, not writable or too small.
+    SchedulerLostError
+        The Dask scheduler went away mid-run; what finished is in the output.
     """
     from smd_dist.store.activation_store import ActivationStore
 
@@ -341,7 +354,11 @@ def compute_distances(
         for message in corrupt:
             print(f"smd-dist: quarantined, pairs recomputed: {message}", file=sys.stderr)
         if todo:
-            with _client_context(client, cluster, security) as active:
+            with (
+                _quiet_connection_loss(),
+                _client_context(client, cluster, security) as active,
+                _scheduler_loss_is_an_error(active, output_path),
+            ):
                 if progress and client is not None:  # make_client prints it for its own
                     print(f"smd-dist: dashboard {active.dashboard_link}", file=sys.stderr)
                 phase = time.perf_counter()
@@ -413,6 +430,62 @@ def _client_context(client, cluster_config, security=None):
 
     with make_client(cluster_config, security=security) as made:
         yield made
+
+
+class _QuietConnectionLoss(logging.Filter):
+    """Drops the Dask client's tracebacks about a lost scheduler connection: the run
+    reports the loss itself, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Failed to reconnect"):
+            return False
+        err = record.exc_info[1] if record.exc_info else None
+        while err is not None:
+            if isinstance(err, OSError):
+                return False
+            err = err.__cause__ or err.__context__
+        return True
+
+
+def _connection_lost(client, err: BaseException) -> bool:
+    from asyncio import CancelledError as AsyncCancelled
+    from concurrent.futures import CancelledError
+
+    from distributed.comm.core import CommClosedError
+
+    if isinstance(err, CommClosedError):
+        return True
+    return isinstance(err, CancelledError | AsyncCancelled) and client.status != "running"
+
+
+@contextlib.contextmanager
+def _quiet_connection_loss():
+    """While a run uses its client (and closes it): see :class:`_QuietConnectionLoss`."""
+    quiet = _QuietConnectionLoss()
+    log = logging.getLogger("distributed.client")
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
+@contextlib.contextmanager
+def _scheduler_loss_is_an_error(client, output: Path | None):
+    """Turn the Dask scheduler's going away mid-run into :class:`SchedulerLostError`,
+    one line that says a rerun resumes (the pairs finished before are in the output)."""
+    try:
+        yield
+    except Exception as err:
+        if not _connection_lost(client, err):
+            raise
+        where = client.scheduler.address if client.scheduler else "?"
+        kept = (f"the pairs finished before are kept in {str(output)!r}: rerun the same "
+                "command to resume" if output is not None
+                else "nothing was kept (output=None): rerun")
+        raise SchedulerLostError(
+            f"lost the connection to the Dask scheduler {where} mid-run; {kept}"
+        ) from None
 
 
 def _sources(store, chosen, preps) -> list[tasks.RepSource]:
