@@ -59,7 +59,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import dask.config
@@ -739,6 +739,13 @@ def _slurm_cluster_class():
             ours = list(self._job_ids)
             await super()._close()
             await _cancel_and_wait(ours, timeout=self._close_timeout)
+            # security: true wrote the workers' certificates to temporary files, kept
+            # open by dask-jobqueue as _job_<key>: closing one deletes it.
+            for key in ("ca_file", "cert", "key"):
+                handle = self.__dict__.pop(f"_job_{key}", None)
+                if handle is not None:
+                    with suppress(OSError):
+                        handle.close()
 
     _SLURM_CLASS = KeptSLURMCluster
     return KeptSLURMCluster

@@ -436,7 +436,13 @@ class _QuietConnectionLoss(logging.Filter):
     """Drops the Dask client's tracebacks about a lost scheduler connection: the run
     reports the loss itself, in one line."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.until = float("inf")
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if time.monotonic() > self.until:
+            return True
         if record.getMessage().startswith("Failed to reconnect"):
             return False
         err = record.exc_info[1] if record.exc_info else None
@@ -464,10 +470,16 @@ def _quiet_connection_loss():
     quiet = _QuietConnectionLoss()
     log = logging.getLogger("distributed.client")
     log.addFilter(quiet)
+    lost = False
     try:
         yield
+    except SchedulerLostError:
+        # The lost client's tasks may still be winding down, and logging: a minute more.
+        lost, quiet.until = True, time.monotonic() + 60
+        raise
     finally:
-        log.removeFilter(quiet)
+        if not lost:
+            log.removeFilter(quiet)
 
 
 @contextlib.contextmanager

@@ -123,6 +123,10 @@ def test_tls_workers_start_through_sbatch_and_others_cannot_join(slurm_config, t
             Client(client.scheduler.address, timeout="3s")
         job_ids = client.cluster.job_ids
     assert not _wait_gone(job_ids)
+    import gc
+
+    gc.collect()
+    assert not list(tmp_path.glob(".dask-jobqueue.worker.*"))  # the certificates are gone
 
 
 def test_cli_job_script_has_the_directives_and_sbatch_accepts_it(slurm_config, tmp_path):
