@@ -405,13 +405,13 @@ class ActivationStore:
             if mode == "a" and existing.read_only:
                 existing = zarr.open_group(path, mode="r+", zarr_format=3, **self._zarr_kwargs())
             return existing
+        if not _is_url(path) and os.path.isdir(path) and set(os.listdir(path)) - {LOCK_DIR}:
+            raise StoreError(
+                f"{path!r} is a non-empty folder that is not an smd-dist activation store"
+                + ("" if mode == "r" else "; refusing to write into it")
+            )
         if mode == "r":
             raise StoreError(f"no activation store at {path!r}")
-        if not _is_url(path) and os.path.isdir(path) and os.listdir(path):
-            raise StoreError(
-                f"{path!r} is a non-empty folder that is not an smd-dist activation store; "
-                "refusing to write into it"
-            )
         return self._create(path)
 
     def _try_open(self, path: str) -> zarr.Group | None:
