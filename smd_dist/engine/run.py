@@ -445,9 +445,13 @@ class _QuietConnectionLoss(logging.Filter):
             return True
         if record.getMessage().startswith("Failed to reconnect"):
             return False
+        from asyncio import CancelledError as AsyncCancelled
+        from concurrent.futures import CancelledError
+
         err = record.exc_info[1] if record.exc_info else None
         while err is not None:
-            if isinstance(err, OSError):
+            # The lost connection, or the client's tasks cancelled as it closes after it.
+            if isinstance(err, OSError | CancelledError | AsyncCancelled):
                 return False
             err = err.__cause__ or err.__context__
         return True
