@@ -137,7 +137,7 @@ def test_reader_gets_the_rep_its_hash_names_while_a_writer_replaces_it(tmp_path)
     try:
         assert started.wait(120)
         wrong, refused, corrupt, returned = [], 0, [], 0
-        deadline = time.monotonic() + 8
+        deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             try:
                 got = _read_rep(source)
