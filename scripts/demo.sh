@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export PATH="$PWD/.venv/bin:$PATH"
 if [ ! -d demo-data/digits ] || [ ! -d demo-data/minilm ]; then
-    smd-dist demo build demo-data
+    smd-dist demo build demo-data --force
 fi
 smd-dist run configs/demo.yaml
 smd-dist run configs/demo-minilm.yaml

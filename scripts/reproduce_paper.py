@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     figures.mkdir(parents=True, exist_ok=True)
     if not (data / "digits").exists() or not (data / "minilm").exists():
         t = time.perf_counter()
-        subprocess.run(["smd-dist", "demo", "build", str(data)], check=True)
+        subprocess.run(["smd-dist", "demo", "build", str(data), "--force"], check=True)
         timings["demo build"] = time.perf_counter() - t
 
     from smd_dist.engine.clusters import make_client

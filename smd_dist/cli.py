@@ -291,9 +291,16 @@ def _read_ids(path: str) -> list[str]:
 # --- extract / demo (store) ------------------------------------------------------------
 
 
-def _load_torch_model(spec: str):
-    """``package.module:factory`` (called with no arguments unless it is a module already)
-    or a file saved with ``torch.save(model)`` / ``torch.jit.save``."""
+def _load_torch_model(spec: str, *, trust_file: bool = False, weights: str | None = None):
+    """The model ``--model`` names: ``package.module:factory`` (called with no arguments
+    unless it is a module already), with ``--weights`` loaded into it; or a file saved
+    with ``torch.save(model)`` / ``torch.jit.save``, only with ``--trust-model-file``.
+
+    A pickled module runs arbitrary code from the file as it loads, and a TorchScript
+    archive is a program: a model file is loaded only when the user says it is trusted.
+    ``--weights`` files are read with ``torch.load(weights_only=True)``, which builds
+    tensors and containers only and runs no code from the file.
+    """
     import importlib
     import os
     import warnings
@@ -302,35 +309,65 @@ def _load_torch_model(spec: str):
     import torch
 
     if os.path.isfile(spec):
+        if weights is not None:
+            raise click.BadParameter(
+                "--weights goes with --model package.module:factory, not with a model file",
+                param_hint="--weights",
+            )
+        if not trust_file:
+            raise click.BadParameter(
+                f"{spec!r} is a model file: loading a pickled module or a TorchScript program "
+                "runs code from the file, so smd-dist loads one only with --trust-model-file "
+                "(for files you made, or whose source you trust). Otherwise give the "
+                "architecture as package.module:factory and the file's state dict as "
+                "--weights FILE (torch.load(weights_only=True): no code runs)",
+                param_hint="--model",
+            )
         if zipfile.is_zipfile(spec) and any(
             name.endswith("constants.pkl") for name in zipfile.ZipFile(spec).namelist()
         ):
             with warnings.catch_warnings():  # TorchScript is deprecated but still loads
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return torch.jit.load(spec, map_location="cpu")
-        # A pickled full module runs arbitrary code on load: only for the user's own files.
-        return torch.load(spec, map_location="cpu", weights_only=False)
-    if ":" not in spec:
-        raise click.BadParameter(
-            f"{spec!r} is neither a file nor 'package.module:factory'", param_hint="--model"
-        )
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise click.BadParameter(f"cannot load {spec!r}: {err}", param_hint="--model") from err
-    model = obj if isinstance(obj, torch.nn.Module) else obj()
+        model = torch.load(spec, map_location="cpu", weights_only=False)
+    else:
+        if ":" not in spec:
+            raise click.BadParameter(
+                f"{spec!r} is neither a file nor 'package.module:factory'", param_hint="--model"
+            )
+        module_name, _, attr = spec.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise click.BadParameter(f"cannot load {spec!r}: {err}", param_hint="--model") from err
+        model = obj if isinstance(obj, torch.nn.Module) else obj()
     if not isinstance(model, torch.nn.Module):
         raise click.BadParameter(
             f"{spec!r} gave a {type(model).__name__}, not a torch.nn.Module", param_hint="--model"
         )
+    if weights is not None:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as err:  # unpickling refused, missing or unexpected keys, shapes
+            raise click.BadParameter(
+                f"cannot load the state dict {weights!r} into {spec!r}: {err}",
+                param_hint="--weights",
+            ) from err
     return model
 
 
 @main.command("extract")
 @click.argument("store", required=False, type=click.Path())
 @click.option("--model", "model_spec", required=True,
-              help="package.module:factory, or a file from torch.save / torch.jit.save.")
+              help="package.module:factory, or a file from torch.save / torch.jit.save "
+                   "(with --trust-model-file).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+              help="A state dict (torch.save(model.state_dict())) to load into the factory's "
+                   "model; read with torch.load(weights_only=True), which runs no code.")
+@click.option("--trust-model-file", is_flag=True,
+              help="Load a --model file, which runs code from it (a pickled module or a "
+                   "TorchScript program): only for files you made or trust.")
 @click.option("--inputs", type=click.Path(exists=True, dir_okay=False),
               help="A .npy array of stimuli, first axis = stimuli.")
 @click.option("--layer", "-l", "layers", multiple=True, metavar="[NAME=]MODULE",
@@ -345,15 +382,15 @@ def _load_torch_model(spec: str):
               help="Text file with one stimulus id per line.")
 @click.option("--overwrite", is_flag=True, help="Replace reps that already exist.")
 @click.option("--list-layers", is_flag=True, help="Print the model's module paths and exit.")
-def extract_command(store, model_spec, inputs, layers, model_name, pooling, batch_size, device,
-                    ids_file, overwrite, list_layers):
+def extract_command(store, model_spec, weights, trust_model_file, inputs, layers, model_name,
+                    pooling, batch_size, device, ids_file, overwrite, list_layers):
     """Extract activations of a torch model's layers on a .npy stimulus array into STORE."""
     import numpy as np
 
     from smd_dist.store import ActivationStore, StoreError
     from smd_dist.store.extraction import ExtractionError, extract
 
-    model = _load_torch_model(model_spec)
+    model = _load_torch_model(model_spec, trust_file=trust_model_file, weights=weights)
     if list_layers:
         for name, module in model.named_modules():
             if name:
@@ -398,13 +435,15 @@ def demo_group() -> None:
 @click.argument("path", type=click.Path(file_okay=False))
 @click.option("--small", is_flag=True, help="Reduced build for tests (seconds, not minutes).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def demo_build_command(path, small, quiet):
+@click.option("--force", is_flag=True, help="Replace demo stores already in PATH.")
+def demo_build_command(path, small, quiet, force):
     """Build PATH/digits and PATH/minilm, two activation stores, offline and seeded."""
     from smd_dist.demo import build_demo
     from smd_dist.store import StoreError
 
     try:
-        result = build_demo(path, small=small, progress=not quiet, log=click.echo)
+        result = build_demo(path, small=small, progress=not quiet, log=click.echo,
+                            force=force)
     except StoreError as err:
         raise click.ClickException(str(err)) from err
     click.echo(

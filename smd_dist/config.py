@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -160,3 +161,67 @@ def load_run_config(path: str | os.PathLike) -> dict:
         if "://" not in value and not os.path.isabs(value):
             cfg[key] = str((base / value).resolve())
     return cfg
+
+
+# --- secrets --------------------------------------------------------------------------------
+
+#: Words that mark a config key, an environment variable or an option as holding a secret.
+SECRET_WORDS = frozenset({
+    "token", "password", "passwd", "pwd", "secret", "key", "apikey", "credential",
+    "credentials", "auth", "authorization", "cookie", "session", "private",
+})
+REDACTED = "***"
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):[^/@\s]*@")
+_ASSIGNMENT = re.compile(r"(?P<name>\b[A-Za-z_][A-Za-z0-9_]*)=(?P<value>'[^']*'|\"[^\"]*\"|\S+)")
+_LONE_OPTION = re.compile(r"--?[A-Za-z][A-Za-z0-9_-]*")
+_OPTION = re.compile(r"(?P<name>--?[A-Za-z][A-Za-z0-9_-]*)(?P<sep>[= ]+)(?P<value>\S+)")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a key, variable or option name says it holds a secret.
+
+    >>> [is_secret_name(n) for n in ("HF_TOKEN", "aws-secret-access-key", "keep", "address")]
+    [True, True, False, False]
+    """
+    words = [w for w in re.split(r"[^A-Za-z0-9]+|(?<=[a-z])(?=[A-Z])", name) if w]
+    return any(w.lower() in SECRET_WORDS or w.lower().endswith(("token", "secret", "password"))
+               for w in words)
+
+
+def redact(value: Any) -> Any:
+    """A copy of a config with its secrets replaced by ``***``, to record it safely.
+
+    Replaced: the value of every key whose name says it holds a secret
+    (:func:`is_secret_name`: ``token``, ``password``, ``secret``, ``key``, ...), the
+    password in ``scheme://user:password@host`` addresses, and in strings (a job-script
+    prologue line, worker options) the value of ``NAME=value`` and ``--name value`` where
+    the name says secret, e.g. ``export HF_TOKEN=hf_...``.
+    """
+    if isinstance(value, Mapping):
+        return {
+            k: (REDACTED if is_secret_name(str(k)) and v not in (None, "") else redact(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        out, hide_next = [], False
+        for item in value:
+            # ["--token", "abc"]: an option and its value as two items.
+            out.append(REDACTED if hide_next and isinstance(item, str) else redact(item))
+            hide_next = (isinstance(item, str) and _LONE_OPTION.fullmatch(item) is not None
+                         and is_secret_name(item))
+        return type(value)(out)
+    if isinstance(value, str):
+        return _redact_text(value)
+    return value
+
+
+def _redact_text(text: str) -> str:
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    text = _ASSIGNMENT.sub(
+        lambda m: f"{m['name']}={REDACTED}" if is_secret_name(m["name"]) else m[0], text
+    )
+    return _OPTION.sub(
+        lambda m: f"{m['name']}{m['sep']}{REDACTED}"
+        if is_secret_name(m["name"]) and not m["value"].startswith("-") else m[0],
+        text,
+    )

@@ -14,7 +14,7 @@ from smd_dist.cli import main
         (["run"], "Missing argument 'CONFIG'"),
         (["run", "--no-such-option", "x.yaml"], "No such option '--no-such-option'"),
         (["frobnicate"], "No such command 'frobnicate'"),
-        (["status", "nowhere"], "no smd-dist output at 'nowhere'"),
+        (["status", "nowhere"], "/nowhere'"),
         (["run", "missing.yaml"], "run config 'missing.yaml' does not exist"),
         (["store", "ls", "nowhere"], "Directory 'nowhere' does not exist"),
         (["cluster", "job-script", "missing.yaml"], "run config 'missing.yaml' does not"),

@@ -246,14 +246,18 @@ def build_minilm(path: str | os.PathLike, *, n_sentences=None, progress=True, lo
 
 
 def build_demo(path: str | os.PathLike, *, small: bool = False, progress: bool = True,
-               log=None) -> DemoBuild:
+               log=None, force: bool = False) -> DemoBuild:
     """Build both demo stores under ``path``: ``path/digits`` and ``path/minilm``.
 
     Parameters
     ----------
     path : str or os.PathLike
-        Folder to create (or reuse); existing smd-dist stores at ``digits``/``minilm``
-        inside it are replaced, anything else there is left alone.
+        Folder to create (or reuse); anything in it other than ``digits``, ``minilm`` and
+        ``demo.json`` is left alone.
+    force : bool
+        Replace demo stores already at ``digits``/``minilm`` (otherwise they are kept
+        and the build refused). A folder there that is not a store, or a store folder
+        that also holds other files, is never replaced.
     small : bool
         A reduced build (fewer models, stimuli and epochs) for tests: well under a minute.
     progress : bool
@@ -264,10 +268,27 @@ def build_demo(path: str | os.PathLike, *, small: bool = False, progress: bool =
     Returns
     -------
     DemoBuild
+
+    Raises
+    ------
+    StoreError
+        A store is already there and ``force`` is False, or what is there is not a store;
+        raised before any training.
     """
+    from smd_dist.store.activation_store import ActivationStore, StoreError
+
     log = log or (lambda msg: None)
     cfg = SMALL if small else FULL
     root = Path(path).expanduser().resolve()
+    for name in ("digits", "minilm"):
+        target = root / name
+        if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+            existing = ActivationStore(target, mode="r")  # refuses what is not a store
+            if not force:
+                raise StoreError(
+                    f"{str(target)!r} already holds an activation store with "
+                    f"{len(existing.list())} reps; pass force=True (--force) to replace it"
+                )
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with _deterministic_torch():

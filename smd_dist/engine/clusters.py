@@ -29,6 +29,18 @@ The task threads of one worker process share the prepared reps it keeps
 (:mod:`smd_dist.engine.worker_cache`), read from the store once per process rather than once per
 core; the kernel releases the GIL in its heavy parts (POT, NumPy, torch).
 
+Security: a cluster smd-dist starts binds its dashboard to 127.0.0.1 unless
+``dashboard-address`` names a host (a local cluster's scheduler and workers listen on
+127.0.0.1 too). A SLURM scheduler must listen where the nodes reach it, and Dask's TCP
+has no authentication: anyone who reaches it can run code as you. ``security: true``
+gives the scheduler, the workers and the client temporary TLS certificates (mutual
+authentication and encryption; the workers' copy is written, readable by you only, to
+``shared-temp-directory``); a :class:`distributed.Security` of your own can be passed to
+:func:`make_client` (for ``kind: address`` that is the way to present certificates, or
+Dask's ``distributed.comm.tls`` config). Values that reach a SLURM job script are checked:
+no control characters (a newline would be a new shell line), a job name of letters,
+digits, ``.``, ``_`` and ``-``, and worker options quoted where they hold shell syntax.
+
 A fixed-size SLURM cluster stays at its size: a job that leaves SLURM's queue (walltime,
 pre-emption, ``scancel``, a worker retiring at the end of its lifetime) is replaced. When
 the cluster closes, every job it ever submitted is cancelled, and closing waits (bounded)
@@ -43,6 +55,8 @@ import contextlib
 import getpass
 import logging
 import os
+import re
+import shlex
 import shutil
 import signal
 import sys
@@ -50,7 +64,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import dask.config
@@ -80,13 +94,16 @@ LOCAL_KEYS = {
     "n-workers": "worker processes (default: the cores / threads-per-worker)",
     "threads-per-worker": "task threads per worker process (default 2, or cores / n-workers)",
     "memory-limit": "memory per worker: auto, bytes ('4GB'), or a fraction of the machine",
-    "dashboard-address": "dashboard address (':8787'; ':0' picks a free port; null: none)",
+    "dashboard-address": "dashboard address (default 127.0.0.1:8787; ':0' picks a free "
+    "port on 127.0.0.1; '0.0.0.0:8787' opens it to the network; null: none)",
     "local-directory": "workers' scratch folder",
 }
 # Read by the kinds that start their own scheduler and workers (local, slurm).
 DASK_KEYS = {
     "profiler": "Dask's statistical profiler in every worker (default false)",
     "tick-interval": "how often Dask's event loops wake to check they are not blocked",
+    "security": "true: TLS with temporary certificates between scheduler, workers and "
+    "client (default false)",
 }
 ADDRESS_KEYS = {"address": "scheduler address, e.g. tcp://10.0.0.5:8786"}
 # Keys passed to dask-jobqueue as they are; unset ones come from ``jobqueue.slurm``.
@@ -117,7 +134,9 @@ SLURM_KEYS = {
     "lifetime-restart": "restart a retired worker inside the same job (bool)",
     "jobs": "fixed number of jobs; lost jobs are replaced",
     "adapt": "{minimum: A, maximum: B} jobs, instead of a fixed number",
-    "dashboard-address": "dashboard address of the scheduler (':8787')",
+    "dashboard-address": "dashboard address of the scheduler (default 127.0.0.1:8787)",
+    "shared-temp-directory": "folder the nodes can read where security: true writes the "
+    "workers' certificates (default: jobqueue's, else ~)",
     "check-interval": "how often lost jobs are looked for, e.g. '10s'",
     "close-timeout": "how long closing waits for the jobs to leave squeue, e.g. '60s'",
 }
@@ -150,6 +169,14 @@ THREADS_PER_WORKER = 2
 
 # Stands in for the scheduler's address, known only once a cluster starts.
 SCHEDULER_PLACEHOLDER = "tcp://<insert-scheduler-address-here>:8786"
+#: Where a dashboard listens when the config names no host: this machine only.
+LOCALHOST = "127.0.0.1"
+DEFAULT_DASHBOARD = f"{LOCALHOST}:8787"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_JOB_NAME = re.compile(r"[A-Za-z0-9._-]+")
+# Shell syntax that would run something in a worker's command line: quoted. Variables
+# ($TMPDIR) and ~ keep working.
+_SHELL_SYNTAX = re.compile(r"[;&|<>`'\"\\\s]|\$\(")
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -273,7 +300,7 @@ def _check_values(cfg: dict) -> None:
                     f"cluster {key!r} must be a duration such as '55m' or '30s', "
                     f"got {cfg[key]!r}"
                 ) from err
-    for key in ("lifetime-restart", "profiler"):
+    for key in ("lifetime-restart", "profiler", "security"):
         if cfg.get(key) not in (None, True, False):
             raise ConfigError(f"cluster {key!r} must be true or false, got {cfg[key]!r}")
     for key in ("job-extra-directives", "job-script-prologue", "worker-extra-args"):
@@ -284,6 +311,8 @@ def _check_values(cfg: dict) -> None:
             isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
         ):
             raise ConfigError(f"cluster {key!r} must be a list of strings, got {value!r}")
+    for key, value in cfg.items():
+        _check_job_script_value(key, value)
     adapt = cfg.get("adapt")
     if adapt is not None:
         if not isinstance(adapt, Mapping):
@@ -302,6 +331,63 @@ def _check_values(cfg: dict) -> None:
                 f"cluster 'adapt' maximum ({hi}) must be at least 1 and at least "
                 f"minimum ({lo})"
             )
+
+
+def _check_job_script_value(key: str, value: Any) -> None:
+    """Refuse what would change a job script's shape: a control character (a newline is a
+    new shell line) in any string, a job name that is not one plain word, worker options
+    that the shell cannot split."""
+    items = value if isinstance(value, list | tuple) else [value]
+    for item in items:
+        if isinstance(item, str) and _CONTROL.search(item):
+            raise ConfigError(
+                f"cluster {key!r} must not hold control characters (newlines, tabs, NUL): "
+                f"got {value!r}"
+            )
+    if key == "name" and value is not None and not (
+        isinstance(value, str) and _JOB_NAME.fullmatch(value)
+    ):
+        raise ConfigError(
+            f"cluster 'name' must be letters, digits, '.', '_' and '-' only, got {value!r}"
+        )
+    if key == "worker-extra-args" and value is not None:
+        for item in items:
+            try:
+                shlex.split(item)
+            except ValueError as err:
+                raise ConfigError(f"cluster 'worker-extra-args' item {item!r}: {err}") from err
+
+
+def quoted_worker_args(args: list[str]) -> list[str]:
+    """Worker options as words of a shell command line: each item is split as the shell
+    would, and a word holding shell syntax (``;``, ``|``, ``$(...)``, quotes, spaces) is
+    quoted, so it reaches the worker as one literal argument and runs nothing.
+
+    >>> quoted_worker_args(["--resources GPU=1;x", "--local-directory", "$TMPDIR"])
+    ['--resources', "'GPU=1;x'", '--local-directory', '$TMPDIR']
+    """
+    return [
+        shlex.quote(word) if _SHELL_SYNTAX.search(word) else word
+        for item in args
+        for word in shlex.split(item)
+    ]
+
+
+def dashboard_address(value: str | int | None) -> str:
+    """Where a dashboard listens: ``value`` with ``127.0.0.1`` as its host when it names
+    none (``":8787"``, ``"8787"``, ``":0"``); ``None`` gives ``127.0.0.1:8787``.
+
+    A host given (``"0.0.0.0:8787"``) is kept: opening the dashboard to the network is
+    then the config's explicit choice.
+    """
+    if value is None:
+        return DEFAULT_DASHBOARD
+    text = str(value)
+    if text.isdigit():
+        return f"{LOCALHOST}:{text}"
+    if text.startswith(":"):
+        return f"{LOCALHOST}{text}"
+    return text
 
 
 def default_layout(
@@ -489,7 +575,14 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _make_local(cfg: dict):
+def _dashboard_option(cfg: Mapping[str, Any]) -> str | None:
+    """The dashboard address for a cluster smd-dist starts (``null`` in the config: none)."""
+    if "dashboard-address" in cfg and cfg["dashboard-address"] is None:
+        return None
+    return dashboard_address(cfg.get("dashboard-address"))
+
+
+def _make_local(cfg: dict, security=None):
     from dask.system import CPU_COUNT
     from distributed import LocalCluster
 
@@ -504,8 +597,10 @@ def _make_local(cfg: dict):
         "processes": True,
         "memory_limit": cfg.get("memory-limit", "auto"),
     }
-    if "dashboard-address" in cfg:
-        kwargs["dashboard_address"] = cfg["dashboard-address"]
+    kwargs["dashboard_address"] = _dashboard_option(cfg)
+    if security is None and cfg.get("security"):
+        security = True
+    kwargs["security"] = security
     if cfg.get("local-directory"):
         kwargs["local_directory"] = cfg["local-directory"]
     # The nanny applies pre-spawn-environ before the worker process imports numpy or torch,
@@ -551,6 +646,12 @@ def slurm_job_kwargs(cfg: Mapping[str, Any]) -> dict:
     for key in SLURM_JOBQUEUE_KEYS:
         if cfg.get(key) is not None:
             kwargs[key.replace("-", "_")] = cfg[key]
+    # The site's jobqueue values reach the script too: they pass the same checks.
+    for key in ("job-extra-directives", "job-script-prologue", "worker-extra-args", "name",
+                "queue", "account", "walltime", "python", "interface", "local-directory",
+                "log-directory"):
+        if cfg.get(key) is None:
+            _check_job_script_value(key, _jobqueue(key))
     if cfg.get("name") is not None:
         # dask-jobqueue's ``name`` keyword names the cluster; the job name is job_name.
         kwargs["job_name"] = kwargs.pop("name")
@@ -582,7 +683,7 @@ def slurm_job_kwargs(cfg: Mapping[str, Any]) -> dict:
         raise ConfigError(
             "cluster 'lifetime-stagger' and 'lifetime-restart' need 'lifetime', e.g. '55m'"
         )
-    kwargs["worker_extra_args"] = extra_args
+    kwargs["worker_extra_args"] = quoted_worker_args(extra_args)
 
     prologue = list(
         cfg["job-script-prologue"]
@@ -618,8 +719,22 @@ def job_script(cluster_config: Mapping[str, Any] | None) -> str:
     kwargs = slurm_job_kwargs(cfg)
     if cfg.get("interface") is None and _jobqueue("interface") is None:
         kwargs.pop("interface", None)
+    address = SCHEDULER_PLACEHOLDER
+    if cfg.get("security"):
+        from distributed import Security
+
+        # The certificates exist only once the cluster starts: their files stand in.
+        folder = _shared_temp_directory(cfg)
+        kwargs["protocol"] = "tls://"
+        kwargs["security"] = Security(
+            tls_ca_file=f"{folder}/<ca-file>",
+            tls_worker_cert=f"{folder}/<worker-cert-file>",
+            tls_worker_key=f"{folder}/<worker-key-file>",
+            require_encryption=True,
+        )
+        address = address.replace("tcp://", "tls://")
     try:
-        job = SLURMJob(SCHEDULER_PLACEHOLDER, name="dummy-name", **kwargs)
+        job = SLURMJob(address, name="dummy-name", **kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"cluster config cannot make a SLURM job: {err}") from err
     return job.job_script()
@@ -739,6 +854,13 @@ def _slurm_cluster_class():
             ours = list(self._job_ids)
             await super()._close()
             await _cancel_and_wait(ours, timeout=self._close_timeout)
+            # security: true wrote the workers' certificates to temporary files, kept
+            # open by dask-jobqueue as _job_<key>: closing one deletes it.
+            for key in ("ca_file", "cert", "key"):
+                handle = self.__dict__.pop(f"_job_{key}", None)
+                if handle is not None:
+                    with suppress(OSError):
+                        handle.close()
 
     _SLURM_CLASS = KeptSLURMCluster
     return KeptSLURMCluster
@@ -792,11 +914,20 @@ async def _cancel_and_wait(job_ids: list[str], *, timeout: float) -> None:
         await asyncio.sleep(0.5)
 
 
-def _make_slurm(cfg: dict):
+def _shared_temp_directory(cfg: Mapping[str, Any]) -> str:
+    return str(cfg.get("shared-temp-directory") or _jobqueue("shared-temp-directory") or "~")
+
+
+def _make_slurm(cfg: dict, security=None):
     kwargs = slurm_job_kwargs(cfg)
     scheduler_options = dict(_jobqueue("scheduler-options") or {})
-    if "dashboard-address" in cfg:
-        scheduler_options["dashboard_address"] = cfg["dashboard-address"]
+    if "dashboard-address" in cfg or "dashboard_address" not in scheduler_options:
+        scheduler_options["dashboard_address"] = _dashboard_option(cfg)
+    if security is None and cfg.get("security"):
+        security = True
+    if security is not None:
+        kwargs["security"] = security
+        kwargs["shared_temp_directory"] = _shared_temp_directory(cfg)
     adapt = cfg.get("adapt")
     jobs = None if adapt is not None else cfg.get("jobs")
     cls = _slurm_cluster_class()
@@ -823,13 +954,16 @@ def _make_slurm(cfg: dict):
 # --- public --------------------------------------------------------------------------------
 
 
-def make_cluster(cluster_config: Mapping[str, Any] | None = None):
+def make_cluster(cluster_config: Mapping[str, Any] | None = None, *, security=None):
     """Start the cluster a config describes (kinds ``local`` and ``slurm``).
 
     Parameters
     ----------
     cluster_config
         The run config's ``cluster:`` mapping; ``None`` for the defaults.
+    security : distributed.Security, optional
+        TLS certificates for the scheduler and workers (instead of ``security: true``'s
+        temporary ones).
 
     Returns
     -------
@@ -846,9 +980,9 @@ def make_cluster(cluster_config: Mapping[str, Any] | None = None):
     """
     cfg = resolve_config(cluster_config)
     if cfg["kind"] == "local":
-        return _make_local(cfg)
+        return _make_local(cfg, security)
     if cfg["kind"] == "slurm":
-        return _make_slurm(cfg)
+        return _make_slurm(cfg, security)
     raise ConfigError(
         f"cluster kind 'address' connects to the running scheduler at {cfg['address']!r}; "
         f"there is no cluster to start (use make_client)"
@@ -857,7 +991,7 @@ def make_cluster(cluster_config: Mapping[str, Any] | None = None):
 
 @contextmanager
 def make_client(
-    cluster_config: Mapping[str, Any] | None = None, *, quiet: bool = False
+    cluster_config: Mapping[str, Any] | None = None, *, quiet: bool = False, security=None
 ) -> Iterator[Client]:
     """A :class:`distributed.Client` on the cluster a config describes; closes both after.
 
@@ -872,6 +1006,9 @@ def make_client(
         kind's keys); ``None`` for the defaults (a local cluster sized to the machine).
     quiet
         Do not print the dashboard link.
+    security : distributed.Security, optional
+        TLS certificates: those the scheduler at ``address`` expects (``kind: address``),
+        or those to give a cluster started here (instead of ``security: true``).
 
     Examples
     --------
@@ -880,10 +1017,19 @@ def make_client(
     3
     """
     cfg = resolve_config(cluster_config)
-    cluster = None if cfg["kind"] == "address" else make_cluster(cfg)
+    if cfg["kind"] == "address" and cfg.get("security"):
+        raise ConfigError(
+            "cluster kind 'address' joins a scheduler started elsewhere, so 'security: true' "
+            "cannot make its certificates: pass them as a distributed.Security "
+            "(make_client(..., security=...), compute_distances(..., security=...)) or set "
+            "Dask's distributed.comm.tls config"
+        )
+    cluster = None if cfg["kind"] == "address" else make_cluster(cfg, security=security)
+    if cluster is not None:
+        security = cluster.security
     interrupted = False
     try:
-        client = Client(cluster if cluster is not None else cfg["address"])
+        client = Client(cluster if cluster is not None else cfg["address"], security=security)
         try:
             client.register_plugin(SingleThreaded(), name=SingleThreaded.name)
             if not quiet:

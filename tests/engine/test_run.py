@@ -696,7 +696,7 @@ def test_progress_false_starts_a_cluster_without_a_word(store, tmp_path, monkeyp
 
     started = []
 
-    def in_process(cfg):  # the cluster make_client would start, in this process (faster)
+    def in_process(cfg, **kwargs):  # the cluster make_client would start, in this process
         started.append(cfg)
         return LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                             dashboard_address=":0")
@@ -741,3 +741,98 @@ def test_plain_xr_open_zarr_opens_the_output_without_a_warning(store, client, tm
         plain = xr.open_zarr(tmp_path / "out")
     np.testing.assert_array_equal(plain["soft_matching"].values, ds["soft_matching"].values)
     assert list(plain["layer_index_a"].values) == [0, 1, 0, 1]
+
+
+# --- safety on a shared file system -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/x.zarr", "memory://x.zarr"])
+def test_a_url_output_is_refused_before_compute(store, client, tmp_path, monkeypatch, url):
+    """Defect 5: a URL output used to write a local folder named 's3:' or 'memory:'."""
+    monkeypatch.chdir(tmp_path)
+    before = set(os.listdir(tmp_path))
+    monkeypatch.setattr(run, "_check_inputs", lambda *a, **k: pytest.fail("computed"))
+    with pytest.raises(ValueError, match="is a URL|must be a local folder"):
+        compute_distances(store, output=url, client=client, progress=False)
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_an_output_reached_through_a_link_shares_its_lock(store, client, tmp_path):
+    """Defect 10: a second run through a symlink alias used to run at the same time."""
+    real = tmp_path / "out"
+    compute_distances(store, output=real, client=client, progress=False)
+    alias = tmp_path / "alias"
+    alias.symlink_to(real, target_is_directory=True)
+    with run._output_lock(real):
+        with pytest.raises(OutputLockedError, match="another run"):
+            compute_distances(store, output=alias, client=client, progress=False)
+    ds = compute_distances(store, output=alias, client=client, progress=False)
+    assert run.output_status(alias)["pairs_with_results"] == 6 and ds.sizes["rep_a"] == 4
+
+
+def test_files_beside_the_output_are_never_written_through_links(store, client, tmp_path):
+    """Defect 10: the lock info and the write probe used to follow planted links."""
+    victims = {name: tmp_path / f"victim-{name}" for name in ("info", "probe")}
+    for victim in victims.values():
+        victim.write_text("precious")
+    (tmp_path / "out.lock.json").symlink_to(victims["info"])
+    (tmp_path / f".smd-dist-write-test-{os.getpid()}").symlink_to(victims["probe"])
+    compute_distances(store, output=tmp_path / "out", client=client, progress=False)
+    assert {n: v.read_text() for n, v in victims.items()} == {"info": "precious",
+                                                             "probe": "precious"}
+    assert not (tmp_path / "out.lock.json").exists()
+
+
+def test_a_linked_lock_file_is_refused(store, client, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "out.lock").symlink_to(victim)
+    with pytest.raises(OutputError, match="symbolic link"):
+        compute_distances(store, output=tmp_path / "out", client=client, progress=False)
+    assert victim.read_text() == "precious"
+
+
+SECRETS = ("hunter2", "hf_abc123", "s3cr3t", "AKIA123", "tok123", "wandb-xyz")
+
+
+def test_secrets_in_the_run_config_are_not_recorded(store, client, tmp_path):
+    """Defect 9: tokens in a prologue and passwords in addresses used to be stored as is."""
+    cfg = {
+        "store": str(store.path),
+        "cluster": {
+            "kind": "slurm",
+            "address": "tls://alice:hunter2@10.0.0.5:8786",
+            "job-script-prologue": ["module load cuda", "export HF_TOKEN=hf_abc123"],
+            "worker-extra-args": ["--lifetime", "55m", "--wandb-key", "wandb-xyz"],
+        },
+        "storage_options": {"key": "AKIA123", "secret": "s3cr3t", "anon": False},
+        "api_token": "tok123",
+    }
+    ds = compute_distances(store, output=tmp_path / "out", client=client, progress=False,
+                           run_config=cfg)
+    for recorded in (ds.attrs["run_config"], open_distances(tmp_path / "out").attrs["run_config"]):
+        assert not [s for s in SECRETS if s in recorded], recorded
+        kept = json.loads(recorded)
+        assert kept["cluster"]["address"] == "tls://alice:***@10.0.0.5:8786"
+        assert kept["cluster"]["job-script-prologue"] == ["module load cuda",
+                                                          "export HF_TOKEN=***"]
+        assert kept["cluster"]["worker-extra-args"][:2] == ["--lifetime", "55m"]
+        assert kept["storage_options"]["anon"] is False and kept["store"] == str(store.path)
+    assert cfg["api_token"] == "tok123"  # the caller's config is left as it was
+
+
+def test_a_url_store_reaches_the_workers_with_its_storage_options(store, tmp_path):
+    """A store read through fsspec: the workers (other processes) open it with the same
+    options; the matrix equals the one from the plain path."""
+    from distributed import Client, LocalCluster
+
+    url = ActivationStore(f"file://{store.path}", mode="r",
+                          storage_options={"auto_mkdir": False})
+    sources = run._sources(url, url.list(), ["{}"])
+    assert {s.storage_options for s in sources} == {'{"auto_mkdir": false}'}
+    assert "auto_mkdir" not in repr(sources[0])
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        by_url = compute_distances(url, client=c, progress=False)
+        by_path = compute_distances(store, client=c, progress=False)
+    assert by_url["soft_matching"].values.tobytes() == by_path["soft_matching"].values.tobytes()

@@ -105,6 +105,32 @@ def test_workers_start_through_sbatch_and_compute(slurm_config):
     assert not _wait_gone(job_ids), f"jobs still queued after close: {_queued(job_ids)}"
 
 
+def test_tls_workers_start_through_sbatch_and_others_cannot_join(slurm_config, tmp_path):
+    """`security: true`: the jobs' workers get the temporary certificates through files
+    in shared-temp-directory and talk TLS; a client without them is refused."""
+    from distributed import Security
+    from test_clusters import refused
+
+    cfg = {**slurm_config, "jobs": 1, "security": True,
+           "shared-temp-directory": str(tmp_path)}
+    with make_client(cfg, quiet=True) as client:
+        client.wait_for_workers(1, timeout=120)
+        assert client.scheduler.address.startswith("tls://")
+        assert all(w.startswith("tls://") for w in client.scheduler_info()["workers"])
+        assert client.submit(sum, [1, 2]).result() == 3
+        keys = list(tmp_path.glob(".dask-jobqueue.worker.key.*"))
+        assert keys and all(k.stat().st_mode & 0o077 == 0 for k in keys)
+        address = client.scheduler.address
+        assert refused(address.replace("tls://", "tcp://"))
+        assert refused(address, Security.temporary())
+        job_ids = client.cluster.job_ids
+    assert not _wait_gone(job_ids)
+    import gc
+
+    gc.collect()
+    assert not list(tmp_path.glob(".dask-jobqueue.worker.*"))  # the certificates are gone
+
+
 def test_cli_job_script_has_the_directives_and_sbatch_accepts_it(slurm_config, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(

@@ -458,6 +458,20 @@ def test_mode_w_replaces_an_existing_store(store, rng):
     assert fresh.list() == [] and fresh.n_stimuli is None
 
 
+def test_mode_w_never_deletes_files_that_are_not_the_stores(store, rng):
+    """Defect 6: mode='w' used to wipe the whole folder, the user's files with the store."""
+    x = rng.normal(size=(3, 2))
+    store.write("m", "l", x)
+    notes = Path(store.path) / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(StoreError, match=r"also 1 other entries \('notes.txt'\)"):
+        ActivationStore(store.path, mode="w")
+    assert notes.read_text() == "my notes"
+    np.testing.assert_array_equal(store.read("m", "l"), x.astype(np.float32))
+    notes.unlink()
+    assert ActivationStore(store.path, mode="w").list() == []
+
+
 def test_empty_existing_folder_becomes_a_store(tmp_path):
     (tmp_path / "empty").mkdir()
     assert ActivationStore(tmp_path / "empty").list() == []

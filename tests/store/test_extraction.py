@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -356,7 +358,8 @@ def test_cli_extract(tmp_path, monkeypatch, images):
     assert out.exit_code == 2 and "no module named 'nope'" in out.output
     torch.save(my_nets.build(), tmp_path / "net.pt")
     out = run(main, ["extract", store_path, "--model", str(tmp_path / "net.pt"), "--inputs",
-                     str(tmp_path / "x.npy"), "-l", "3", "--name", "from-file"])
+                     str(tmp_path / "x.npy"), "-l", "3", "--name", "from-file",
+                     "--trust-model-file"])
     assert out.exit_code == 0, out.output
     np.testing.assert_allclose(store.read("from-file", "3"), expected, rtol=1e-5, atol=1e-6)
     out = run(main, ["extract", store_path, "--model", "my_nets:build"])
@@ -370,6 +373,77 @@ def test_cli_extract(tmp_path, monkeypatch, images):
     np.testing.assert_array_equal(store.read("named", "logits"), store.read("net.v1", "3"))
 
 
+class _Planted:
+    """Unpickling this runs code: it makes the folder ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_cli_extract_runs_no_code_from_a_model_file_it_was_not_told_to_trust(tmp_path,
+                                                                              images):
+    """Defect 7: `extract --model file.pt` unpickled any file, even with --list-layers."""
+    import pickle
+
+    from click.testing import CliRunner
+
+    from smd_dist.cli import main
+
+    marker = tmp_path / "code-ran"
+    torch.save(_Planted(str(marker)), tmp_path / "evil.pt")
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(_Planted(str(marker))))
+    np.save(tmp_path / "x.npy", images.numpy())
+    for model in ("evil.pt", "evil.pkl"):
+        for rest in (["--list-layers"], [str(tmp_path / "acts"), "--inputs",
+                                         str(tmp_path / "x.npy"), "-l", "3", "--name", "n"]):
+            out = CliRunner().invoke(main, ["extract", "--model", str(tmp_path / model), *rest])
+            assert not marker.exists(), f"{model} {rest}: code from the file ran"
+            assert out.exit_code == 2 and "--trust-model-file" in out.output, out.output
+    out = CliRunner().invoke(main, ["extract", "--model", str(tmp_path / "evil.pt"),
+                                    "--list-layers", "--trust-model-file"])
+    assert marker.exists()  # trusted: loaded as asked (the file was not a model)
+    assert out.exit_code != 0 and "not a torch.nn.Module" in out.output
+
+
+def test_cli_extract_loads_weights_into_a_factory_without_unpickling_code(tmp_path,
+                                                                          monkeypatch, images):
+    from click.testing import CliRunner
+
+    from smd_dist.cli import main
+
+    (tmp_path / "arch.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 5))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import arch
+
+    torch.manual_seed(3)
+    trained = arch.build()
+    torch.save(trained.state_dict(), tmp_path / "weights.pt")
+    np.save(tmp_path / "x.npy", images[:, :, :8, :8].numpy())
+    store_path = str(tmp_path / "acts")
+    run = CliRunner().invoke
+    out = run(main, ["extract", store_path, "--model", "arch:build", "--weights",
+                     str(tmp_path / "weights.pt"), "--inputs", str(tmp_path / "x.npy"),
+                     "-l", "1", "--name", "trained"])
+    assert out.exit_code == 0, out.output
+    with torch.no_grad():
+        expected = trained(images[:, :, :8, :8]).numpy()
+    got = ActivationStore(store_path, mode="r").read("trained", "1")
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    out = run(main, ["extract", "--model", str(tmp_path / "weights.pt"), "--list-layers"])
+    assert out.exit_code == 2 and "--weights" in out.output
+    torch.save({"0.weight": torch.zeros(2, 2)}, tmp_path / "wrong.pt")
+    out = run(main, ["extract", "--model", "arch:build", "--weights",
+                     str(tmp_path / "wrong.pt"), "--list-layers"])
+    assert out.exit_code == 2 and "wrong.pt" in out.output and "Traceback" not in out.output
+
+
 def test_custom_forward_for_image_label_batches(store, images):
     model = small_cnn()
     labels = torch.arange(23)
@@ -381,13 +455,18 @@ def test_custom_forward_for_image_label_batches(store, images):
     np.testing.assert_allclose(store.read("m", "4"), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_url_store(images):
+def test_url_store_is_read_only(tmp_path, images):
+    """A store at a URL reads through fsspec; writing needs a file system's locks."""
     import uuid
 
     url = f"memory://smd-dist-test-{uuid.uuid4().hex}/store"
-    recs = extract(small_cnn(), [images], layers=["4"], store=url, model_name="m",
+    with pytest.raises(StoreError, match="is a URL.*mode='r'"):
+        extract(small_cnn(), [images], layers=["4"], store=url, model_name="m",
+                progress=False)
+    recs = extract(small_cnn(), [images], layers=["4"], store=tmp_path / "s", model_name="m",
                    progress=False)
-    again = ActivationStore(url, mode="r")
+    url = f"file://{tmp_path / 's'}"
+    again = ActivationStore(url, mode="r", storage_options={"auto_mkdir": False})
     assert again.list() == recs and again.path == url
     assert again.verify().ok
 
