@@ -32,7 +32,7 @@ _PUBLIC = {
     "extract": "smd_dist.store",
     "linear_cka": "smd_dist.metrics",
     "open_distances": "smd_dist.engine",
-    "pairwise": "smd_dist.engine",
+    "pairwise": "smd_dist.engine.pairwise",
     "partial_soft_matching": "smd_dist.metrics",
     "partial_soft_matching_score": "smd_dist.metrics",
     "permutation_distance": "smd_dist.metrics",

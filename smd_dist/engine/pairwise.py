@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from types import SimpleNamespace
 
 import numpy as np
 import xarray as xr
@@ -182,18 +181,18 @@ def _on_client(client, metric, prep, device, pairs, arrays, widths) -> dict:
     settings = engine_settings()
     names = list(dict.fromkeys(name for pair in pairs for name in pair))
     position = {name: i for i, name in enumerate(names)}
-    shapes = [SimpleNamespace(n_neurons=widths[name]) for name in names]
-    todo = [(position[a], position[b]) for a, b in pairs]
-    tasks = planning.plan_tasks(
-        shapes,
-        todo,
+    blocks = planning.plan_blocks(
+        [widths[name] for name in names],
+        [position[a] for a, _ in pairs],
+        [position[b] for _, b in pairs],
         task_entries=settings["task-entries"],
-        per_task=settings["max-pairs-per-task"],
+        max_pairs=settings["max-pairs-per-task"],
     )
     scattered = client.scatter({name: arrays[name] for name in names})
     futures = []
-    for task in tasks:
-        task_pairs = [(names[i], names[j]) for i, j in task]
+    for block in blocks:
+        task_pairs = [(names[i], names[j]) for i, j in zip(block.a.tolist(), block.b.tolist(),
+                                                              strict=True)]
         used = {name: scattered[name] for pair in task_pairs for name in pair}
         futures.append(
             client.submit(_pair_values, metric, prep, device, task_pairs, used, pure=False)

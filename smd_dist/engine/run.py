@@ -2,16 +2,18 @@
 
 Data flow: the reps are selected (:mod:`~smd_dist.engine.selection`), read, checked and
 prepared on the workers (:mod:`~smd_dist.engine.tasks`, each worker keeping what it
-prepared, :mod:`~smd_dist.engine.worker_cache`); pair tasks, batched by
-:mod:`~smd_dist.engine.planning`, run the metric kernels; the client collects records as
-they finish and appends them to the output's ledger every ``flush-seconds``
-(:mod:`~smd_dist.engine.output`). The labeled matrix is assembled from the ledger at the
-end. The engine knows nothing of solvers' internals.
+prepared, :mod:`~smd_dist.engine.worker_cache`); blocks of the matrix, planned by
+:mod:`~smd_dist.engine.planning`, run the metric kernels; the client collects their
+arrays as they finish and appends them to the output's ledger every ``flush-seconds``
+(:mod:`~smd_dist.engine.dispatch`, :mod:`~smd_dist.engine.ledger`). What is done, and the
+labeled matrix at the end, come from the ledger's columns
+(:mod:`~smd_dist.engine.assembly`). The engine knows nothing of solvers' internals.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -29,20 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
+import numpy as np
 import xarray as xr
 
 from smd_dist import config
-from smd_dist.engine import planning, tasks
+from smd_dist.engine import assembly, dispatch, planning, tasks
 from smd_dist.engine import settings as settings_module
-from smd_dist.engine.output import (
-    OUTPUT_FORMAT,
-    OutputError,
-    PairRecord,
-    ResultsOutput,
-    assemble,
-    canonical_pair,
-    summarize,
-)
+from smd_dist.engine.ledger import LedgerRead, Records
+from smd_dist.engine.output import OUTPUT_FORMAT, OutputError, ResultsOutput, resolved_path
 from smd_dist.engine.selection import InputError, metric_specs, resolve_metrics, select_reps
 from smd_dist.engine.settings import engine_settings
 from smd_dist.store import locking
@@ -55,7 +51,6 @@ __all__ = [
     "SchedulerLostError",
     "compute_distances",
     "current_client",
-    "output_status",
     "plan_run",
 ]
 
@@ -201,26 +196,12 @@ def _gc_frozen():
                 gc.unfreeze()
 
 
-def _resolved(output: str | os.PathLike) -> Path:
-    """The output's real path: every alias of a folder (symbolic links, ``..``) shares
-    one lock.
-
-    Raises
-    ------
-    OutputError
-        ``output`` is a URL (``s3://``, ``memory://``): refused before any compute.
-    """
-    if "://" in str(output):
-        ResultsOutput(str(output))  # raises, naming the URL
-    return Path(output).expanduser().resolve()
-
-
 @contextlib.contextmanager
 def _output_lock(path: Path):
     """Hold ``<output>.lock`` for the run (an OS lock: a killed run releases it), on the
     output's resolved path, with who holds it in ``<output>.lock.json``; when the run ends,
     however it ends, both files go (:func:`smd_dist.store.locking.held` with ``remove``)."""
-    path = _resolved(path)
+    path = resolved_path(path)
     lock_path = Path(f"{path}.lock")
     info_path = Path(f"{path}.lock.json")
     with contextlib.ExitStack() as stack:
@@ -255,6 +236,7 @@ def _output_lock(path: Path):
                 info_path.unlink()
 
 
+@functools.cache
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -278,15 +260,13 @@ def _versions() -> dict:
 
 
 class _MemorySink:
-    """Stands in for an output when ``output=None``: records kept in memory."""
+    """Stands in for an output when ``output=None``: the run's records stay in memory."""
 
     def __init__(self):
-        self.latest: dict = {}
         self.dropped: dict = {}
 
-    def append(self, records):
-        for r in records:
-            self.latest[r.key] = r
+    def append(self, records: Records) -> None:
+        """Nothing to write: the run keeps what it appended."""
 
 
 @dataclass
@@ -302,6 +282,7 @@ class _Setup:
     specs: list
     preps_needed: list
     header: dict
+    defaults: dict
     n_pairs: int
     device: str | None
     settings: dict
@@ -350,7 +331,7 @@ def _setup(
                 f"output must be a local folder path, got {output!r} (URLs are not supported "
                 "for outputs; stores may be URLs)"
             )
-        output = _resolved(output)
+        output = resolved_path(output)
     if reps is not None and not (
         isinstance(reps, str)
         or (isinstance(reps, Sequence) and all(isinstance(r, str) for r in reps))
@@ -384,6 +365,7 @@ def _setup(
         "store": config.redact(str(store.path)),
         "reps": [r.rep_id for r in chosen],
         "metrics": [m.name for m in metric_objs],
+        "metric_options": {name: options for name, _, options in specs},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return _Setup(
@@ -396,6 +378,7 @@ def _setup(
         specs=specs,
         preps_needed=sorted({p for _, p, _ in specs}),
         header=header,
+        defaults={m.name: dict(m.options) for m in metric_objs},
         n_pairs=len(chosen) * (len(chosen) - 1) // 2,
         device=device,
         settings=settings,
@@ -615,16 +598,16 @@ def plan_run(
         cluster=cluster,
         flags={"resume": resume, "fresh": fresh},
     )
-    state, latest = "new", {}
+    state, before = "new", Records.empty()
     if setup.output is not None:
         out = ResultsOutput(setup.output)
-        problem = out.incompatibility(setup.header)
+        problem = out.incompatibility(setup.header, defaults=setup.defaults)
         if not out.exists():
             state = "new"
         elif fresh:
             state = "discarded (fresh)"
         else:
-            latest, _, _ = out.records(on_corrupt="skip")
+            before = out.read(on_corrupt="skip").records.latest()
             if problem is None:
                 state = "resumes"
             elif out.holds_results():
@@ -632,28 +615,27 @@ def plan_run(
             else:
                 state = "empty: takes this run's settings"
     if not resume or state != "resumes":
-        latest = {}
+        before = Records.empty()
     chosen = setup.chosen
-    todo = _pending_pairs(chosen, setup.metric_objs, latest)
-    n_stimuli = setup.store.n_stimuli or 0
-    sizes = sorted(
-        (planning.pair_memory_bytes(n_stimuli, chosen[i].n_neurons, chosen[j].n_neurons), i, j)
-        for i, j in todo
-    )
-    largest = sizes[-1] if sizes else (0, None, None)
+    names = [m.name for m in setup.metric_objs]
+    a, b = assembly.pending_pairs(assembly.done_pairs(before, chosen, names))
+    widths = np.array([r.n_neurons for r in chosen], dtype=np.int64)
+    sizes = planning.pair_memory_bytes(setup.store.n_stimuli or 0, widths[a], widths[b])
+    order = np.lexsort((b, a, sizes))
+    largest = int(order[-1]) if a.size else None
     return RunPlan(
         store=str(setup.store.path),
         output=None if setup.output is None else str(setup.output),
         reps=tuple(r.rep_id for r in chosen),
         metrics=tuple(m.name for m in setup.metric_objs),
         n_pairs=setup.n_pairs,
-        n_done=setup.n_pairs - len(todo),
-        n_todo=len(todo),
+        n_done=setup.n_pairs - int(a.size),
+        n_todo=int(a.size),
         output_state=state,
-        largest_pair=() if largest[1] is None else (chosen[largest[1]].rep_id,
-                                                    chosen[largest[2]].rep_id),
-        largest_pair_bytes=int(largest[0]),
-        median_pair_bytes=int(sizes[len(sizes) // 2][0]) if sizes else 0,
+        largest_pair=() if largest is None else (chosen[a[largest]].rep_id,
+                                                 chosen[b[largest]].rep_id),
+        largest_pair_bytes=0 if largest is None else int(sizes[largest]),
+        median_pair_bytes=int(sizes[order[a.size // 2]]) if a.size else 0,
         cluster={k: v for k, v in setup.cluster.items()
                  if k == "kind" or k in KIND_KEYS[setup.cluster["kind"]]},
     )
@@ -678,22 +660,25 @@ def _compute(
             sink = ResultsOutput(setup.output)
             if fresh:
                 sink.discard()
-            sink.initialise(setup.header)
-            latest, incomplete, corrupt = sink.records(on_corrupt="quarantine")
+            sink.initialise(setup.header, defaults=setup.defaults)
+            read = sink.read(on_corrupt="quarantine")
         else:
-            sink, latest, incomplete, corrupt = _MemorySink(), {}, [], []
-        if not resume:
-            latest = {}
-        todo = _pending_pairs(chosen, metric_objs, latest)
-        report.n_done_before = n_pairs - len(todo)
-        report.incomplete_parts, report.corrupt_parts = incomplete, corrupt
-        for message in corrupt:
+            sink = _MemorySink()
+            read = LedgerRead(Records.empty(), (), (), (), False)
+        names = [m.name for m in metric_objs]
+        before = read.records.latest() if resume else Records.empty()
+        a, b = assembly.pending_pairs(assembly.done_pairs(before, chosen, names))
+        report.n_done_before = n_pairs - int(a.size)
+        report.incomplete_parts = list(read.incomplete)
+        report.corrupt_parts = list(read.corrupt)
+        for message in read.corrupt:
             warnings.warn(f"smd-dist: quarantined, pairs recomputed: {message}", stacklevel=3)
-        if todo:
+        written: list[Records] = []
+        if a.size:
             with (
                 _quiet_connection_loss(),
                 _client_context(
-                    client, setup.cluster, quiet=not progress, security=security
+                    client, _layout(setup, a, b), quiet=not progress, security=security
                 ) as active,
                 _scheduler_loss_is_an_error(active, setup.output),
             ):
@@ -706,72 +691,83 @@ def _compute(
                 phase = time.perf_counter()
                 sources = _sources(store, chosen, setup.preps_needed)
                 token = dask.base.tokenize(str(store.path), setup.preps_needed, time.time_ns())
-                dropped = _check_inputs(active, chosen, todo, sources, token=token)
+                threads = max(sum(active.nthreads().values()), 1)
+                dropped = _check_inputs(
+                    active, chosen, np.union1d(a, b), sources, token=token, threads=threads
+                )
                 if setup.dropping:
-                    _record_dropped(sink, setup.header, chosen, dropped)
-                _check_memory(active, store, chosen, todo)
+                    _record_dropped(sink, setup.header, setup.defaults, chosen, dropped)
+                _check_memory(active, store, chosen, a, b)
                 report.seconds_inputs = time.perf_counter() - phase
                 phase = time.perf_counter()
-                _run_pairs(
+                written = dispatch.run_blocks(
                     active,
-                    chosen,
-                    todo,
+                    _plan(chosen, a, b, setup.settings, threads),
+                    sources,
                     setup.specs,
                     setup.device,
                     sink,
+                    dispatch.ResultBuffer(chosen, names),
                     progress=progress,
-                    already=n_pairs - len(todo),
+                    already=n_pairs - int(a.size),
                     total=n_pairs,
                     settings=setup.settings,
-                    sources=sources,
                     token=token,
                     report=report,
                 )
                 report.seconds_pairs = time.perf_counter() - phase
         phase = time.perf_counter()
-        if setup.output is not None:
-            latest, _, _ = sink.records(on_corrupt="quarantine")
-        else:
-            latest = sink.latest
+        final = Records.concat([read.records, *written]).latest()
         attrs = _dataset_attrs(store, chosen, metric_objs, setup.base_prep, run_config)
         counts = _known_dropped(sink, chosen) if setup.dropping else None
-        ds = assemble(
-            latest,
+        ds = assembly.assemble(
+            final,
             chosen,
             metric_objs,
             attrs=attrs,
             layer_index=setup.layer_index,
             constant_dropped=counts,
         )
-        failures = _failures(ds, metric_objs)
+        failures = assembly.failures(final, chosen, names)
         ds.attrs["n_failed_pairs"] = len(failures)
         ds.attrs["failed_pairs"] = failures
         report.failed = failures
         if setup.output is not None:
             sink.write_dataset(ds)
-            sink.compact()
+            if written or read.old_layout or len(sink.ledger.part_names()) > 1:
+                sink.ledger.compact(final.pruned(), replaces=sink.ledger.part_names())
             sink.consolidate()
         report.seconds_finish = time.perf_counter() - phase
     return ds
 
 
-def _pending_pairs(chosen, metric_objs, latest) -> list[tuple[int, int]]:
-    """Index pairs (i < j) with at least one metric missing or failed."""
-    todo = []
-    for i in range(len(chosen)):
-        for j in range(i + 1, len(chosen)):
-            (ra, ha), (rb, hb) = sorted(
-                [
-                    (chosen[i].rep_id, chosen[i].content_hash),
-                    (chosen[j].rep_id, chosen[j].content_hash),
-                ]
-            )
-            for metric in metric_objs:
-                record = latest.get((metric.name, ra, ha, rb, hb))
-                if record is None or not record.ok:
-                    todo.append((i, j))
-                    break
-    return todo
+def _layout(setup: _Setup, a, b) -> dict:
+    """The run's cluster config, a local cluster's layout decided by the pairs to compute
+    (:func:`smd_dist.engine.clusters.local_layout`)."""
+    if setup.cluster["kind"] != "local":
+        return setup.cluster
+    from smd_dist.engine.clusters import GIL_BOUND_ENTRIES, local_layout
+
+    widths = np.array([r.n_neurons for r in setup.chosen], dtype=np.int64)
+    small = int(np.count_nonzero(widths[a] * widths[b] < GIL_BOUND_ENTRIES))
+    return local_layout(setup.cluster, gil_bound_pairs=small)
+
+
+def _plan(chosen, a, b, settings: dict, threads: int) -> list:
+    """The pairs ``(a[k], b[k])`` (matrix order) as blocks, each pair in solve order: the
+    rep whose id sorts first is solved as the first argument, whatever the matrix order,
+    so a value is the same bits in every run, resumed, reordered or not."""
+    rank = np.argsort(np.argsort(np.array([r.rep_id for r in chosen], dtype=object)))
+    swap = rank[a] > rank[b]
+    first, second = np.where(swap, b, a), np.where(swap, a, b)
+    return planning.plan_blocks(
+        [r.n_neurons for r in chosen],
+        first,
+        second,
+        task_entries=settings["task-entries"],
+        max_pairs=settings["max-pairs-per-task"],
+        min_tasks=4 * threads,
+    )
 
 
 @contextlib.contextmanager
@@ -867,42 +863,58 @@ def _sources(store, chosen, preps) -> list[tasks.RepSource]:
     ]
 
 
-def _check_inputs(client, chosen, todo, sources, *, token: str) -> dict[int, int]:
+def _check_inputs(client, chosen, involved, sources, *, token: str, threads: int) -> dict:
     """Read and validate every rep that takes part, on the workers, before any pair.
 
     Each rep is checked once, by whichever worker is free; that worker keeps it prepared
     (within ``KEEP_PREPARED_FRACTION`` of its memory) for the pairs it later computes.
+    Reps are checked in batches of about a quarter of a worker thread's share of the
+    neurons (a task per rep would cost the scheduler more than reading small reps).
     Returns the neurons each checked rep (by index) left out as constant.
     """
     from distributed import wait
 
     # Widest first: the phase ends when its last read does, and a narrow rep read last
     # keeps the other workers' wait for it short.
-    involved = sorted({i for pair in todo for i in pair}, key=lambda i: -chosen[i].n_neurons)
+    involved = sorted(involved.tolist(), key=lambda i: -chosen[i].n_neurons)
+    target = sum(chosen[i].n_neurons for i in involved) / (4 * threads)
+    batches, batch, size = [], [], 0
+    for i in involved:
+        batch.append(i)
+        size += chosen[i].n_neurons
+        if size >= target:
+            batches.append(batch)
+            batch, size = [], 0
+    if batch:
+        batches.append(batch)
     # One submission for all: each call is a round trip through the scheduler's event
     # loop, which shares the machine with the workers.
     submitted = client.map(
-        tasks.check_rep,
-        [sources[i] for i in involved],
-        [tasks.KEEP_PREPARED_FRACTION] * len(involved),
-        key=[f"check-{i}-{token}" for i in involved],
+        tasks.check_reps,
+        [[sources[i] for i in batch] for batch in batches],
+        [tasks.KEEP_PREPARED_FRACTION] * len(batches),
+        key=[f"check-{k}-{token}" for k in range(len(batches))],
     )
-    futures = dict(zip(involved, submitted, strict=True))
     wait(submitted)
     # The answers in one round trip (each future.result() would be one).
-    answered = [i for i, future in futures.items() if future.status != "error"]
-    answers = dict(zip(answered, client.gather([futures[i] for i in answered]), strict=True))
+    answered = [k for k, future in enumerate(submitted) if future.status != "error"]
+    answers = dict(zip(answered, client.gather([submitted[k] for k in answered]), strict=True))
+    outcome = {}
+    for k, (batch, future) in enumerate(zip(batches, submitted, strict=True)):
+        failed = None if k in answers else (str(future.exception()), 0)
+        for position, i in enumerate(batch):
+            outcome[i] = failed or answers[k][position]
+        future.release()
     problems = []
     dropped = {}
-    for i, future in sorted(futures.items()):
-        message, n_dropped = answers[i] if i in answers else (str(future.exception()), 0)
+    for i in sorted(outcome):
+        message, n_dropped = outcome[i]
         if message is not None:
             if chosen[i].rep_id not in message:
                 message = f"{chosen[i].rep_id}: {message}"
             problems.append(message)
         else:
             dropped[i] = n_dropped
-        future.release()
     if problems:
         raise InputError(
             f"{len(problems)} representation(s) cannot be compared; nothing was computed:\n  "
@@ -911,7 +923,7 @@ def _check_inputs(client, chosen, todo, sources, *, token: str) -> dict[int, int
     return dropped
 
 
-def _record_dropped(sink, header, chosen, dropped) -> None:
+def _record_dropped(sink, header, defaults, chosen, dropped) -> None:
     """Keep each checked rep's count of constant neurons, with its content hash, in the
     output's header (an in-memory run keeps it on the sink): a resumed run that checks
     no rep still labels every rep."""
@@ -920,7 +932,7 @@ def _record_dropped(sink, header, chosen, dropped) -> None:
         sink.dropped.update(counts)
         return
     known = sink.header().get("constant_dropped", {})
-    sink.initialise({**header, "constant_dropped": {**known, **counts}})
+    sink.initialise({**header, "constant_dropped": {**known, **counts}}, defaults=defaults)
 
 
 def _known_dropped(sink, chosen) -> dict[str, int]:
@@ -935,7 +947,7 @@ def _known_dropped(sink, chosen) -> dict[str, int]:
     }
 
 
-def _check_memory(client, store, chosen, todo) -> None:
+def _check_memory(client, store, chosen, a, b) -> None:
     """Refuse pairs that cannot fit in one worker thread's share of its process's memory,
     before compute (the threads of a worker solve their pairs at the same time)."""
     workers = client.scheduler_info()["workers"].values()
@@ -944,169 +956,19 @@ def _check_memory(client, store, chosen, todo) -> None:
     if not limit:
         return
     n_stimuli = store.n_stimuli or 0
-    worst = max(todo, key=lambda ij: chosen[ij[0]].n_neurons * chosen[ij[1]].n_neurons)
-    a, b = chosen[worst[0]], chosen[worst[1]]
-    need = planning.pair_memory_bytes(n_stimuli, a.n_neurons, b.n_neurons)
+    widths = np.array([r.n_neurons for r in chosen], dtype=np.int64)
+    worst = int(np.argmax(widths[a] * widths[b]))
+    ra, rb = chosen[a[worst]], chosen[b[worst]]
+    need = planning.pair_memory_bytes(n_stimuli, ra.n_neurons, rb.n_neurons)
     if need > 0.7 * limit:
         raise InputError(
-            f"pair {a.rep_id} ({a.n_neurons} neurons) vs {b.rep_id} ({b.n_neurons} neurons) "
-            f"needs about {need / 2**30:.2f} GiB to solve exactly, worker threads have "
-            f"{limit / 2**30:.2f} GiB each (a worker's memory limit over its threads); "
+            f"pair {ra.rep_id} ({ra.n_neurons} neurons) vs {rb.rep_id} ({rb.n_neurons} "
+            f"neurons) needs about {need / 2**30:.2f} GiB to solve exactly, worker threads "
+            f"have {limit / 2**30:.2f} GiB each (a worker's memory limit over its threads); "
             "remedies: pool the layer at extraction (pooling='mean'), give workers more "
             "memory (cluster.memory-limit, or fewer workers or threads per node), or leave "
             "these reps out (reps: ...)"
         )
-
-
-def _run_pairs(
-    client,
-    chosen,
-    todo,
-    specs,
-    device,
-    sink,
-    *,
-    progress,
-    already,
-    total,
-    settings,
-    sources,
-    token,
-    report,
-):
-    """Submit pair tasks in waves, write records as they arrive.
-
-    A task names its reps by :class:`RepSource`; the worker that runs it uses the prepared
-    arrays it keeps, or reads them from the store. The pairs computed and the records and
-    pairs written go into ``report`` as they happen, so an interrupted run can say what
-    it saved.
-    """
-    from distributed import wait
-    from tqdm.auto import tqdm
-
-    flush_seconds = settings["flush-seconds"]
-    batches = planning.plan_tasks(
-        chosen,
-        todo,
-        task_entries=settings["task-entries"],
-        per_task=settings["max-pairs-per-task"],
-    )
-    fixed_wave = settings["wave-size"]
-
-    def wave_size() -> int:
-        # Recomputed as the run goes: on SLURM workers join (and leave) during the run.
-        if fixed_wave:
-            return int(fixed_wave)
-        threads = sum(client.nthreads().values())
-        return 4 * max(threads, 1)
-
-    def pair_ids(task):
-        # Each pair is solved in its key's order, whatever the matrix order: a value is
-        # the same bits in every run, resumed, reordered or not.
-        return [canonical_pair(chosen[i].rep_id, chosen[j].rep_id) for i, j in task]
-
-    def submit(task):
-        reps_in = sorted({i for pair in task for i in pair})
-        ids = pair_ids(task)
-        return client.submit(
-            tasks.compare_pairs,
-            ids,
-            {chosen[i].rep_id: sources[i] for i in reps_in},
-            specs,
-            device,
-            tasks.KEEP_PREPARED_FRACTION,
-            key=f"pairs-{task[0][0]}-{task[0][1]}-{len(task)}-{token}",
-        )
-
-    hashes = {r.rep_id: r.content_hash for r in chosen}
-    buffer: list[PairRecord] = []
-    buffered_pairs = 0
-    last_flush = time.monotonic()
-    pending: dict = {}
-    queue = list(reversed(batches))
-    bar = tqdm(
-        total=total,
-        initial=already,
-        unit="pair",
-        disable=not progress,
-        file=sys.stderr,
-        desc="smd-dist",
-    )
-
-    def flush():
-        nonlocal buffer, buffered_pairs, last_flush
-        if buffer:
-            sink.append(buffer)
-            report.n_records_written += len(buffer)
-            report.n_saved += buffered_pairs
-            buffer, buffered_pairs = [], 0
-        last_flush = time.monotonic()
-
-    try:
-        wave, sized_at = wave_size(), time.monotonic()
-        while queue or pending:
-            if time.monotonic() - sized_at > 5.0:
-                wave, sized_at = wave_size(), time.monotonic()
-            while queue and len(pending) < wave:
-                task = queue.pop()
-                pending[submit(task)] = task
-            try:
-                done, _ = wait(list(pending), timeout=flush_seconds, return_when="FIRST_COMPLETED")
-            except TimeoutError:
-                done = set()
-            for future in done:
-                task = pending.pop(future)
-                ids = pair_ids(task)
-                if future.status == "error":
-                    err = future.exception()
-                    results = [
-                        {
-                            "metric": name,
-                            "rep_a": a,
-                            "rep_b": b,
-                            "value": float("nan"),
-                            "error": f"{type(err).__name__}: {err}",
-                            "worker": "",
-                        }
-                        for a, b in ids
-                        for name, *_ in specs
-                    ]
-                else:
-                    results = future.result()
-                future.release()
-                for raw in results:
-                    a, b = canonical_pair(raw["rep_a"], raw["rep_b"])
-                    buffer.append(
-                        PairRecord(
-                            **{
-                                **raw,
-                                "rep_a": a,
-                                "rep_b": b,
-                                "hash_a": hashes[a],
-                                "hash_b": hashes[b],
-                            }
-                        )
-                    )
-                report.n_computed += len(task)
-                buffered_pairs += len(task)
-                bar.update(len(task))
-            if buffer and (time.monotonic() - last_flush >= flush_seconds or not pending):
-                flush()
-    finally:
-        flush()
-        bar.close()
-
-
-def _failures(ds: xr.Dataset, metric_objs) -> list[str]:
-    out = []
-    ids = [str(x) for x in ds.rep_a.values]
-    for metric in metric_objs:
-        errors = ds[f"{metric.name}_error"].values
-        for i in range(len(ids)):
-            for j in range(i + 1, len(ids)):
-                if errors[i, j]:
-                    out.append(f"{ids[i]} vs {ids[j]} ({metric.name}): {errors[i, j]}")
-    return out
 
 
 def _dataset_attrs(store, chosen, metric_objs, prep, run_config) -> dict:
@@ -1124,32 +986,4 @@ def _dataset_attrs(store, chosen, metric_objs, prep, run_config) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         # Recorded for provenance, without the tokens and passwords a config may hold.
         "run_config": json.dumps(config.redact(run_config or {}), default=str),
-    }
-
-
-def output_status(path: str | os.PathLike) -> dict:
-    """Progress of an output: pairs done and failed, from the ledger; who holds it."""
-    out = ResultsOutput(_resolved(path))
-    header = out.header()
-    latest, incomplete, _ = out.records(on_corrupt="raise")
-    summary = summarize(latest.values())
-    pairs = {(record.rep_a, record.rep_b) for record in latest.values()}
-    info_path = Path(f"{out.path}.lock.json")
-    holder = None
-    if info_path.exists():
-        with contextlib.suppress(OSError, ValueError):
-            holder = json.loads(info_path.read_text())
-    n_reps = len(header.get("reps", []))
-    return {
-        "path": str(path),
-        "store": header.get("store"),
-        "metrics": header.get("metrics"),
-        "pairs_total": n_reps * (n_reps - 1) // 2,
-        "preprocessing": header.get("preprocessing"),
-        "assembled": bool(header.get("assembled")),
-        "pairs_with_results": len(pairs),
-        "records": summary["n_records"],
-        "failed": summary["failed"],
-        "incomplete_parts": incomplete,
-        "running": holder,
     }
