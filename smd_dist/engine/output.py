@@ -67,10 +67,7 @@ class IncompatibleOutputError(OutputError):
 
 def _array_checksum(values: np.ndarray) -> str:
     if values.dtype.kind in "OUST":
-        flat = values.ravel().tolist()
-        if not all(type(v) is str for v in flat):
-            flat = [str(v) for v in flat]
-        payload = "\x1f".join(flat).encode("utf-8")
+        payload = "\x1f".join(map(str, values.ravel().tolist())).encode("utf-8")
     else:
         payload = np.ascontiguousarray(values, dtype="<f8").tobytes()
     return hashlib.sha256(payload).hexdigest()

@@ -530,7 +530,7 @@ def test_engine_settings_take_env_spelling_and_run_config_over_defaults():
     from smd_dist.config import ConfigError
 
     defaults = settings.engine_settings()
-    assert defaults["flush-seconds"] == 2.0 and defaults["task-entries"] == 2**19
+    assert defaults["flush-seconds"] == 2.0 and defaults["task-entries"] == 2**21
     # An environment variable reaches dask.config spelt with "_" (read at import).
     read = "from smd_dist.engine.settings import engine_settings as s; print(s()['flush-seconds'])"
     env = {**os.environ, "DASK_SMD_DIST__ENGINE__FLUSH_SECONDS": "0.5"}
