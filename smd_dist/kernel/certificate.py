@@ -24,6 +24,7 @@ References
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -132,11 +133,22 @@ def min_reduced_cost(D: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:
 
 
 def marginals(shape, counts):
-    """Row and column masses: uniform, or ``counts / counts.sum()`` for merged duplicates."""
+    """Row and column masses: uniform, or ``counts / counts.sum()`` for merged duplicates.
+
+    Uniform masses are made once per width and shared, read-only.
+    """
     if counts is None:
-        return np.full(shape[0], 1.0 / shape[0]), np.full(shape[1], 1.0 / shape[1])
+        return _uniform(shape[0]), _uniform(shape[1])
     cx, cy = counts
     return cx / cx.sum(), cy / cy.sum()
+
+
+@functools.lru_cache(maxsize=1024)
+def _uniform(n: int) -> np.ndarray:
+    # Two array allocations per mass vector and solve were a tenth of a small pair's cost.
+    a = np.full(n, 1.0 / n)
+    a.flags.writeable = False
+    return a
 
 
 def certify(

@@ -18,6 +18,7 @@ the neuron it came from, so plans are reported in the caller's order.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 
@@ -124,22 +125,30 @@ def identical_columns(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
         Columns per group.
     """
     m, n = X.shape
-    w = np.cos(np.arange(m) * 0.7548776662466927) + 1.5  # any fixed, non-constant weights
-    f = np.einsum("m,mn->n", w, X)
-    order = np.lexsort((np.arange(n), f))
+    f = np.einsum("m,mn->n", _fingerprint_weights(m), X)
+    order = np.argsort(f, kind="stable")  # ties in column order
     same = f[order][1:] == f[order][:-1]
     first_of = np.arange(n)
-    if same.any():
-        starts = np.flatnonzero(np.r_[True, ~same])
-        ends = np.r_[starts[1:], n]
-        for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
-            members = order[s:e]  # ascending column index within a bucket
-            first = members[0]
-            for j in members[1:]:
-                if np.array_equal(X[:, j], X[:, first]):
-                    first_of[j] = first
+    if not same.any():  # the usual case: every column distinct, nothing to group
+        return first_of, np.arange(n), np.ones(n, np.int64)
+    starts = np.flatnonzero(np.r_[True, ~same])
+    ends = np.r_[starts[1:], n]
+    for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
+        members = order[s:e]  # ascending column index within a bucket
+        first = members[0]
+        for j in members[1:]:
+            if np.array_equal(X[:, j], X[:, first]):
+                first_of[j] = first
     keep, group, counts = np.unique(first_of, return_inverse=True, return_counts=True)
     return keep, group, counts.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint_weights(m: int) -> np.ndarray:
+    """Fixed, non-constant weights over ``m`` stimuli, made once per stimulus count."""
+    w = np.cos(np.arange(m) * 0.7548776662466927) + 1.5
+    w.flags.writeable = False
+    return w
 
 
 def _made(X, *, name: str, owned: bool) -> PreparedRep:
@@ -161,7 +170,7 @@ def _made(X, *, name: str, owned: bool) -> PreparedRep:
             for t, j in enumerate(copies, start=k):
                 X[:, t] = X[:, group[j]]  # the copy's representative, now at its group's number
         else:
-            X = neuron_major(X[:, neurons])
+            X = neuron_major(X[:, neurons], kept=False)
         group = group[neurons]
     if owned:
         X.flags.writeable = False
@@ -176,15 +185,18 @@ def _made(X, *, name: str, owned: bool) -> PreparedRep:
     )
 
 
-def prepare(X, *, center: bool = True, normalize: str | None = None, name: str = "X"):
+def prepare(
+    X, *, center: bool = True, normalize: str | None = None, name: str = "X", kept: bool = True
+):
     """Validate, centre and normalise one (stimuli, neurons) array into a :class:`PreparedRep`.
 
     Parameters
     ----------
     X : array_like, shape (M, N)
         Stimuli in rows, neurons in columns.
-    center, normalize, name :
-        As :func:`smd_dist.kernel.preparation.preprocess`.
+    center, normalize, name, kept :
+        As :func:`smd_dist.kernel.preparation.preprocess`: ``kept=False`` for a rep used
+        in one pair and dropped.
 
     Returns
     -------
@@ -197,12 +209,18 @@ def prepare(X, *, center: bool = True, normalize: str | None = None, name: str =
         Bad input (see :mod:`smd_dist.kernel.validation`) or a constant neuron under
         normalisation.
     """
-    return _made(preprocess(X, center=center, normalize=normalize, name=name), name=name,
-                 owned=True)
+    columns = preprocess(X, center=center, normalize=normalize, name=name, kept=kept)
+    return _made(columns, name=name, owned=True)
 
 
 def prepare_pair(
-    X, Y, *, center: bool = True, normalize: str | None = None, names=("X", "Y")
+    X,
+    Y,
+    *,
+    center: bool = True,
+    normalize: str | None = None,
+    names=("X", "Y"),
+    kept: bool = True,
 ) -> tuple[PreparedRep, PreparedRep]:
     """:func:`prepare` both (stimuli, neurons) arrays of a pair and check their stimuli.
 
@@ -211,8 +229,8 @@ def prepare_pair(
     ValueError
         Bad input in either (named by ``names``) or different stimulus counts.
     """
-    x = prepare(X, center=center, normalize=normalize, name=names[0])
-    y = prepare(Y, center=center, normalize=normalize, name=names[1])
+    x = prepare(X, center=center, normalize=normalize, name=names[0], kept=kept)
+    y = prepare(Y, center=center, normalize=normalize, name=names[1], kept=kept)
     check_same_stimuli(x.columns, y.columns, names=names)
     return x, y
 

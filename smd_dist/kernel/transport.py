@@ -186,8 +186,8 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     """
     x, y = as_prepared(X, name="X"), as_prepared(Y, name="Y")
     nx, ny = x.shape[1], y.shape[1]
-    known = sorted([*METHODS, SPARSE_SOLVER])
-    if method != "auto" and method not in known:
+    if method != "auto" and method not in METHODS and method != SPARSE_SOLVER:
+        known = sorted([*METHODS, SPARSE_SOLVER])
         raise ValueError(f"unknown method {method!r}; choose from {known} or 'auto'")
     if method == "assignment" and nx != ny:
         raise ValueError(f"method {method!r} needs equal widths, got {nx} and {ny}")

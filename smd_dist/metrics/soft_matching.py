@@ -117,7 +117,8 @@ def soft_matching(
     .. [1] Khosla, M., & Williams, A. H. (2024). Soft matching distance: a metric on neural
        representations that captures single-neuron tuning. Proceedings of UniReps, PMLR 243.
     """
-    x, y = prepare_pair(X, Y, center=center, normalize=normalize, names=names)
+    # Prepared for this pair only: heap memory, reused from call to call.
+    x, y = prepare_pair(X, Y, center=center, normalize=normalize, names=names, kept=False)
     tr = transport(x, y, device=device)
     cost = max(tr.cost, 0.0)
     score = 1.0 - cost / 2.0 if (center and normalize == "unit") else None
