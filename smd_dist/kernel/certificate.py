@@ -31,9 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "BLOCK_ENTRIES",
     "RELATIVE_TOLERANCE",
     "Certificate",
     "SolverError",
+    "block_rows",
     "certify",
     "marginals",
     "min_reduced_cost",
@@ -49,8 +51,14 @@ __all__ = [
 #: found in float32 was measured 2e-9 relatively suboptimal, which this rejects.
 RELATIVE_TOLERANCE = 1e-11
 
-#: Rows of a cost matrix handled at once in passes over it (temporaries stay small).
-ROW_CHUNK = 1024
+#: Entries of a cost matrix handled at once in passes over it (256 KiB of float64: the
+#: temporary stays in cache).
+BLOCK_ENTRIES = 1 << 15
+
+
+def block_rows(ny: int) -> int:
+    """Rows of an (Nx, ``ny``) cost matrix per block of about :data:`BLOCK_ENTRIES`."""
+    return max(1, BLOCK_ENTRIES // max(ny, 1))
 
 
 class SolverError(ValueError):
@@ -123,8 +131,12 @@ def tolerance_from_norms(sq_norms_x, sq_norms_y) -> float:
 def min_reduced_cost(D: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:
     """``min_ij (D_ij - u_i - v_j)``, ``-inf`` where NaN makes it unprovable."""
     out = math.inf
-    for s in range(0, D.shape[0], ROW_CHUNK):
-        R = D[s : s + ROW_CHUNK] - u[s : s + ROW_CHUNK, None] - v[None, :]
+    step = block_rows(D.shape[1])
+    for s in range(0, D.shape[0], step):
+        # One cache-sized temporary, updated in place: a temporary per operation, of 1024
+        # full rows, was faulted in afresh each time (1024²: 3.9 ms against 0.9).
+        R = D[s : s + step] - u[s : s + step, None]
+        R -= v
         low = float(R.min())
         if math.isnan(low):  # NaN costs or duals: nothing is proven
             return -math.inf

@@ -40,7 +40,7 @@ import torch
 from ot.lp.emd_wrap import emd_c
 from scipy.optimize import linear_sum_assignment
 
-from smd_dist.kernel.certificate import ROW_CHUNK, SolverError, certify, marginals
+from smd_dist.kernel.certificate import SolverError, block_rows, certify, marginals
 
 __all__ = [
     "AMBIGUITY_GAP",
@@ -159,16 +159,20 @@ def _replicated(D, *, tol):
 def _network_simplex(D, *, tol, potentials=None, counts=None):
     a, b = marginals(D.shape, counts)
     G, u, v = _emd(a, b, D, potentials)
-    rows, cols = np.nonzero(G > 0)
-    return rows, cols, G[rows, cols], u, v
+    flat = G.ravel()
+    # Flat indices: NumPy's nonzero of a 2-D array steps an iterator entry by entry, 5x
+    # slower than flatnonzero (a fifth of the whole solve at 256², M = 100).
+    keys = np.flatnonzero(flat > 0)
+    rows, cols = np.divmod(keys, D.shape[1])
+    return rows, cols, flat[keys], u, v
 
 
 def _emd(a, b, D, potentials=None):
     """POT's dense network simplex, called as :func:`ot.emd` calls it, without its wrapper.
 
-    The arithmetic is :func:`ot.emd`'s for positive masses, bit for bit (the column masses
-    rescaled to the row total, the duals centred); its backend dispatch, input checks and
-    warning capture cost 30-60 µs a call, more than the whole solve of a small pair.
+    The plan is :func:`ot.emd`'s for positive masses, bit for bit (the same column masses,
+    rescaled to the row total); its backend dispatch, input checks and warning capture
+    cost 30-60 µs a call, more than the whole solve of a small pair.
     """
     total = a.sum()
     b = b * total / b.sum()
@@ -179,8 +183,9 @@ def _emd(a, b, D, potentials=None):
     if code != _OPTIMAL:
         why = _RESULT.get(code, "unknown result code")
         raise SolverError(f"network simplex did not reach optimality (code {code}): {why}")
-    # ot.emd's centring (center_ot_dual): the same plan and dual objective, duals balanced.
-    shift = (np.sum(b * v) - np.sum(a * u)) / (total + np.sum(b))
+    # Balanced as ot.emd balances them (center_ot_dual): the same plan and dual objective,
+    # and a·u = b·v, so the certificate's dual sums no large opposite terms.
+    shift = (b @ v - a @ u) / (total + total)
     u += shift
     v -= shift
     return G, u, v
@@ -216,8 +221,9 @@ def _violations(D, u, v, *, thr, k):
     kk = min(k, ny)
     new = []
     low = math.inf
-    for s in range(0, nx, ROW_CHUNK):
-        R = D[s : s + ROW_CHUNK] - u[s : s + ROW_CHUNK, None]
+    step = block_rows(ny)
+    for s in range(0, nx, step):
+        R = D[s : s + step] - u[s : s + step, None]
         R -= v[None, :]
         row_min = R.min(axis=1)
         m = float(row_min.min())
@@ -321,8 +327,9 @@ def _c_transform(D, out):
     """The plan with ``u`` replaced by the c-transform of ``v``: dual feasible exactly."""
     rows, cols, mass, u, v = out[:5]
     u_new = np.empty_like(u)
-    for s in range(0, D.shape[0], ROW_CHUNK):
-        u_new[s : s + ROW_CHUNK] = (D[s : s + ROW_CHUNK] - v[None, :]).min(axis=1)
+    step = block_rows(D.shape[1])
+    for s in range(0, D.shape[0], step):
+        u_new[s : s + step] = (D[s : s + step] - v[None, :]).min(axis=1)
     return (rows, cols, mass, u_new, v, *([None] if len(out) > 5 else []))
 
 

@@ -31,6 +31,8 @@ def resolve_device(device=None) -> torch.device:
     without CUDA falls back to CPU with a ``RuntimeWarning`` (the result is identical, only
     slower), so one run configuration works on laptops and GPU nodes alike.
     """
+    if isinstance(device, torch.device) and device.type == "cpu":
+        return device  # already resolved: the kernel passes it down every pair
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)

@@ -126,11 +126,12 @@ def identical_columns(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """
     m, n = X.shape
     f = np.einsum("m,mn->n", _fingerprint_weights(m), X)
+    ranked = np.sort(f)
+    first_of = np.arange(n)
+    if (ranked[1:] != ranked[:-1]).all():  # the usual case: no two fingerprints alike
+        return first_of, np.arange(n), np.ones(n, np.int64)
     order = np.argsort(f, kind="stable")  # ties in column order
     same = f[order][1:] == f[order][:-1]
-    first_of = np.arange(n)
-    if not same.any():  # the usual case: every column distinct, nothing to group
-        return first_of, np.arange(n), np.ones(n, np.int64)
     starts = np.flatnonzero(np.r_[True, ~same])
     ends = np.r_[starts[1:], n]
     for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):

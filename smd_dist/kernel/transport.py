@@ -195,10 +195,10 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
         raise ValueError(f"method {SPARSE_SOLVER!r} computes its own costs; omit D")
     norms = (x.sq_norms, y.sq_norms)
     tol = tolerance_from_norms(*norms)
+    dev = resolve_device(device)  # once per pair: it may warn
     if method == SPARSE_SOLVER:
         if not _screenable(norms):
             raise SolverError("squared norms outside 1e-30..1e30: no float32 cost bounds")
-        dev = resolve_device(device)
         low = (_low(x, dev, whole=True), _low(y, dev, whole=True))
         *out, cert = _sparse(x.columns, y.columns, norms, low, tol=tol, device=dev, forced=True)
         tr = _transport(x.columns, y.columns, out, cert, solver=SPARSE_SOLVER)
@@ -206,7 +206,7 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     if method != "auto" or D is not None:
         if D is not None and (x.neurons is not None or y.neurons is not None):
             D = D[np.ix_(_order(x), _order(y))]
-        tr = _dense(x.columns, y.columns, norms, tol=tol, device=device, D=D, method=method)
+        tr = _dense(x.columns, y.columns, norms, tol=tol, device=dev, D=D, method=method)
         return _original_order(tr, x, y)
     merged = x.merged or y.merged
     X, Y = (x.distinct(), y.distinct()) if merged else (x.columns, y.columns)
@@ -215,7 +215,6 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     counts = (x.counts, y.counts) if merged else None
     compact = None
     screened = x.n_distinct * y.n_distinct >= SPARSE_MIN_ENTRIES and _screenable(norms)
-    dev = resolve_device(device) if screened else None  # resolved once: it may warn
     if screened and _bounds_trusted(dev):
         low = (_low(x, dev), _low(y, dev))
         try:
@@ -224,7 +223,7 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
         except SolverError:
             compact = None
     if compact is None:
-        compact = _dense(X, Y, norms, tol=tol, device=device, counts=counts)
+        compact = _dense(X, Y, norms, tol=tol, device=dev, counts=counts)
     if not merged:
         return _original_order(compact, x, y)
     rows, cols, mass = _expand(
