@@ -16,9 +16,9 @@ Ratios are naive / kernel: above 1 the kernel is faster. Regimes:
 1. shared latent, no neuron correspondence: X = Z A + noise, Y = Z B + noise;
 2. permuted copy plus noise: Y = X[:, perm] + noise (resampled columns if widths differ);
 3. redundant neurons: columns resampled with replacement from a narrow base plus noise,
-   and 10 % dead (constant) units on each side.
+   and 10 % dead (all-zero) units on each side.
 
-Every neuron gets a random baseline, so the centring does real work on both sides.
+Every live neuron gets a random baseline, so the centring does real work on both sides.
 Wall-clock time is the headline; the CPU-time ratio (process time, all threads) is printed
 too because on a shared machine other jobs distort wall clock far more than CPU time. The
 sides alternate within each of ``--repeat`` rounds (default 3) on the same matrices, and
@@ -84,8 +84,12 @@ def make_pair(regime: int, m: int, nx: int, ny: int, seed: int = 0):
         base = Z @ rng.standard_normal((64, max(nx, ny) // 4))
         X = base[:, rng.integers(0, base.shape[1], nx)] + 0.1 * rng.standard_normal((m, nx))
         Y = base[:, rng.integers(0, base.shape[1], ny)] + 0.1 * rng.standard_normal((m, ny))
-        X[:, rng.random(nx) < 0.1] = 0.0
-        Y[:, rng.random(ny) < 0.1] = 0.0
+        dead_x, dead_y = rng.random(nx) < 0.1, rng.random(ny) < 0.1
+        X += rng.standard_normal(nx)
+        Y += rng.standard_normal(ny)
+        X[:, dead_x] = 0.0  # dead (ReLU) units: exactly zero, as a network leaves them
+        Y[:, dead_y] = 0.0
+        return X, Y
     else:
         raise ValueError(f"unknown regime {regime}")
     return X + rng.standard_normal(nx), Y + rng.standard_normal(ny)
@@ -243,7 +247,8 @@ def main(argv=None) -> None:
                         help="per-pair cost on many small reps (issue 24) instead")
     parser.add_argument("--reps", type=int, default=60, help="reps for --small (default 60)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeat", type=int, default=3, help="rounds per side; the fastest counts")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds per side; the fastest counts")
     args = parser.parse_args(argv)
     if args.small:
         small_pairs(args)

@@ -183,8 +183,9 @@ def certify(
     err = max(np.abs(rs / a - 1).max(), np.abs(cs / b - 1).max())
     if not err <= 1e-9:
         raise SolverError(f"transport plan marginals off by {err:.3g} (relative)")
-    primal = math.fsum(mass * D[rows, cols])
-    dual = math.fsum(a * u) + math.fsum(b * v)
+    # fsum of a list: a third faster than of an array, whose items it boxes one by one.
+    primal = math.fsum((mass * D[rows, cols]).tolist())
+    dual = math.fsum((a * u).tolist()) + math.fsum((b * v).tolist())
     if min_reduced is None or math.isnan(min_reduced):
         min_reduced = min_reduced_cost(D, u, v)
     violation = max(0.0, -min_reduced)

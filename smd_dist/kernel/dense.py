@@ -53,6 +53,7 @@ __all__ = [
     "choose_method",
     "solve_assignment",
     "solve_dense",
+    "tied_fraction",
 ]
 
 #: Network simplex iteration cap, dense as sparse: high enough never to bind (POT's default
@@ -265,15 +266,19 @@ def ambiguity(D: np.ndarray) -> float:
     """
     if isinstance(D, torch.Tensor):
         D = D.cpu().numpy()
-    if min(D.shape) < 2:
+    return tied_fraction(D[::8], np.ascontiguousarray(D[:, ::8]))
+
+
+def tied_fraction(rows: np.ndarray, cols: np.ndarray) -> float:
+    """:func:`ambiguity` from sampled rows ``(r, Ny)`` and sampled columns ``(Nx, c)`` of a
+    cost matrix (or of an approximation of it)."""
+    if min(rows.shape[1], cols.shape[0]) < 2:
         return 0.0
-    sub = D[::8]
-    t = torch.topk(torch.from_numpy(sub), 2, dim=1, largest=False).values.numpy()
-    rows = (t[:, 1] - t[:, 0]) <= AMBIGUITY_GAP * (sub.mean(axis=1) - t[:, 0])
-    sub = np.ascontiguousarray(D[:, ::8])
-    c1, c2 = _two_smallest_per_column(sub)
-    cols = (c2 - c1) <= AMBIGUITY_GAP * (sub.mean(axis=0) - c1)
-    return float(max(rows.mean(), cols.mean()))
+    t = torch.topk(torch.from_numpy(rows), 2, dim=1, largest=False).values.numpy()
+    tied_rows = (t[:, 1] - t[:, 0]) <= AMBIGUITY_GAP * (rows.mean(axis=1) - t[:, 0])
+    c1, c2 = _two_smallest_per_column(cols)
+    tied_cols = (c2 - c1) <= AMBIGUITY_GAP * (cols.mean(axis=0) - c1)
+    return float(max(tied_rows.mean(), tied_cols.mean()))
 
 
 #: Square pairs below this many entries go straight to the network simplex: with its duals

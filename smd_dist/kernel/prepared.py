@@ -155,8 +155,24 @@ def _fingerprint_weights(m: int) -> np.ndarray:
 def _made(X, *, name: str, owned: bool) -> PreparedRep:
     """The prepared rep of an already prepared array; ``owned``: reorder ``X`` in place
     and make it read-only (else a reordered copy is made where columns repeat)."""
+    n = X.shape[1]
+    sq_norms = squared_norms(X)
+    ranked = np.sort(sq_norms)
+    if (ranked[1:] != ranked[:-1]).all():
+        # Identical columns have identical norms (the same operations on the same values),
+        # so all-distinct norms rule out copies without a fingerprint pass over X.
+        if owned:
+            X.flags.writeable = False
+        return PreparedRep(
+            columns=X,
+            sq_norms=sq_norms,
+            n_distinct=n,
+            group=np.arange(n),
+            counts=np.ones(n, np.int64),
+            name=name,
+        )
     keep, group, counts = identical_columns(X)
-    n, k = X.shape[1], keep.size
+    k = keep.size
     neurons = None
     if k < n:
         copies = np.setdiff1d(np.arange(n), keep, assume_unique=True)
@@ -177,7 +193,7 @@ def _made(X, *, name: str, owned: bool) -> PreparedRep:
         X.flags.writeable = False
     return PreparedRep(
         columns=X,
-        sq_norms=squared_norms(X),
+        sq_norms=squared_norms(X) if k < n else sq_norms,
         n_distinct=int(k),
         group=group,
         counts=counts,

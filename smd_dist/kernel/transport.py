@@ -61,7 +61,13 @@ from smd_dist.kernel.certificate import (
     marginals,
     tolerance_from_norms,
 )
-from smd_dist.kernel.dense import METHODS, ambiguity, check_finite, choose_method, solve_dense
+from smd_dist.kernel.dense import (
+    METHODS,
+    check_finite,
+    choose_method,
+    solve_dense,
+    tied_fraction,
+)
 from smd_dist.kernel.preparation import resolve_device, squared_distances
 from smd_dist.kernel.prepared import PreparedRep, as_prepared
 from smd_dist.kernel.sparse import MAX_EXACT_FRACTION, SparseUnsuitable, solve_sparse
@@ -76,12 +82,16 @@ __all__ = [
 ]
 
 #: Pairs with at least this many entries (``Nx·Ny``, after merging identical neurons) go
-#: to the sparse path first; below it the dense float64 path is faster (measured on one
-#: core at M = 2000: 128² 7 ms dense against 9 ms sparse, 256x512 53 against 32 ms).
-SPARSE_MIN_ENTRIES = 256 * 256
+#: to the sparse path first; below it the dense float64 path. Measured against the naive
+#: pair (one thread, CPU time, M = 100/500/2000, 2026-12-04): below 512² the sparse path's
+#: fixed cost loses on easy pairs (a permuted copy: 0.37-0.73x the naive pair at 256²,
+#: 0.51-0.94x at 384², where the dense path gives 0.86-0.90x) more than it gains on hard
+#: ones; from 512² it wins or ties in every regime (1.2-4x on a shared latent).
+SPARSE_MIN_ENTRIES = 512 * 512
 #: Below this many entries, pairs with more than :data:`SPARSE_TIED_LIMIT` nearly tied rows
 #: or columns (near-duplicate neurons) go dense: the sparse path needs more rounds there
-#: (measured at 512²: 67 ms dense against 84 ms sparse; even at 1024²).
+#: (measured at 512²: 67 ms dense against 84 ms sparse; even at 1024²). The test samples
+#: the low-precision product before any bound is built.
 SPARSE_TIED_MIN_ENTRIES = 1024 * 1024
 SPARSE_TIED_LIMIT = 0.5
 
@@ -128,7 +138,7 @@ def plan_cost(X, Y, rows, cols, mass) -> float:
     not on summation order or thread count.
     """
     terms = exact_costs(X, Y, rows, cols)
-    return math.fsum(mass * terms)
+    return math.fsum((mass * terms).tolist())  # a list: a third faster than an array
 
 
 def exact_costs(X, Y, rows, cols) -> np.ndarray:
@@ -136,11 +146,14 @@ def exact_costs(X, Y, rows, cols) -> np.ndarray:
     step = max(1, (1 << 15) // max(X.shape[0], 1))  # blocks that stay in cache
     XT, YT = X.T, Y.T  # rows are tuning curves: contiguous for neuron-major arrays
     out = np.empty(len(rows))
+    # One entry per row in row order (a permutation plan, what square pairs get): the
+    # rows are read in place, not gathered (a third less work).
+    in_order = len(rows) == XT.shape[0] and np.array_equal(rows, np.arange(len(rows)))
     for s in range(0, len(rows), step):
         # The gathered copy is the difference's buffer: one temporary fewer (20 % faster
         # at 2048 neurons, M = 2000), and (y - x)² is (x - y)² bit for bit.
         diff = YT[cols[s : s + step]]
-        diff -= XT[rows[s : s + step]]
+        diff -= XT[s : s + step] if in_order else XT[rows[s : s + step]]
         diff *= diff
         out[s : s + step] = diff.sum(axis=1)
     return out
@@ -314,21 +327,21 @@ def _sparse(X, Y, norms, low, *, tol, device, counts=None, forced=False):
     path then solves it afresh). Unless ``forced``, it also gives up where the dense path
     would be faster.
     """
+    if not forced and X.shape[1] * Y.shape[1] < SPARSE_TIED_MIN_ENTRIES:
+        tied = _sampled_ambiguity(low, norms)
+        if tied > SPARSE_TIED_LIMIT:
+            raise SolverError(
+                f"{tied:.0%} of rows or columns nearly tied: the dense path is faster"
+            )
     try:
         bounds = CostBounds(X, Y, norms, device=device, low=low)
-        if not forced and bounds.lower.numel() < SPARSE_TIED_MIN_ENTRIES:
-            tied = ambiguity(bounds.lower)
-            if tied > SPARSE_TIED_LIMIT:
-                raise SolverError(
-                    f"{tied:.0%} of rows or columns nearly tied: the dense path is faster"
-                )
         fraction = 1.0 if forced else MAX_EXACT_FRACTION
         sol = solve_sparse(bounds, tol=tol, counts=counts, max_exact_fraction=fraction)
     except (SparseUnsuitable, BoundViolation, ReducedPrecision) as err:
         raise SolverError(str(err)) from err
     a, b = marginals(bounds.shape, counts)
-    primal = math.fsum(sol.mass * sol.costs)
-    dual = math.fsum(a * sol.u) + math.fsum(b * sol.v)
+    primal = math.fsum((sol.mass * sol.costs).tolist())
+    dual = math.fsum((a * sol.u).tolist()) + math.fsum((b * sol.v).tolist())
     cert = Certificate(
         max_violation=max(0.0, -sol.min_reduced),
         gap=primal - dual,
@@ -338,6 +351,25 @@ def _sparse(X, Y, norms, low, *, tol, device, counts=None, forced=False):
     )
     cert.raise_if_failed()
     return sol.rows, sol.cols, sol.mass, sol.u, sol.v, cert
+
+
+def _sampled_ambiguity(low, norms) -> float:
+    """:func:`smd_dist.kernel.dense.ambiguity` of the costs the low-precision copies give,
+    on every 8th row and every 8th column only.
+
+    Decided before the bound matrix is built: a pair that goes dense for its near ties
+    no longer pays for the bounds first (measured 10-20 % of such a pair at 512²-1024²).
+    The products carry the low precision's rounding, as the bounds did that this test
+    was first made on; it only chooses the path, never a value.
+    """
+    (sx, Xl, _, _), (sy, Yl, _, _) = low
+    back = 2.0 / (sx * sy)  # twice the product, in the original units
+    nx, ny = norms
+    rows = (Xl[::8] @ Yl.T).double().cpu().numpy()
+    cols = (Xl @ Yl[::8].T).double().cpu().numpy()
+    rows = nx[::8, None] + ny[None, :] - back * rows
+    cols = nx[:, None] + ny[None, ::8] - back * cols
+    return tied_fraction(rows, cols)
 
 
 def _transport(X, Y, out, cert, *, solver) -> Transport:

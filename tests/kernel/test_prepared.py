@@ -68,6 +68,20 @@ def test_prepare_puts_one_of_each_group_first_and_remembers_the_neurons():
     np.testing.assert_allclose(rep.sq_norms, (rep.columns**2).sum(0), rtol=1e-14)
 
 
+def test_equal_norms_alone_do_not_merge_columns():
+    """Distinct norms rule copies out without a fingerprint; equal norms of different
+    columns (here a column and its negative) must still not be merged."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((30, 6))
+    X[:, 1] = -X[:, 0]
+    X = X - X.mean(axis=0)
+    rep = prepare(X, center=False)
+    assert rep.sq_norms[0] == rep.sq_norms[1]
+    assert rep.n_distinct == 6 and not rep.merged and rep.neurons is None
+    lone = prepare(X[:, 2:], center=False)
+    assert lone.n_distinct == 4 and np.array_equal(lone.group, np.arange(4))
+
+
 def test_prepare_without_copies_keeps_the_order():
     X = np.random.default_rng(12).standard_normal((15, 6))
     rep = prepare(X)

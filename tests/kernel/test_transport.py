@@ -191,3 +191,40 @@ def test_exact_costs_are_squared_differences_and_leave_inputs_alone(order):
     want = [math.fsum((X[:, i] - Y[:, j]) ** 2) for i, j in zip(rows, cols, strict=True)]
     np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
     assert np.array_equal(X, before[0]) and np.array_equal(Y, before[1])
+
+
+def test_pairs_below_512_squared_go_dense_and_above_to_the_sparse_path():
+    """Below SPARSE_MIN_ENTRIES the sparse path's fixed cost loses to the dense one."""
+    X, Y = make("latent", 60, 300, 300, 4)  # 90,000 entries
+    assert solvers.SPARSE_MIN_ENTRIES == 512 * 512
+    tr = solve(X, Y)
+    assert tr.solver == "network-simplex" and tr.certificate.passed
+    assert tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
+    X, Y = make("latent", 60, 520, 520, 4)
+    tr = solve(X, Y)
+    assert tr.solver == "sparse-network-simplex"
+    assert tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
+
+
+def test_nearly_tied_pairs_go_dense_before_any_bound_is_built(monkeypatch):
+    """Near-duplicate neurons are found on a sample of the low-precision product; the
+    bound matrix, which such a pair would not use, is never made."""
+    X, Y = make("redundant", 60, 660, 660, 5)  # about 530 distinct neurons a side
+
+    def no_bounds(*args, **kwargs):
+        raise AssertionError("the bound matrix was built for a nearly tied pair")
+
+    monkeypatch.setattr(solvers, "CostBounds", no_bounds)
+    tr = solve(X, Y)
+    assert tr.solver == "merged-network-simplex" and tr.certificate.passed
+    assert tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
+
+
+def test_exact_costs_of_a_permutation_read_rows_in_place_to_the_same_bits():
+    rng = np.random.default_rng(12)
+    X = np.asfortranarray(rng.standard_normal((3000, 30)))  # blocks of 10 entries
+    Y = np.asfortranarray(rng.standard_normal((3000, 30)))
+    rows, cols = np.arange(30), rng.permutation(30)
+    got = solvers.exact_costs(X, Y, rows, cols)
+    want = ((Y.T[cols] - X.T[rows]) ** 2).sum(axis=1)
+    assert got.tobytes() == want.tobytes()
