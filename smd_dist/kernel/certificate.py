@@ -178,9 +178,10 @@ def certify(
     a, b = marginals(D.shape, counts)
     if mass.size == 0 or mass.min() < 0:
         raise SolverError("transport plan has negative or no mass")
-    rs = np.bincount(rows, weights=mass, minlength=nx)
-    cs = np.bincount(cols, weights=mass, minlength=ny)
-    err = max(np.abs(rs / a - 1).max(), np.abs(cs / b - 1).max())
+    # Both margins' relative errors in one array: half the NumPy calls of two.
+    rel = np.concatenate((np.bincount(rows, mass, nx) / a, np.bincount(cols, mass, ny) / b))
+    rel -= 1.0
+    err = np.abs(rel, out=rel).max()
     if not err <= 1e-9:
         raise SolverError(f"transport plan marginals off by {err:.3g} (relative)")
     # fsum of a list: a third faster than of an array, whose items it boxes one by one.

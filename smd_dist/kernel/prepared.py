@@ -131,17 +131,33 @@ def identical_columns(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     if (ranked[1:] != ranked[:-1]).all():  # the usual case: no two fingerprints alike
         return first_of, np.arange(n), np.ones(n, np.int64)
     order = np.argsort(f, kind="stable")  # ties in column order
-    same = f[order][1:] == f[order][:-1]
-    starts = np.flatnonzero(np.r_[True, ~same])
-    ends = np.r_[starts[1:], n]
-    for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
-        members = order[s:e]  # ascending column index within a bucket
+    ranked = f[order]
+    starts = np.flatnonzero(np.concatenate(([True], ranked[1:] != ranked[:-1])))
+    sizes = np.diff(np.append(starts, n))
+    for s, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist(), strict=True):
+        members = order[s : s + size]  # ascending column index within a bucket
         first = members[0]
-        for j in members[1:]:
+        for j in members[1:].tolist():
             if np.array_equal(X[:, j], X[:, first]):
                 first_of[j] = first
-    keep, group, counts = np.unique(first_of, return_inverse=True, return_counts=True)
-    return keep, group, counts.astype(np.int64)
+    # Every column points at its group's first column, a leader pointing at itself: the
+    # groups are the leaders' ranks (np.unique's answer, without its sorts).
+    leader = first_of == np.arange(n)
+    group = (np.cumsum(leader) - 1)[first_of]
+    return np.flatnonzero(leader), group, np.bincount(group).astype(np.int64)
+
+
+#: Reps up to this size are reordered with one gather; larger ones column by column, in
+#: place, without a second copy of the rep.
+_GATHER_BYTES = 1 << 23
+
+
+@functools.lru_cache(maxsize=1024)
+def _no_groups(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``group`` and ``counts`` of a rep whose ``n`` columns all differ (shared, read-only)."""
+    group, counts = np.arange(n), np.ones(n, np.int64)
+    group.flags.writeable = counts.flags.writeable = False
+    return group, counts
 
 
 @functools.lru_cache(maxsize=64)
@@ -163,21 +179,20 @@ def _made(X, *, name: str, owned: bool) -> PreparedRep:
         # so all-distinct norms rule out copies without a fingerprint pass over X.
         if owned:
             X.flags.writeable = False
+        group, counts = _no_groups(n)
         return PreparedRep(
-            columns=X,
-            sq_norms=sq_norms,
-            n_distinct=n,
-            group=np.arange(n),
-            counts=np.ones(n, np.int64),
-            name=name,
+            columns=X, sq_norms=sq_norms, n_distinct=n, group=group, counts=counts, name=name
         )
     keep, group, counts = identical_columns(X)
     k = keep.size
     neurons = None
     if k < n:
-        copies = np.setdiff1d(np.arange(n), keep, assume_unique=True)
+        copies = np.flatnonzero(keep[group] != np.arange(n))  # not their group's first
         neurons = np.concatenate([keep, copies])
-        if owned:
+        if owned and X.nbytes <= _GATHER_BYTES:
+            # Copies hold their first column's values, so the reordered array is X[:, neurons].
+            X[...] = X[:, neurons]
+        elif owned:
             # keep is ascending, so keep[q] >= q: moving left never overwrites a
             # representative that has not moved yet, only copies, whose values their
             # representative still holds.

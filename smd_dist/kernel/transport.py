@@ -74,6 +74,7 @@ from smd_dist.kernel.sparse import MAX_EXACT_FRACTION, SparseUnsuitable, solve_s
 from smd_dist.kernel.sparse import SOLVER as SPARSE_SOLVER
 
 __all__ = [
+    "MERGE_MIN_WORK",
     "SPARSE_MIN_ENTRIES",
     "Transport",
     "exact_costs",
@@ -88,6 +89,13 @@ __all__ = [
 #: 0.51-0.94x at 384², where the dense path gives 0.86-0.90x) more than it gains on hard
 #: ones; from 512² it wins or ties in every regime (1.2-4x on a shared latent).
 SPARSE_MIN_ENTRIES = 512 * 512
+#: A pair for the dense path is merged only when ``(entries saved) · (M + 400)`` reaches
+#: this: the product saves about M, and the network simplex about 400, per entry merged
+#: away, against a fixed 40-60 µs to spread the plan back over the copies. Measured on
+#: dead units (10-50 %), one thread, 2026-12-04: merging 32² at M = 100 was 1.3-1.5x
+#: slower than solving with the exact ties (which the simplex handles as well), and
+#: paid from about 2,500 entries saved at M = 100 and 500 at M = 2000.
+MERGE_MIN_WORK = 1_200_000
 #: Below this many entries, pairs with more than :data:`SPARSE_TIED_LIMIT` nearly tied rows
 #: or columns (near-duplicate neurons) go dense: the sparse path needs more rounds there
 #: (measured at 512²: 67 ms dense against 84 ms sparse; even at 1024²). The test samples
@@ -221,13 +229,15 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
             D = D[np.ix_(_order(x), _order(y))]
         tr = _dense(x.columns, y.columns, norms, tol=tol, device=dev, D=D, method=method)
         return _original_order(tr, x, y)
-    merged = x.merged or y.merged
+    distinct = x.n_distinct * y.n_distinct
+    screened = distinct >= SPARSE_MIN_ENTRIES and _screenable(norms)
+    saved = x.shape[1] * y.shape[1] - distinct
+    merged = saved > 0 and (screened or saved * (x.shape[0] + 400) >= MERGE_MIN_WORK)
     X, Y = (x.distinct(), y.distinct()) if merged else (x.columns, y.columns)
     if merged:
         norms = (norms[0][: x.n_distinct], norms[1][: y.n_distinct])
     counts = (x.counts, y.counts) if merged else None
     compact = None
-    screened = x.n_distinct * y.n_distinct >= SPARSE_MIN_ENTRIES and _screenable(norms)
     if screened and _bounds_trusted(dev):
         low = (_low(x, dev), _low(y, dev))
         try:
@@ -284,8 +294,8 @@ def _expand(rows, cols, mass, gx, gy, cx, cy):
     """Spread each merged plan entry evenly over all pairs of the merged neurons' copies."""
     mx = np.argsort(gx, kind="stable")
     my = np.argsort(gy, kind="stable")
-    sx = np.r_[0, np.cumsum(cx)]
-    sy = np.r_[0, np.cumsum(cy)]
+    sx = np.concatenate(([0], np.cumsum(cx)))  # np.r_ costs 10 µs a call
+    sy = np.concatenate(([0], np.cumsum(cy)))
     n = cx[rows] * cy[cols]
     k = np.repeat(np.arange(rows.size), n)
     off = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
@@ -328,7 +338,7 @@ def _sparse(X, Y, norms, low, *, tol, device, counts=None, forced=False):
     would be faster.
     """
     if not forced and X.shape[1] * Y.shape[1] < SPARSE_TIED_MIN_ENTRIES:
-        tied = _sampled_ambiguity(low, norms)
+        tied = _sampled_ambiguity(low, norms, device)
         if tied > SPARSE_TIED_LIMIT:
             raise SolverError(
                 f"{tied:.0%} of rows or columns nearly tied: the dense path is faster"
@@ -353,7 +363,7 @@ def _sparse(X, Y, norms, low, *, tol, device, counts=None, forced=False):
     return sol.rows, sol.cols, sol.mass, sol.u, sol.v, cert
 
 
-def _sampled_ambiguity(low, norms) -> float:
+def _sampled_ambiguity(low, norms, device) -> float:
     """:func:`smd_dist.kernel.dense.ambiguity` of the costs the low-precision copies give,
     on every 8th row and every 8th column only.
 
@@ -365,6 +375,7 @@ def _sampled_ambiguity(low, norms) -> float:
     (sx, Xl, _, _), (sy, Yl, _, _) = low
     back = 2.0 / (sx * sy)  # twice the product, in the original units
     nx, ny = norms
+    Xl, Yl = Xl.to(device), Yl.to(device)
     rows = (Xl[::8] @ Yl.T).double().cpu().numpy()
     cols = (Xl @ Yl[::8].T).double().cpu().numpy()
     rows = nx[::8, None] + ny[None, :] - back * rows

@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_transport import make
 
+from smd_dist.kernel import transport
 from smd_dist.kernel.bounds import low_precision, product_dtype
 from smd_dist.kernel.preparation import preprocess, squared_distances
 from smd_dist.kernel.prepared import PreparedRep, as_prepared, identical_columns, prepare
@@ -101,7 +102,8 @@ def test_as_prepared_leaves_the_callers_array_alone():
     assert as_prepared(plain).columns is plain  # nothing repeats: no copy
 
 
-def test_merged_problem_is_a_view_with_the_same_optimum():
+def test_merged_problem_is_a_view_with_the_same_optimum(monkeypatch):
+    monkeypatch.setattr(transport, "MERGE_MIN_WORK", 0)  # merge even this small pair
     X, Y = make("redundant", 60, 48, 40, 13)
     X[:, 1::7] = 0.0
     reference = ot.emd2(
@@ -160,7 +162,8 @@ def test_prepared_reps_give_bit_identical_solves_fresh_or_reused(kind, shape):
             assert np.array_equal(getattr(tr, field), getattr(fresh, field))
 
 
-def test_plan_and_duals_come_back_in_the_callers_neuron_order():
+def test_plan_and_duals_come_back_in_the_callers_neuron_order(monkeypatch):
+    monkeypatch.setattr(transport, "MERGE_MIN_WORK", 0)  # merge even this small pair
     X, Y = make("redundant", 40, 30, 24, 5)
     X[:, [3, 11, 17]] = 0.0
     Y[:, 5] = Y[:, 2]

@@ -149,7 +149,8 @@ def test_all_zero_inputs():
     assert tr.cost == 0.0 and tr.certificate.passed
 
 
-def test_identical_columns_are_merged_exactly():
+def test_identical_columns_are_merged_exactly(monkeypatch):
+    monkeypatch.setattr(solvers, "MERGE_MIN_WORK", 0)  # merge even this small pair
     rng = np.random.default_rng(7)
     X = rng.standard_normal((15, 12))
     X[:, [2, 5, 9]] = 0.0  # dead units
@@ -228,3 +229,19 @@ def test_exact_costs_of_a_permutation_read_rows_in_place_to_the_same_bits():
     got = solvers.exact_costs(X, Y, rows, cols)
     want = ((Y.T[cols] - X.T[rows]) ** 2).sum(axis=1)
     assert got.tobytes() == want.tobytes()
+
+
+def test_small_pairs_keep_their_exact_ties_and_large_ones_merge():
+    """Merging pays only when it removes enough work; below that the simplex takes the
+    copies as they are, to the same optimum."""
+    X, Y = make("random", 30, 32, 32, 8)
+    X[:, [3, 9, 20]] = 0.0
+    Y[:, [1, 2]] = 0.0
+    small = solve(X, Y)
+    assert small.solver == "network-simplex" and small.certificate.passed
+    assert small.cost == pytest.approx(reference(X, Y), rel=1e-12)
+    X, Y = make("random", 30, 96, 96, 8)
+    X[:, ::3] = 0.0  # a third dead: about 4,000 entries saved
+    large = solve(X, Y)
+    assert large.solver == "merged-network-simplex"
+    assert large.cost == pytest.approx(reference(X, Y), rel=1e-12)
