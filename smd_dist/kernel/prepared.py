@@ -168,13 +168,14 @@ def _fingerprint_weights(m: int) -> np.ndarray:
     return w
 
 
-def _made(X, *, name: str, owned: bool) -> PreparedRep:
+def _made(X, *, name: str, owned: bool, group: bool = True) -> PreparedRep:
     """The prepared rep of an already prepared array; ``owned``: reorder ``X`` in place
-    and make it read-only (else a reordered copy is made where columns repeat)."""
+    and make it read-only (else a reordered copy is made where columns repeat);
+    ``group=False``: every column its own group, copies not looked for."""
     n = X.shape[1]
     sq_norms = squared_norms(X)
-    ranked = np.sort(sq_norms)
-    if (ranked[1:] != ranked[:-1]).all():
+    ranked = np.sort(sq_norms) if group else None
+    if not group or (ranked[1:] != ranked[:-1]).all():
         # Identical columns have identical norms (the same operations on the same values),
         # so all-distinct norms rule out copies without a fingerprint pass over X.
         if owned:
@@ -218,7 +219,13 @@ def _made(X, *, name: str, owned: bool) -> PreparedRep:
 
 
 def prepare(
-    X, *, center: bool = True, normalize: str | None = None, name: str = "X", kept: bool = True
+    X,
+    *,
+    center: bool = True,
+    normalize: str | None = None,
+    name: str = "X",
+    kept: bool = True,
+    group: bool = True,
 ):
     """Validate, centre and normalise one (stimuli, neurons) array into a :class:`PreparedRep`.
 
@@ -229,6 +236,10 @@ def prepare(
     center, normalize, name, kept :
         As :func:`smd_dist.kernel.preparation.preprocess`: ``kept=False`` for a rep used
         in one pair and dropped.
+    group : bool
+        Look for identical columns (dead units, copies). ``False`` makes every column its
+        own group: still exact, for a pair too small for merging to pay
+        (:func:`smd_dist.kernel.transport.merging_can_pay`).
 
     Returns
     -------
@@ -242,7 +253,7 @@ def prepare(
         normalisation.
     """
     columns = preprocess(X, center=center, normalize=normalize, name=name, kept=kept)
-    return _made(columns, name=name, owned=True)
+    return _made(columns, name=name, owned=True, group=group)
 
 
 def prepare_pair(
@@ -253,6 +264,7 @@ def prepare_pair(
     normalize: str | None = None,
     names=("X", "Y"),
     kept: bool = True,
+    group: bool = True,
 ) -> tuple[PreparedRep, PreparedRep]:
     """:func:`prepare` both (stimuli, neurons) arrays of a pair and check their stimuli.
 
@@ -261,8 +273,9 @@ def prepare_pair(
     ValueError
         Bad input in either (named by ``names``) or different stimulus counts.
     """
-    x = prepare(X, center=center, normalize=normalize, name=names[0], kept=kept)
-    y = prepare(Y, center=center, normalize=normalize, name=names[1], kept=kept)
+    options = {"center": center, "normalize": normalize, "kept": kept, "group": group}
+    x = prepare(X, name=names[0], **options)
+    y = prepare(Y, name=names[1], **options)
     check_same_stimuli(x.columns, y.columns, names=names)
     return x, y
 

@@ -78,6 +78,7 @@ __all__ = [
     "SPARSE_MIN_ENTRIES",
     "Transport",
     "exact_costs",
+    "merging_can_pay",
     "plan_cost",
     "solve",
 ]
@@ -233,9 +234,15 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     screened = distinct >= SPARSE_MIN_ENTRIES and _screenable(norms)
     saved = x.shape[1] * y.shape[1] - distinct
     merged = saved > 0 and (screened or saved * (x.shape[0] + 400) >= MERGE_MIN_WORK)
-    X, Y = (x.distinct(), y.distinct()) if merged else (x.columns, y.columns)
     if merged:
+        X, Y = x.distinct(), y.distinct()
         norms = (norms[0][: x.n_distinct], norms[1][: y.n_distinct])
+    else:
+        # Solved in the caller's neuron order, as if copies had never been looked for: the
+        # same costs in the same order, so the same plan bit for bit as from a rep
+        # prepared with group=False (ties let a reordered matrix pick another optimum).
+        (X, nx2), (Y, ny2) = _callers_order(x), _callers_order(y)
+        norms = (nx2, ny2)
     counts = (x.counts, y.counts) if merged else None
     compact = None
     if screened and _bounds_trusted(dev):
@@ -248,7 +255,7 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     if compact is None:
         compact = _dense(X, Y, norms, tol=tol, device=dev, counts=counts)
     if not merged:
-        return _original_order(compact, x, y)
+        return compact
     rows, cols, mass = _expand(
         compact.rows, compact.cols, compact.mass, x.group, y.group, x.counts, y.counts
     )
@@ -266,11 +273,28 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     return _original_order(whole, x, y)
 
 
+def merging_can_pay(stimuli: int, nx: int, ny: int) -> bool:
+    """Whether :func:`solve` may merge identical neurons of an (``nx``, ``ny``) pair.
+
+    It merges only pairs for the sparse path or where merging saves enough work
+    (:data:`MERGE_MIN_WORK`); for any other pair, looking for copies is wasted.
+    """
+    return nx * ny >= SPARSE_MIN_ENTRIES or nx * ny * (stimuli + 400) >= MERGE_MIN_WORK
+
+
 def _low(rep: PreparedRep, device: torch.device, *, whole: bool = False):
     """The rep's low-precision copy in this device's product precision (its distinct
     columns unless ``whole``)."""
     dtype = product_dtype(device)
     return rep.low_precision(device, dtype) if whole else rep.distinct_low_precision(device, dtype)
+
+
+def _callers_order(rep: PreparedRep):
+    """``(columns, sq_norms)`` of ``rep`` in the order of the array it was made from."""
+    if rep.neurons is None:
+        return rep.columns, rep.sq_norms
+    back = np.argsort(rep.neurons)
+    return np.asfortranarray(rep.columns[:, back]), rep.sq_norms[back]
 
 
 def _order(rep: PreparedRep) -> np.ndarray:

@@ -179,3 +179,25 @@ def test_plan_and_duals_come_back_in_the_callers_neuron_order(monkeypatch):
     assert reduced.min() >= -1e-9 and np.abs(reduced[tr.rows, tr.cols]).max() <= 1e-9
     order = np.lexsort((tr.cols, tr.rows))
     assert np.array_equal(order, np.arange(order.size))  # sorted by (row, col)
+
+
+def test_a_pair_too_small_to_merge_is_prepared_without_looking_for_copies():
+    X = _with_copies()
+    rep = prepare(X, group=False)
+    assert rep.n_distinct == X.shape[1] and not rep.merged and rep.neurons is None
+    assert not transport.merging_can_pay(20, 12, 12)
+    assert transport.merging_can_pay(2000, 40, 40) and transport.merging_can_pay(20, 600, 600)
+
+
+@pytest.mark.parametrize("shape", [(12, 14), (90, 100), (700, 600)])
+def test_the_public_function_and_kept_reps_give_the_same_bits(shape):
+    """soft_matching looks for copies only where solve could merge them, and solve works
+    in the caller's order when it does not: the engine's kept reps give the same bits."""
+    import smd_dist
+
+    X, Y = make("redundant", 40, *shape, sum(shape))
+    X[:, ::5] = 0.0
+    Y[:, 1] = Y[:, 0]
+    x, y = prepare(X), prepare(Y)
+    assert x.merged and y.merged
+    assert smd_dist.soft_matching_distance(X, Y) == math.sqrt(max(solve(x, y).cost, 0.0))
