@@ -174,8 +174,11 @@ def _made(X, *, name: str, owned: bool, group: bool = True) -> PreparedRep:
     ``group=False``: every column its own group, copies not looked for."""
     n = X.shape[1]
     sq_norms = squared_norms(X)
-    ranked = np.sort(sq_norms) if group else None
-    if not group or (ranked[1:] != ranked[:-1]).all():
+    if group:
+        by_norm = np.argsort(sq_norms, kind="stable")
+        ranked = sq_norms[by_norm]
+        alike = ranked[1:] == ranked[:-1]
+    if not group or not alike.any():
         # Identical columns have identical norms (the same operations on the same values),
         # so all-distinct norms rule out copies without a fingerprint pass over X.
         if owned:
@@ -184,7 +187,17 @@ def _made(X, *, name: str, owned: bool, group: bool = True) -> PreparedRep:
         return PreparedRep(
             columns=X, sq_norms=sq_norms, n_distinct=n, group=group, counts=counts, name=name
         )
-    keep, group, counts = identical_columns(X)
+    # Only columns that share their norm can be copies: fingerprints of those alone (dead
+    # units, typically a few columns, not a pass over the rep).
+    shared = np.zeros(n, bool)
+    shared[by_norm[1:][alike]] = shared[by_norm[:-1][alike]] = True
+    candidates = np.flatnonzero(shared)
+    firsts, groups, _ = identical_columns(X[:, candidates])
+    first_of = np.arange(n)
+    first_of[candidates] = candidates[firsts[groups]]
+    leader = first_of == np.arange(n)
+    group = (np.cumsum(leader) - 1)[first_of]
+    keep, counts = np.flatnonzero(leader), np.bincount(group).astype(np.int64)
     k = keep.size
     neurons = None
     if k < n:
@@ -209,7 +222,7 @@ def _made(X, *, name: str, owned: bool, group: bool = True) -> PreparedRep:
         X.flags.writeable = False
     return PreparedRep(
         columns=X,
-        sq_norms=squared_norms(X) if k < n else sq_norms,
+        sq_norms=sq_norms[neurons] if k < n else sq_norms,  # the same bits, reordered
         n_distinct=int(k),
         group=group,
         counts=counts,
