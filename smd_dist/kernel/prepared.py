@@ -29,7 +29,14 @@ from smd_dist.kernel.certificate import squared_norms
 from smd_dist.kernel.preparation import neuron_major, preprocess
 from smd_dist.kernel.validation import check_same_stimuli
 
-__all__ = ["PreparedRep", "as_prepared", "identical_columns", "prepare", "prepare_pair"]
+__all__ = [
+    "PreparedRep",
+    "as_prepared",
+    "identical_columns",
+    "prepare",
+    "prepare_pair",
+    "regrouped",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,8 +211,9 @@ def _made(X, *, name: str, owned: bool, group: bool = True) -> PreparedRep:
         copies = np.flatnonzero(keep[group] != np.arange(n))  # not their group's first
         neurons = np.concatenate([keep, copies])
         if owned and X.nbytes <= _GATHER_BYTES:
-            # Copies hold their first column's values, so the reordered array is X[:, neurons].
-            X[...] = X[:, neurons]
+            # Copies hold their first column's values, so the reordered array is X[:, neurons]
+            # (gathered as whole tuning curves: rows of the transpose).
+            X.T[...] = X.T[neurons]
         elif owned:
             # keep is ascending, so keep[q] >= q: moving left never overwrites a
             # representative that has not moved yet, only copies, whose values their
@@ -291,6 +299,14 @@ def prepare_pair(
     y = prepare(Y, name=names[1], **options)
     check_same_stimuli(x.columns, y.columns, names=names)
     return x, y
+
+
+def regrouped(rep: PreparedRep) -> PreparedRep:
+    """``rep`` with its identical columns grouped, for a rep made with ``group=False``
+    (a copy, as :func:`prepare` would have made it; ``rep`` itself when it has groups)."""
+    if rep.merged:
+        return rep
+    return _made(np.array(rep.columns, order="F"), name=rep.name, owned=True)
 
 
 def as_prepared(X, *, name: str = "X") -> PreparedRep:

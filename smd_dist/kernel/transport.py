@@ -273,13 +273,26 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     return _original_order(whole, x, y)
 
 
-def merging_can_pay(stimuli: int, nx: int, ny: int) -> bool:
-    """Whether :func:`solve` may merge identical neurons of an (``nx``, ``ny``) pair.
+def merging_can_pay(x: PreparedRep, y: PreparedRep) -> bool:
+    """Whether :func:`solve` could merge identical neurons of the pair ``x``, ``y``.
 
     It merges only pairs for the sparse path or where merging saves enough work
-    (:data:`MERGE_MIN_WORK`); for any other pair, looking for copies is wasted.
+    (:data:`MERGE_MIN_WORK`). For reps made without looking for copies (``group=False``),
+    copies share their squared norm, so the distinct norms bound the distinct neurons
+    from below; where even that bound rules merging out, looking for copies is wasted.
     """
-    return nx * ny >= SPARSE_MIN_ENTRIES or nx * ny * (stimuli + 400) >= MERGE_MIN_WORK
+    nx, ny = _distinct_bound(x), _distinct_bound(y)
+    full = x.shape[1] * y.shape[1]
+    if nx * ny >= SPARSE_MIN_ENTRIES:
+        return True
+    return (full - nx * ny) * (x.shape[0] + 400) >= MERGE_MIN_WORK
+
+
+def _distinct_bound(rep: PreparedRep) -> int:
+    if rep.merged:
+        return rep.n_distinct
+    ranked = np.sort(rep.sq_norms)
+    return 1 + int(np.count_nonzero(ranked[1:] != ranked[:-1]))
 
 
 def _low(rep: PreparedRep, device: torch.device, *, whole: bool = False):
@@ -294,7 +307,7 @@ def _callers_order(rep: PreparedRep):
     if rep.neurons is None:
         return rep.columns, rep.sq_norms
     back = np.argsort(rep.neurons)
-    return np.asfortranarray(rep.columns[:, back]), rep.sq_norms[back]
+    return rep.columns.T[back].T, rep.sq_norms[back]  # whole tuning curves, neuron-major
 
 
 def _order(rep: PreparedRep) -> np.ndarray:

@@ -20,11 +20,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import scipy.sparse as sp
 
 from smd_dist.kernel.certificate import Certificate
-from smd_dist.kernel.prepared import PreparedRep, prepare_pair
+from smd_dist.kernel.prepared import PreparedRep, prepare_pair, regrouped
 from smd_dist.kernel.transport import Transport, merging_can_pay, solve
 
 __all__ = [
@@ -120,13 +119,11 @@ def soft_matching(
     """
     # Prepared for this pair only: heap memory, reused from call to call; copies looked
     # for only where the solve could merge them.
-    shape_x, shape_y = np.shape(X), np.shape(Y)
-    group = len(shape_x) != 2 or len(shape_y) != 2 or merging_can_pay(
-        shape_x[0], shape_x[1], shape_y[1]
-    )
     x, y = prepare_pair(
-        X, Y, center=center, normalize=normalize, names=names, kept=False, group=group
+        X, Y, center=center, normalize=normalize, names=names, kept=False, group=False
     )
+    if merging_can_pay(x, y):
+        x, y = regrouped(x), regrouped(y)
     tr = transport(x, y, device=device)
     cost = max(tr.cost, 0.0)
     score = 1.0 - cost / 2.0 if (center and normalize == "unit") else None

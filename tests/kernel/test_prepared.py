@@ -14,7 +14,13 @@ from test_transport import make
 from smd_dist.kernel import transport
 from smd_dist.kernel.bounds import low_precision, product_dtype
 from smd_dist.kernel.preparation import preprocess, squared_distances
-from smd_dist.kernel.prepared import PreparedRep, as_prepared, identical_columns, prepare
+from smd_dist.kernel.prepared import (
+    PreparedRep,
+    as_prepared,
+    identical_columns,
+    prepare,
+    regrouped,
+)
 from smd_dist.kernel.transport import solve
 
 CPU = torch.device("cpu")
@@ -185,8 +191,17 @@ def test_a_pair_too_small_to_merge_is_prepared_without_looking_for_copies():
     X = _with_copies()
     rep = prepare(X, group=False)
     assert rep.n_distinct == X.shape[1] and not rep.merged and rep.neurons is None
-    assert not transport.merging_can_pay(20, 12, 12)
-    assert transport.merging_can_pay(2000, 40, 40) and transport.merging_can_pay(20, 600, 600)
+    assert not transport.merging_can_pay(rep, rep)  # 12 neurons: never worth merging
+    grouped = prepare(X)
+    for again in (regrouped(rep), regrouped(grouped)):
+        assert again.n_distinct == grouped.n_distinct == 8
+        assert np.array_equal(again.columns, grouped.columns)
+        assert np.array_equal(again.neurons, grouped.neurons)
+    wide = prepare(np.random.default_rng(3).standard_normal((30, 600)), group=False)
+    assert transport.merging_can_pay(wide, wide)  # the sparse path merges
+    dead = np.random.default_rng(3).standard_normal((2000, 64))
+    dead[:, :20] = 0.0  # a third dead: merging 64² at M = 2000 pays
+    assert transport.merging_can_pay(prepare(dead, group=False), prepare(dead, group=False))
 
 
 @pytest.mark.parametrize("shape", [(12, 14), (90, 100), (700, 600)])
