@@ -35,7 +35,6 @@ __all__ = [
     "identical_columns",
     "prepare",
     "prepare_pair",
-    "regrouped",
 ]
 
 
@@ -175,12 +174,13 @@ def _fingerprint_weights(m: int) -> np.ndarray:
     return w
 
 
-def _made(X, *, name: str, owned: bool, group: bool = True) -> PreparedRep:
+def _made(X, *, name: str, owned: bool, group: bool = True, sq_norms=None) -> PreparedRep:
     """The prepared rep of an already prepared array; ``owned``: reorder ``X`` in place
     and make it read-only (else a reordered copy is made where columns repeat);
-    ``group=False``: every column its own group, copies not looked for."""
+    ``group=False``: every column its own group, copies not looked for; ``sq_norms``:
+    those of ``X``, when already computed."""
     n = X.shape[1]
-    sq_norms = squared_norms(X)
+    sq_norms = squared_norms(X) if sq_norms is None else sq_norms
     if group:
         by_norm = np.argsort(sq_norms, kind="stable")
         ranked = sq_norms[by_norm]
@@ -285,28 +285,30 @@ def prepare_pair(
     normalize: str | None = None,
     names=("X", "Y"),
     kept: bool = True,
-    group: bool = True,
+    group=True,
 ) -> tuple[PreparedRep, PreparedRep]:
     """:func:`prepare` both (stimuli, neurons) arrays of a pair and check their stimuli.
+
+    ``group`` may also be a function of both reps' squared column norms and the stimulus
+    count, ``group(sq_norms_x, sq_norms_y, stimuli) -> bool``, deciding whether to look
+    for copies at all (:func:`smd_dist.kernel.transport.merging_can_pay`).
 
     Raises
     ------
     ValueError
         Bad input in either (named by ``names``) or different stimulus counts.
     """
-    options = {"center": center, "normalize": normalize, "kept": kept, "group": group}
-    x = prepare(X, name=names[0], **options)
-    y = prepare(Y, name=names[1], **options)
-    check_same_stimuli(x.columns, y.columns, names=names)
+    options = {"center": center, "normalize": normalize, "kept": kept}
+    columns = [preprocess(A, name=name, **options) for A, name in zip((X, Y), names, strict=True)]
+    check_same_stimuli(*columns, names=names)
+    norms = [squared_norms(c) for c in columns]
+    if callable(group):
+        group = bool(group(*norms, columns[0].shape[0]))
+    x, y = (
+        _made(c, name=name, owned=True, group=group, sq_norms=sq)
+        for c, name, sq in zip(columns, names, norms, strict=True)
+    )
     return x, y
-
-
-def regrouped(rep: PreparedRep) -> PreparedRep:
-    """``rep`` with its identical columns grouped, for a rep made with ``group=False``
-    (a copy, as :func:`prepare` would have made it; ``rep`` itself when it has groups)."""
-    if rep.merged:
-        return rep
-    return _made(np.array(rep.columns, order="F"), name=rep.name, owned=True)
 
 
 def as_prepared(X, *, name: str = "X") -> PreparedRep:

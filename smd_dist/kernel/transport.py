@@ -273,25 +273,23 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     return _original_order(whole, x, y)
 
 
-def merging_can_pay(x: PreparedRep, y: PreparedRep) -> bool:
-    """Whether :func:`solve` could merge identical neurons of the pair ``x``, ``y``.
+def merging_can_pay(sq_norms_x, sq_norms_y, stimuli: int) -> bool:
+    """Whether :func:`solve` could merge identical neurons of a pair with these squared
+    column norms.
 
     It merges only pairs for the sparse path or where merging saves enough work
-    (:data:`MERGE_MIN_WORK`). For reps made without looking for copies (``group=False``),
-    copies share their squared norm, so the distinct norms bound the distinct neurons
-    from below; where even that bound rules merging out, looking for copies is wasted.
+    (:data:`MERGE_MIN_WORK`). Copies share their squared norm, so the distinct norms
+    bound the distinct neurons from below; where even that bound rules merging out,
+    looking for copies is wasted (:func:`smd_dist.kernel.prepared.prepare_pair`).
     """
-    nx, ny = _distinct_bound(x), _distinct_bound(y)
-    full = x.shape[1] * y.shape[1]
+    nx, ny = _distinct(sq_norms_x), _distinct(sq_norms_y)
     if nx * ny >= SPARSE_MIN_ENTRIES:
         return True
-    return (full - nx * ny) * (x.shape[0] + 400) >= MERGE_MIN_WORK
+    return (sq_norms_x.size * sq_norms_y.size - nx * ny) * (stimuli + 400) >= MERGE_MIN_WORK
 
 
-def _distinct_bound(rep: PreparedRep) -> int:
-    if rep.merged:
-        return rep.n_distinct
-    ranked = np.sort(rep.sq_norms)
+def _distinct(values: np.ndarray) -> int:
+    ranked = np.sort(values)
     return 1 + int(np.count_nonzero(ranked[1:] != ranked[:-1]))
 
 

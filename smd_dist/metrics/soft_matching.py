@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import scipy.sparse as sp
 
 from smd_dist.kernel.certificate import Certificate
-from smd_dist.kernel.prepared import PreparedRep, prepare_pair, regrouped
+from smd_dist.kernel.prepared import PreparedRep, prepare_pair
 from smd_dist.kernel.transport import Transport, merging_can_pay, solve
 
 __all__ = [
@@ -120,10 +120,8 @@ def soft_matching(
     # Prepared for this pair only: heap memory, reused from call to call; copies looked
     # for only where the solve could merge them.
     x, y = prepare_pair(
-        X, Y, center=center, normalize=normalize, names=names, kept=False, group=False
+        X, Y, center=center, normalize=normalize, names=names, kept=False, group=merging_can_pay
     )
-    if merging_can_pay(x, y):
-        x, y = regrouped(x), regrouped(y)
     tr = transport(x, y, device=device)
     cost = max(tr.cost, 0.0)
     score = 1.0 - cost / 2.0 if (center and normalize == "unit") else None

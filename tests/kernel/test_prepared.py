@@ -19,7 +19,7 @@ from smd_dist.kernel.prepared import (
     as_prepared,
     identical_columns,
     prepare,
-    regrouped,
+    prepare_pair,
 )
 from smd_dist.kernel.transport import solve
 
@@ -191,17 +191,20 @@ def test_a_pair_too_small_to_merge_is_prepared_without_looking_for_copies():
     X = _with_copies()
     rep = prepare(X, group=False)
     assert rep.n_distinct == X.shape[1] and not rep.merged and rep.neurons is None
-    assert not transport.merging_can_pay(rep, rep)  # 12 neurons: never worth merging
+    assert not transport.merging_can_pay(rep.sq_norms, rep.sq_norms, 20)  # 12 neurons
+    x, y = prepare_pair(X, X, group=transport.merging_can_pay)
+    assert not x.merged and not y.merged
+    x, y = prepare_pair(X, X, group=lambda *args: True)
     grouped = prepare(X)
-    for again in (regrouped(rep), regrouped(grouped)):
-        assert again.n_distinct == grouped.n_distinct == 8
-        assert np.array_equal(again.columns, grouped.columns)
-        assert np.array_equal(again.neurons, grouped.neurons)
+    assert x.n_distinct == grouped.n_distinct == 8
+    assert np.array_equal(x.columns, grouped.columns)
+    assert np.array_equal(x.neurons, grouped.neurons)
     wide = prepare(np.random.default_rng(3).standard_normal((30, 600)), group=False)
-    assert transport.merging_can_pay(wide, wide)  # the sparse path merges
+    assert transport.merging_can_pay(wide.sq_norms, wide.sq_norms, 30)  # the sparse path
     dead = np.random.default_rng(3).standard_normal((2000, 64))
     dead[:, :20] = 0.0  # a third dead: merging 64² at M = 2000 pays
-    assert transport.merging_can_pay(prepare(dead, group=False), prepare(dead, group=False))
+    norms = prepare(dead, group=False).sq_norms
+    assert transport.merging_can_pay(norms, norms, 2000)
 
 
 @pytest.mark.parametrize("shape", [(12, 14), (90, 100), (700, 600)])
