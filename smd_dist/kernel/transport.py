@@ -92,11 +92,12 @@ __all__ = [
 SPARSE_MIN_ENTRIES = 512 * 512
 #: A pair for the dense path is merged only when ``(entries saved) · (M + 400)`` reaches
 #: this: the product saves about M, and the network simplex about 400, per entry merged
-#: away, against a fixed 40-60 µs to spread the plan back over the copies. Measured on
-#: dead units (10-50 %), one thread, 2026-12-04: merging 32² at M = 100 was 1.3-1.5x
-#: slower than solving with the exact ties (which the simplex handles as well), and
-#: paid from about 2,500 entries saved at M = 100 and 500 at M = 2000.
-MERGE_MIN_WORK = 1_200_000
+#: away, against a fixed 40-60 µs to spread the plan back over the copies (and, for a
+#: pair prepared for one solve, to group the copies). Measured on dead units (10-50 %),
+#: one thread, 2026-12-04: merging 32² at M = 100 was 1.3-1.5x slower than solving with
+#: the exact ties (which the simplex handles as well), broke even from about 2,500
+#: entries saved at M = 100 and 500 at M = 2000, and gained 15 % or more from twice that.
+MERGE_MIN_WORK = 2_400_000
 #: Below this many entries, pairs with more than :data:`SPARSE_TIED_LIMIT` nearly tied rows
 #: or columns (near-duplicate neurons) go dense: the sparse path needs more rounds there
 #: (measured at 512²: 67 ms dense against 84 ms sparse; even at 1024²). The test samples
