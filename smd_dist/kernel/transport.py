@@ -48,6 +48,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from smd_dist.kernel.blocked import BLOCKED_MIN_ENTRIES, BlockedBounds
 from smd_dist.kernel.bounds import (
     BoundViolation,
     CostBounds,
@@ -316,8 +317,9 @@ def _sparse(X, Y, norms, low, *, tol, device, counts=None, forced=False):
     would be faster.
     """
     try:
-        bounds = CostBounds(X, Y, norms, device=device, low=low)
-        if not forced and bounds.lower.numel() < SPARSE_TIED_MIN_ENTRIES:
+        wide = X.shape[1] * Y.shape[1] >= BLOCKED_MIN_ENTRIES
+        bounds = (BlockedBounds if wide else CostBounds)(X, Y, norms, device=device, low=low)
+        if not (forced or wide) and X.shape[1] * Y.shape[1] < SPARSE_TIED_MIN_ENTRIES:
             tied = ambiguity(bounds.lower)
             if tied > SPARSE_TIED_LIMIT:
                 raise SolverError(
