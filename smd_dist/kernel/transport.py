@@ -25,7 +25,10 @@ it optimal. Methods (``solver`` strings), chosen per pair from the data:
     prove dual feasible is computed exactly and joins the candidates until none is violated
     (:mod:`smd_dist.kernel.sparse`). The certificate is then a proof over the whole matrix:
     exact on the candidates, by the bound elsewhere. Any failure falls back to the dense
-    methods, which work on the float64 cost matrix.
+    methods, which work on the float64 cost matrix. From
+    :data:`~smd_dist.kernel.blocked.BLOCKED_MIN_ENTRIES` entries the bounds are built one
+    block of the product at a time and kept in 16 bits
+    (:class:`~smd_dist.kernel.blocked.BlockedBounds`): no N x N float matrix is formed.
 ``"assignment"``, ``"network-simplex"``, ``"replicated-assignment"``
     The dense methods (:mod:`smd_dist.kernel.dense`).
 

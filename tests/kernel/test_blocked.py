@@ -50,6 +50,8 @@ def wide(monkeypatch, small_blocks):
     monkeypatch.setattr(solve_module, "BLOCKED_MIN_ENTRIES", 1)
     monkeypatch.setattr(solve_module, "SPARSE_MIN_ENTRIES", 1)
     monkeypatch.setattr(solve_module, "SPARSE_TIED_MIN_ENTRIES", 1)
+    # A dozen candidates per row and column are a large part of so small a matrix.
+    monkeypatch.setattr(solve_module, "MAX_EXACT_FRACTION", 1.0)
 
 
 def _both(X, Y, dtype, **options):
@@ -303,3 +305,54 @@ def test_auto_takes_the_blocked_bounds_from_the_threshold(monkeypatch, caplog, s
     assert at.cost == pytest.approx(reference(X, Y), rel=1e-12)
     assert history[-1].new == 0 or not history[-1].violated
     assert sum(r.new for r in history) + history[0].candidates < 200 * 150 / 2
+
+
+def test_centred_duals_keep_every_sum_and_lose_the_offset():
+    rng = np.random.default_rng(2)
+    u0, v0 = rng.normal(size=50) * 1e5, rng.normal(size=40) * 1e5
+    offset = 9.57e9  # POT's potentials at 16384 x 28672 sat this far from zero
+    u, v = u0 + offset, v0 - offset
+    cu, cv = sparse._centred(u, v)
+    np.testing.assert_array_equal(cu[:, None] + cv[None, :] - (u[:, None] + v[None, :]), 0)
+    assert np.abs(cu).max() < 1e6 and np.abs(cv).max() < 1e6
+
+
+def test_feasible_on_lowers_only_the_columns_a_candidate_violates():
+    rng = np.random.default_rng(3)
+    ny = 30
+    keys = np.sort(rng.choice(20 * ny, 200, replace=False)).astype(np.int64)
+    costs = rng.random(200)
+    u = rng.random(20) * 0.1
+    v = np.full(ny, 0.05)
+    fixed = sparse._feasible_on(keys, costs, u, v, ny)
+    reduced = costs - u[keys // ny] - fixed[keys % ny]
+    assert reduced.min() >= 0 and (fixed <= v).all()
+    bad = np.unique(keys[costs - u[keys // ny] - v[keys % ny] < 0] % ny)
+    assert bad.size and np.array_equal(np.flatnonzero(fixed < v), bad)
+
+
+def test_duals_far_from_zero_or_slightly_infeasible_still_certify(monkeypatch, wide):
+    """POT's potentials carry an offset of about its artificial arc cost, and at large node
+    counts stop a rounding short of feasible: 2^-19 at 16384 x 28672 (redundant and dead
+    neurons), 40 % of the certificate's tolerance, which failed it. Simulated here: every
+    solve's duals moved 2^27 away (sums then keep 2^-25, a third of the tolerance), and,
+    separately, every tenth column's dual 1.2 tolerances too high."""
+    X, Y = _latent(200, 5, ny=160)
+    tol = tolerance_from_norms(np.einsum("ij,ij->j", X, X), np.einsum("ij,ij->j", Y, Y))
+    real = sparse.emd_c_sparse
+    D = squared_distances(X, Y)
+    for shift, excess in ((2.0**27, 0.0), (0.0, 1.2 * tol)):
+
+        def moved(a, b, rows, cols, costs, max_iter, *warm, shift=shift, excess=excess):
+            out = list(real(a, b, rows, cols, costs, max_iter, *warm))
+            out[4] = np.asarray(out[4]) + shift
+            out[5] = np.asarray(out[5]) - shift
+            out[5][::10] += excess
+            return tuple(out)
+
+        monkeypatch.setattr(sparse, "emd_c_sparse", moved)
+        tr = solve(X, Y, method=SOLVER)
+        assert tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
+        assert tr.certificate.passed and tr.certificate.max_violation == 0
+        assert np.abs(tr.u).max() < 2.0**20
+        assert (D - tr.u[:, None] - tr.v[None, :]).min() >= -tr.certificate.tolerance
