@@ -13,15 +13,15 @@ cache, stored as 16-bit multiples of a power of two :math:`q`, rounded down:
 
 with :math:`L_{ij}` the bound of :mod:`smd_dist.kernel.bounds` (same error terms, same
 float32 evaluation slack; dividing by a power of two and taking the floor are exact).
-:math:`q \\approx 6 \\cdot 10^{-5}` of the cost scale, against the bfloat16 product's
-:math:`2 \\cdot 10^{-3}`: the bound barely loosens, and takes 2 bytes an entry.
+:math:`q` is 0.6 to 1.3 :math:`\\cdot 10^{-4}` of the cost scale, against the bfloat16
+product's :math:`2 \\cdot 10^{-3}`: the bound barely loosens, and takes 2 bytes an entry.
 
 The same pass collects the first candidate set of the sparse solver: the :math:`k`
 smallest bounds of every row and of every column. Rows alone are not enough: a column that
 is every row's second choice gets no entry and its dual is set by the rest of the plan,
 which leaves most of its column violated (measured at 4096², M = 2000, shared latent:
 round-one violations fell from 61 per row with the global threshold of
-:meth:`CostBounds.candidates` to 1 per row).
+:meth:`CostBounds.candidates` to about 1 per row).
 
 Pricing (:meth:`BlockedBounds.below`) reads the codes a block of rows at a time, can be
 limited to a sub-matrix (the rows and columns whose duals moved, see
@@ -61,15 +61,17 @@ CANDIDATES = 12
 #: scale (``L <= (|x| + |y|)²`` inflated by the product's error), so this covers them.
 _SPAN = 2.1 / (2**15 - 1)
 #: Rows of the product per GEMM call (a bfloat16 block of 512 × 16384 is 16 MiB), and
-#: entries per float32 chunk turned into bounds at once (4 MiB: in the last-level cache).
+#: entries per float32 chunk turned into bounds at once (16 MiB). Chunks and pricing blocks
+#: are large so that a pass makes few calls into threaded kernels: on an oversubscribed
+#: machine each call waits for both threads (measured at 8192², two threads on a shared
+#: VM: 28 s with 1 MiB blocks, 17 s with these), at 3 % more time on one quiet thread.
 _GEMM_ROWS = 512
 _CHUNK_ELEMENTS = 1 << 22
 #: Widest row segment and tallest row group whose minimum stands for it in the search for
 #: each row's and column's smallest bounds.
 _SEGMENT = 64
 _GROUP = 32
-#: Entries per block when pricing (1 MiB of codes): large enough that the per-call cost of
-#: the threaded element-wise kernels stays small, small enough to stay in cache.
+#: Entries per block when pricing (4 MiB of codes, 8 MiB as float32).
 _PRICE_ELEMENTS = 1 << 21
 #: Columns sampled per row for its cut when a round is over budget.
 _CUT_SAMPLE = 2048
