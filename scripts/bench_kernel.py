@@ -29,6 +29,16 @@ about 20 ms.
 and 64 stimuli, all pairs of ``--reps`` of them, per-pair cost of the naive pair, of
 ``soft_matching_distance`` and of ``solve`` on prepared reps.
 
+``--wide`` prints the scaling table of wide layers instead (issue 22; regimes 1 and 3 by
+default, 1024 to 32768 neurons and an MLP against a hidden layer, 16384 x 28672, M = 2000):
+no POT baseline there (a dense solve at these widths takes hours and a float64 N x N
+matrix), but the floor of the certified approach, one bfloat16 (float32 without native
+bfloat16) product X^T Y of the same widths, timed in the same process, alternating with the
+kernel. Each case runs in a fresh process, so that its peak resident memory is its own; it
+reports the rounds of the sparse solver, the entries whose exact cost it computed, and the
+peak memory beside the memory its inputs alone take. A case whose estimated memory exceeds
+what the machine has available is skipped with a message.
+
 Targets (issues 2, 21): never below 1.0 at widths 32-4096, M 100-2000, in any regime.
 Nothing is asserted: the script prints, the reader judges.
 
@@ -39,12 +49,19 @@ Usage::
     python scripts/bench_kernel.py --sizes 1024,2048x4096 --regimes 1,2 --stimuli 2000
     python scripts/bench_kernel.py --sizes 256,512 --stimuli 100,2000 --prepared
     python scripts/bench_kernel.py --small         # many small pairs (issue 24)
+    python scripts/bench_kernel.py --wide          # the wide-layer scaling table (many minutes)
+    python scripts/bench_kernel.py --wide --sizes 16384 --regimes 1 --rounds
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import math
+import resource
+import subprocess
+import sys
 import time
 import warnings
 
@@ -62,6 +79,7 @@ FULL = [
 FULL_STIMULI = [100, 500, 2000]
 QUICK = ["32", "128", "256", "512", "300x450"]
 QUICK_STIMULI = [100, 2000]
+WIDE = ["1024", "2048", "4096", "8192", "16384", "16384x28672", "32768"]
 REGIMES = {1: "shared latent", 2: "permuted copy", 3: "redundant+dead"}
 NAIVE_MAX_ITER = 10**9
 #: A timed round of a small pair repeats the call until it lasts about this long (s).
@@ -233,6 +251,128 @@ def small_pairs(args) -> None:
               f"{best['naive pair'][0] / wall:10.2f}")
 
 
+def wide_table(args) -> None:
+    """The wide-layer table: each case in a fresh process (see the module docstring)."""
+    import psutil
+    import torch
+
+    from smd_dist.kernel.bounds import product_dtype
+
+    sizes = args.sizes.split(",") if args.sizes else WIDE
+    regimes = [int(r) for r in (args.regimes if args.regimes != "1,2,3" else "1,3").split(",")]
+    dtype = str(product_dtype(torch.device("cpu"))).replace("torch.", "")
+    print(
+        f"M = {_wide_stimuli(args)}, smd_dist {smd_dist.__version__}, {torch.get_num_threads()} "
+        f"threads, product floor in {dtype}; times: best of {args.repeat or 1}, wall (cpu)"
+    )
+    header = (
+        f"{'Nx x Ny':>11} {'regime':>15} {'kernel s':>15} {'product s':>13} {'ratio':>5} "
+        f"{'cpu':>5} {'rounds':>6} {'exact':>9} {'/row':>5} {'peak GiB':>8} {'inputs':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for size in sizes:
+        nx, ny = parse_size(size)
+        for regime in regimes:
+            need = _wide_memory(_wide_stimuli(args), nx, ny)
+            have = psutil.virtual_memory().available
+            if need > have:
+                print(f"{nx:>5}x{ny:<5} {REGIMES[regime]:>15}  skipped: needs about "
+                      f"{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB available", flush=True)
+                continue
+            cmd = [sys.executable, __file__, "--case", f"{nx}x{ny}:{regime}",
+                   "--stimuli", str(_wide_stimuli(args)), "--seed", str(args.seed),
+                   "--repeat", str(args.repeat or 1)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{nx:>5}x{ny:<5} {REGIMES[regime]:>15}  failed:\n{out.stderr[-2000:]}")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(
+                f"{nx:>5}x{ny:<5} {REGIMES[regime]:>15} "
+                f"{r['kernel']:6.2f} ({r['kernel_cpu']:6.2f}) "
+                f"{r['product']:5.2f} ({r['product_cpu']:5.2f}) "
+                f"{r['kernel'] / r['product']:5.2f} {r['kernel_cpu'] / r['product_cpu']:5.2f} "
+                f"{r['rounds']:>6} {r['exact']:>9} {r['exact'] / max(nx, ny):5.1f} "
+                f"{r['peak'] / 2**30:8.2f} {r['inputs'] / 2**30:6.2f}  {r['solver']}",
+                flush=True,
+            )
+            if args.rounds:
+                for k, rd in enumerate(r["history"], start=1):
+                    print(f"{'':>12} round {k}: {rd}")
+
+
+def _wide_memory(m: int, nx: int, ny: int) -> int:
+    """Bytes a wide case needs, about: the inputs and their prepared copies in float64,
+    bfloat16 copies, 16-bit bounds, and room for the rest."""
+    return 2 * 8 * m * (nx + ny) + 2 * m * (nx + ny) + 2 * nx * ny + 2**30
+
+
+class _Rounds(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        if hasattr(record, "sparse_rounds"):
+            self.records.append(record)
+
+
+def wide_case(args) -> None:
+    """One case of the wide table, in this (fresh) process: prints one JSON line."""
+    import torch
+
+    from smd_dist.kernel.bounds import product_dtype
+
+    (nx, ny), regime = parse_size(args.case.split(":")[0]), int(args.case.split(":")[1])
+    X, Y = make_pair(regime, _wide_stimuli(args), nx, ny, seed=args.seed)
+    inputs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    dtype = product_dtype(torch.device("cpu"))
+    # The floor: the product of the low-precision copies, neuron-major as the kernel holds them.
+    xl = torch.from_numpy(np.asfortranarray(X).T.astype(np.float32)).to(dtype)
+    yl = torch.from_numpy(np.asfortranarray(Y).T.astype(np.float32)).to(dtype)
+    smd_dist.soft_matching(X[:, :300], Y[:, :300], device="cpu")  # one-time set-up, not timed
+    handler = _Rounds()
+    log = logging.getLogger("smd_dist.kernel.sparse")
+    log.setLevel(logging.DEBUG)
+    log.addHandler(handler)
+    best = {"kernel": math.inf, "kernel_cpu": math.inf, "product": math.inf,
+            "product_cpu": math.inf}
+    for _ in range(args.repeat or 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        del_product = xl @ yl.T
+        best["product"] = min(best["product"], time.perf_counter() - t0)
+        best["product_cpu"] = min(best["product_cpu"], time.process_time() - c0)
+        del del_product
+        handler.records.clear()
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = smd_dist.soft_matching(X, Y, device="cpu")
+        best["kernel"] = min(best["kernel"], time.perf_counter() - t0)
+        best["kernel_cpu"] = min(best["kernel_cpu"], time.process_time() - c0)
+        if not res.certificate.passed:
+            raise SystemExit(f"certificate failed: {res.certificate}")
+    history = [r.sparse_rounds for r in handler.records]
+    rounds = history[-1] if history else []
+    print(json.dumps({
+        **best,
+        "solver": res.solver,
+        "rounds": len(rounds),
+        "exact": (rounds[-1].candidates + rounds[-1].new) if rounds else 0,
+        "history": [
+            {"candidates": r.candidates, "flagged": r.flagged, "new": r.new,
+             "rows": r.rows, "cols": r.cols}
+            for r in rounds
+        ],
+        "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "inputs": inputs,
+    }))
+
+
+
+def _wide_stimuli(args) -> int:
+    return int(args.stimuli or 2000)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few sizes only")
@@ -247,9 +387,17 @@ def main(argv=None) -> None:
                         help="per-pair cost on many small reps (issue 24) instead")
     parser.add_argument("--reps", type=int, default=60, help="reps for --small (default 60)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="rounds per side; the fastest counts")
+    parser.add_argument("--repeat", type=int,
+                        help="rounds per side; the fastest counts (default 3; --wide 1)")
+    parser.add_argument("--wide", action="store_true", help="the wide-layer scaling table")
+    parser.add_argument("--rounds", action="store_true", help="--wide: print every round")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # --wide: one case, in a child
     args = parser.parse_args(argv)
+    if args.case:
+        return wide_case(args)
+    if args.wide:
+        return wide_table(args)
+    args.repeat = args.repeat or 3
     if args.small:
         small_pairs(args)
     else:

@@ -81,3 +81,26 @@ def test_bench_kernel_pairs_centre_like_a_user_and_dead_units_stay_zero():
     import smd_dist
 
     assert bench.naive_pair(X, Y) == pytest.approx(smd_dist.soft_matching(X, Y).cost, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_bench_kernel_wide_table_runs_each_case_in_its_own_process():
+    """The wide table end to end on a small size: one row per case, rounds and exact
+    entries filled in, and a case that cannot fit in memory is skipped with a message."""
+    out = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_kernel.py"), "--wide", "--sizes", "600x520",
+         "--regimes", "1,3", "--stimuli", "60", "--rounds"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("  600x520")]
+    assert len(rows) == 2, out.stdout
+    latent = rows[0].replace("(", " ").replace(")", " ").split()
+    assert latent[1:3] == ["shared", "latent"] and int(latent[9]) >= 1 and int(latent[10]) > 0
+    assert "round 1:" in out.stdout and "failed" not in out.stdout
+    huge = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_kernel.py"), "--wide", "--sizes", "2000000",
+         "--regimes", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert huge.returncode == 0 and "skipped: needs about" in huge.stdout

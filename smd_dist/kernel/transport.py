@@ -25,7 +25,10 @@ it optimal. Methods (``solver`` strings), chosen per pair from the data:
     prove dual feasible is computed exactly and joins the candidates until none is violated
     (:mod:`smd_dist.kernel.sparse`). The certificate is then a proof over the whole matrix:
     exact on the candidates, by the bound elsewhere. Any failure falls back to the dense
-    methods, which work on the float64 cost matrix.
+    methods, which work on the float64 cost matrix. From
+    :data:`~smd_dist.kernel.blocked.BLOCKED_MIN_ENTRIES` entries the bounds are built one
+    block of the product at a time and kept in 16 bits
+    (:class:`~smd_dist.kernel.blocked.BlockedBounds`): no N x N float matrix is formed.
 ``"assignment"``, ``"network-simplex"``, ``"replicated-assignment"``
     The dense methods (:mod:`smd_dist.kernel.dense`).
 
@@ -48,6 +51,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from smd_dist.kernel.blocked import BLOCKED_MIN_ENTRIES, BlockedBounds
 from smd_dist.kernel.bounds import (
     BoundViolation,
     CostBounds,
@@ -380,7 +384,8 @@ def _sparse(X, Y, norms, low, *, tol, device, counts=None, forced=False):
                 f"{tied:.0%} of rows or columns nearly tied: the dense path is faster"
             )
     try:
-        bounds = CostBounds(X, Y, norms, device=device, low=low)
+        wide = X.shape[1] * Y.shape[1] >= BLOCKED_MIN_ENTRIES
+        bounds = (BlockedBounds if wide else CostBounds)(X, Y, norms, device=device, low=low)
         fraction = 1.0 if forced else MAX_EXACT_FRACTION
         sol = solve_sparse(bounds, tol=tol, counts=counts, max_exact_fraction=fraction)
     except (SparseUnsuitable, BoundViolation, ReducedPrecision) as err:
