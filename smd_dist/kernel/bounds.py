@@ -44,13 +44,16 @@ import torch
 from smd_dist.kernel.preparation import tensor_view
 
 __all__ = [
+    "BoundTerms",
     "BoundViolation",
     "CostBounds",
     "LowPrecision",
     "ReducedPrecision",
+    "bound_terms",
     "low_precision",
     "product_dtype",
     "reduced_float32_matmul",
+    "refuse_reduced_precision",
 ]
 
 _U32 = 2.0**-24
@@ -97,6 +100,18 @@ def reduced_float32_matmul(device: torch.device) -> str | None:
     if setting == "none":  # inherits the global default
         setting = getattr(torch.backends, "fp32_precision", "none")
     return None if setting in ("none", "ieee") else setting
+
+
+def refuse_reduced_precision(device: torch.device) -> None:
+    """Raise :class:`ReducedPrecision` when float32 products on ``device`` run below IEEE
+    float32 (:func:`reduced_float32_matmul`): the bound terms would not hold."""
+    reduced = reduced_float32_matmul(device)
+    if reduced is not None:
+        raise ReducedPrecision(
+            f"torch runs float32 matrix products on {device} at {reduced!r} precision; "
+            "the cost bounds assume IEEE float32 (torch.set_float32_matmul_precision"
+            "('highest') restores it)"
+        )
 
 
 def product_dtype(device: torch.device) -> torch.dtype:
@@ -221,6 +236,60 @@ def low_precision(A: np.ndarray, sq_norms: np.ndarray, dtype: torch.dtype) -> Lo
     return LowPrecision(scale, low, err, norm_low * (1 + _U32) + m * 2.0**-149)
 
 
+class BoundTerms(NamedTuple):
+    """The cost bound in terms of the computed product :math:`\\hat g`:
+    ``lower = beta·(ĝ + r·|ĝ|) + left.T @ right`` (evaluated in float32).
+
+    Attributes
+    ----------
+    left : numpy.ndarray, shape (5, Nx)
+    right : numpy.ndarray, shape (5, Ny)
+    beta : float
+        ``-2 / (scale_x · scale_y)``: a power of two.
+    r : float
+        The output format's relative rounding of ``ĝ`` (0 for float32 outputs).
+    scale : float
+        ``max ||x_i||² + max ||y_j||²``: every cost lies in ``[0, 2 · scale]``.
+    """
+
+    left: np.ndarray
+    right: np.ndarray
+    beta: float
+    r: float
+    scale: float
+
+    def factors(self, device, unit: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left.T, right)`` as float32 tensors on ``device``, divided by ``unit`` (a power
+        of two, so exactly) for bounds counted in multiples of it."""
+        return (
+            torch.from_numpy((self.left.T / unit).astype(np.float32)).to(device),
+            torch.from_numpy(self.right.astype(np.float32)).to(device),
+        )
+
+
+def bound_terms(low: tuple[LowPrecision, LowPrecision], sq_norms, m: int) -> BoundTerms:
+    """The terms of the bound above for the product of two :func:`low_precision` copies.
+
+    ``m`` is the number of stimuli; ``sq_norms`` are ``(||x_i||², ||y_j||²)`` in float64.
+    """
+    (sx, Xl, ex, bx), (sy, _, ey, by) = low
+    nx, ny = sq_norms
+    gamma = m * _U32 / (1 - m * _U32)
+    u_out = _UNIT_ROUNDOFF[Xl.dtype]
+    inflate = 1 + 1e-5  # float32 rounding of the bound's own terms
+    back = 1.0 / (sx * sy)  # a power of two: the product in original units is ĝ·back
+    scale = float(nx.max() + ny.max())
+    eps0 = 4 * m * 2.0**-126 * back  # flushed subnormal inputs and outputs
+    nys = np.sqrt(ny) * sy * (1 + _U32)
+    c0 = _EVAL_SLACK * scale + 2 * eps0
+    # lower = nx_i + ny_j - c0 - 2·back·(ĝ + r|ĝ|) - 2·inflate·(rank-3 part of the bound)
+    rank3 = -2 * inflate * back * np.stack([ex, bx, gamma * bx])
+    left = np.stack([nx - c0, np.ones_like(nx), *rank3])
+    right = np.stack([np.ones_like(ny), ny, nys, ey, by])
+    r = inflate * u_out / (1 - u_out) if u_out else 0.0
+    return BoundTerms(left, right, -2.0 * back, r, scale)
+
+
 class CostBounds:
     """Lower bounds on all squared distances, and exact ones on request.
 
@@ -263,13 +332,7 @@ class CostBounds:
         dtype=None,
         low: tuple[LowPrecision, LowPrecision] | None = None,
     ):
-        reduced = reduced_float32_matmul(device)
-        if reduced is not None:
-            raise ReducedPrecision(
-                f"torch runs float32 matrix products on {device} at {reduced!r} precision; "
-                "the cost bounds assume IEEE float32 (torch.set_float32_matmul_precision"
-                "('highest') restores it)"
-            )
+        refuse_reduced_precision(device)
         m = X.shape[0]
         self.nx, self.ny = sq_norms
         if low is not None:
@@ -277,34 +340,17 @@ class CostBounds:
         else:
             self.dtype = product_dtype(device) if dtype is None else dtype
             low = (low_precision(X, self.nx, self.dtype), low_precision(Y, self.ny, self.dtype))
-        (sx, Xl, ex, bx), (sy, Yl, ey, by) = low
-        self.lower = lower = (Xl.to(device) @ Yl.to(device).T).to(torch.float32)
-        gamma = m * _U32 / (1 - m * _U32)
-        u_out = _UNIT_ROUNDOFF[self.dtype]
-        inflate = 1 + 1e-5  # float32 rounding of the bound's own terms
-        back = 1.0 / (sx * sy)  # a power of two: the product in original units is ĝ·back
-        scale = float(self.nx.max() + self.ny.max())
-        eps0 = 4 * m * 2.0**-126 * back  # flushed subnormal inputs and outputs
-        # lower = nx_i + ny_j - c0 - 2·back·(ĝ + r|ĝ|) - 2·inflate·(rank-3 part of the bound),
-        # built as one in-place GEMM update over h = ĝ + r|ĝ| (memory passes cost more than
-        # arithmetic here, and fresh n² buffers cost page faults).
-        if u_out:
-            r = inflate * u_out / (1 - u_out)
+        terms = bound_terms(low, sq_norms, m)
+        self.lower = lower = (low[0].low.to(device) @ low[1].low.to(device).T).to(torch.float32)
+        # lower = β·(ĝ + r|ĝ|) + leftᵀ·right, built as one in-place GEMM update over
+        # h = ĝ + r|ĝ| (memory passes cost more than arithmetic here, and fresh n² buffers
+        # cost page faults).
+        if terms.r:
             for _, block in self._blocks():
-                block.add_(block.abs(), alpha=r)
-        nys = np.sqrt(self.ny) * sy * (1 + _U32)
-        c0 = _EVAL_SLACK * scale + 2 * eps0
-        ones_x, ones_y = np.ones_like(self.nx), np.ones_like(self.ny)
-        rank3 = -2 * inflate * back * np.stack([ex, bx, gamma * bx])
-        left = np.stack([self.nx - c0, ones_x, *rank3])
-        right = np.stack([ones_y, self.ny, nys, ey, by])
-        lower.addmm_(
-            torch.from_numpy(left.T.astype(np.float32)).to(device),
-            torch.from_numpy(right.astype(np.float32)).to(device),
-            beta=-2.0 * back,
-        )
-        self.scale = scale
-        self._abs_bound = 3.0 * scale  # >= max |lower|: |2·back·ĝ| <= (1 + 1e-2)·scale
+                block.add_(block.abs(), alpha=terms.r)
+        lower.addmm_(*terms.factors(device), beta=terms.beta)
+        self.scale = terms.scale
+        self._abs_bound = 3.0 * terms.scale  # >= max |lower|: |2·back·ĝ| <= (1 + 1e-2)·scale
         self._X, self._Y = X, Y
         self._XT = self._YT = None
 

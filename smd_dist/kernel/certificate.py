@@ -24,15 +24,18 @@ References
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
+    "BLOCK_ENTRIES",
     "RELATIVE_TOLERANCE",
     "Certificate",
     "SolverError",
+    "block_rows",
     "certify",
     "cost_unit",
     "marginals",
@@ -49,8 +52,14 @@ __all__ = [
 #: found in float32 was measured 2e-9 relatively suboptimal, which this rejects.
 RELATIVE_TOLERANCE = 1e-11
 
-#: Rows of a cost matrix handled at once in passes over it (temporaries stay small).
-ROW_CHUNK = 1024
+#: Entries of a cost matrix handled at once in passes over it (256 KiB of float64: the
+#: temporary stays in cache).
+BLOCK_ENTRIES = 1 << 15
+
+
+def block_rows(ny: int) -> int:
+    """Rows of an (Nx, ``ny``) cost matrix per block of about :data:`BLOCK_ENTRIES`."""
+    return max(1, BLOCK_ENTRIES // max(ny, 1))
 
 
 class SolverError(ValueError):
@@ -140,8 +149,12 @@ def cost_unit(tol: float) -> float:
 def min_reduced_cost(D: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:
     """``min_ij (D_ij - u_i - v_j)``, ``-inf`` where NaN makes it unprovable."""
     out = math.inf
-    for s in range(0, D.shape[0], ROW_CHUNK):
-        R = D[s : s + ROW_CHUNK] - u[s : s + ROW_CHUNK, None] - v[None, :]
+    step = block_rows(D.shape[1])
+    for s in range(0, D.shape[0], step):
+        # One cache-sized temporary, updated in place: a temporary per operation, of 1024
+        # full rows, was faulted in afresh each time (1024²: 3.9 ms against 0.9).
+        R = D[s : s + step] - u[s : s + step, None]
+        R -= v
         low = float(R.min())
         if math.isnan(low):  # NaN costs or duals: nothing is proven
             return -math.inf
@@ -150,11 +163,22 @@ def min_reduced_cost(D: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:
 
 
 def marginals(shape, counts):
-    """Row and column masses: uniform, or ``counts / counts.sum()`` for merged duplicates."""
+    """Row and column masses: uniform, or ``counts / counts.sum()`` for merged duplicates.
+
+    Uniform masses are made once per width and shared, read-only.
+    """
     if counts is None:
-        return np.full(shape[0], 1.0 / shape[0]), np.full(shape[1], 1.0 / shape[1])
+        return _uniform(shape[0]), _uniform(shape[1])
     cx, cy = counts
     return cx / cx.sum(), cy / cy.sum()
+
+
+@functools.lru_cache(maxsize=1024)
+def _uniform(n: int) -> np.ndarray:
+    # Two array allocations per mass vector and solve were a tenth of a small pair's cost.
+    a = np.full(n, 1.0 / n)
+    a.flags.writeable = False
+    return a
 
 
 def certify(
@@ -172,13 +196,15 @@ def certify(
     a, b = marginals(D.shape, counts)
     if mass.size == 0 or mass.min() < 0:
         raise SolverError("transport plan has negative or no mass")
-    rs = np.bincount(rows, weights=mass, minlength=nx)
-    cs = np.bincount(cols, weights=mass, minlength=ny)
-    err = max(np.abs(rs / a - 1).max(), np.abs(cs / b - 1).max())
+    # Both margins' relative errors in one array: half the NumPy calls of two.
+    rel = np.concatenate((np.bincount(rows, mass, nx) / a, np.bincount(cols, mass, ny) / b))
+    rel -= 1.0
+    err = np.abs(rel, out=rel).max()
     if not err <= 1e-9:
         raise SolverError(f"transport plan marginals off by {err:.3g} (relative)")
-    primal = math.fsum(mass * D[rows, cols])
-    dual = math.fsum(a * u) + math.fsum(b * v)
+    # fsum of a list: a third faster than of an array, whose items it boxes one by one.
+    primal = math.fsum((mass * D[rows, cols]).tolist())
+    dual = math.fsum((a * u).tolist()) + math.fsum((b * v).tolist())
     if min_reduced is None or math.isnan(min_reduced):
         min_reduced = min_reduced_cost(D, u, v)
     violation = max(0.0, -min_reduced)

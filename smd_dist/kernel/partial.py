@@ -50,9 +50,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from smd_dist.kernel.certificate import (
-    ROW_CHUNK,
     Certificate,
     SolverError,
+    block_rows,
     min_reduced_cost,
     tolerance_from_norms,
 )
@@ -237,9 +237,10 @@ def certify_partial(D, rows, cols, flow, u, v, w, *, m: float, tol: float):
     cert = _certificate(D, rows, cols, flow, u, v, w, a, b, m, tol)
     if not cert.passed and cert.max_violation > 0:
         u = np.empty(nx)
-        for s in range(0, nx, ROW_CHUNK):
-            R = D[s : s + ROW_CHUNK] - v[None, :]
-            u[s : s + ROW_CHUNK] = np.minimum(R.min(axis=1) - w, 0.0)
+        step = block_rows(D.shape[1])
+        for s in range(0, nx, step):
+            R = D[s : s + step] - v[None, :]
+            u[s : s + step] = np.minimum(R.min(axis=1) - w, 0.0)
         cert = _certificate(D, rows, cols, flow, u, v, w, a, b, m, tol)
     return u, v, w, cert
 

@@ -23,6 +23,7 @@ exactly with the data. Data beyond it is refused, never computed into a wrong nu
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 
@@ -145,36 +146,101 @@ def identical_columns(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
         Columns per group.
     """
     m, n = X.shape
-    w = np.cos(np.arange(m) * 0.7548776662466927) + 1.5  # any fixed, non-constant weights
-    f = np.einsum("m,mn->n", w, X)
-    order = np.lexsort((np.arange(n), f))
-    same = f[order][1:] == f[order][:-1]
+    f = np.einsum("m,mn->n", _fingerprint_weights(m), X)
+    ranked = np.sort(f)
     first_of = np.arange(n)
-    if same.any():
-        starts = np.flatnonzero(np.r_[True, ~same])
-        ends = np.r_[starts[1:], n]
-        for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
-            members = order[s:e]  # ascending column index within a bucket
-            first = members[0]
-            for j in members[1:]:
-                if np.array_equal(X[:, j], X[:, first]):
-                    first_of[j] = first
-    keep, group, counts = np.unique(first_of, return_inverse=True, return_counts=True)
-    return keep, group, counts.astype(np.int64)
+    if (ranked[1:] != ranked[:-1]).all():  # the usual case: no two fingerprints alike
+        return first_of, np.arange(n), np.ones(n, np.int64)
+    order = np.argsort(f, kind="stable")  # ties in column order
+    ranked = f[order]
+    starts = np.flatnonzero(np.concatenate(([True], ranked[1:] != ranked[:-1])))
+    sizes = np.diff(np.append(starts, n))
+    for s, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist(), strict=True):
+        members = order[s : s + size]  # ascending column index within a bucket
+        first = members[0]
+        for j in members[1:].tolist():
+            if np.array_equal(X[:, j], X[:, first]):
+                first_of[j] = first
+    # Every column points at its group's first column, a leader pointing at itself: the
+    # groups are the leaders' ranks (np.unique's answer, without its sorts).
+    leader = first_of == np.arange(n)
+    group = (np.cumsum(leader) - 1)[first_of]
+    return np.flatnonzero(leader), group, np.bincount(group).astype(np.int64)
 
 
-def _made(X, *, name: str, owned: bool, dropped=None) -> PreparedRep:
+#: Reps up to this size are reordered with one gather; larger ones column by column, in
+#: place, without a second copy of the rep.
+_GATHER_BYTES = 1 << 23
+
+
+@functools.lru_cache(maxsize=1024)
+def _no_groups(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``group`` and ``counts`` of a rep whose ``n`` columns all differ (shared, read-only)."""
+    group, counts = np.arange(n), np.ones(n, np.int64)
+    group.flags.writeable = counts.flags.writeable = False
+    return group, counts
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint_weights(m: int) -> np.ndarray:
+    """Fixed, non-constant weights over ``m`` stimuli, made once per stimulus count."""
+    w = np.cos(np.arange(m) * 0.7548776662466927) + 1.5
+    w.flags.writeable = False
+    return w
+
+
+def _made(
+    X, *, name: str, owned: bool, group: bool = True, sq_norms=None, dropped=None
+) -> PreparedRep:
     """The prepared rep of an already prepared array; ``owned``: reorder ``X`` in place
-    and make it read-only (else a reordered copy is made where columns repeat)."""
-    sq_norms = squared_norms(X)
+    and make it read-only (else a reordered copy is made where columns repeat);
+    ``group=False``: every column its own group, copies not looked for; ``sq_norms``:
+    those of ``X``, when already computed; ``dropped``: the columns preparation left out
+    as constant."""
+    n = X.shape[1]
+    sq_norms = squared_norms(X) if sq_norms is None else sq_norms
     _check_range(X, sq_norms, name=name)
-    keep, group, counts = identical_columns(X)
-    n, k = X.shape[1], keep.size
+    extra = {} if dropped is None else {"dropped": dropped}
+    if group:
+        by_norm = np.argsort(sq_norms, kind="stable")
+        ranked = sq_norms[by_norm]
+        alike = ranked[1:] == ranked[:-1]
+    if not group or not alike.any():
+        # Identical columns have identical norms (the same operations on the same values),
+        # so all-distinct norms rule out copies without a fingerprint pass over X.
+        if owned:
+            X.flags.writeable = False
+        group, counts = _no_groups(n)
+        return PreparedRep(
+            columns=X,
+            sq_norms=sq_norms,
+            n_distinct=n,
+            group=group,
+            counts=counts,
+            name=name,
+            **extra,
+        )
+    # Only columns that share their norm can be copies: fingerprints of those alone (dead
+    # units, typically a few columns, not a pass over the rep).
+    shared = np.zeros(n, bool)
+    shared[by_norm[1:][alike]] = shared[by_norm[:-1][alike]] = True
+    candidates = np.flatnonzero(shared)
+    firsts, groups, _ = identical_columns(X[:, candidates])
+    first_of = np.arange(n)
+    first_of[candidates] = candidates[firsts[groups]]
+    leader = first_of == np.arange(n)
+    group = (np.cumsum(leader) - 1)[first_of]
+    keep, counts = np.flatnonzero(leader), np.bincount(group).astype(np.int64)
+    k = keep.size
     neurons = None
     if k < n:
-        copies = np.setdiff1d(np.arange(n), keep, assume_unique=True)
+        copies = np.flatnonzero(keep[group] != np.arange(n))  # not their group's first
         neurons = np.concatenate([keep, copies])
-        if owned:
+        if owned and X.nbytes <= _GATHER_BYTES:
+            # Copies hold their first column's values, so the reordered array is X[:, neurons]
+            # (gathered as whole tuning curves: rows of the transpose).
+            X.T[...] = X.T[neurons]
+        elif owned:
             # keep is ascending, so keep[q] >= q: moving left never overwrites a
             # representative that has not moved yet, only copies, whose values their
             # representative still holds.
@@ -184,21 +250,21 @@ def _made(X, *, name: str, owned: bool, dropped=None) -> PreparedRep:
             for t, j in enumerate(copies, start=k):
                 X[:, t] = X[:, group[j]]  # the copy's representative, now at its group's number
         else:
-            X = neuron_major(X[:, neurons])
+            X = neuron_major(X[:, neurons], kept=False)
         group = group[neurons]
-        sq_norms = squared_norms(X)
     if owned:
         X.flags.writeable = False
     return PreparedRep(
         columns=X,
-        sq_norms=sq_norms,
+        sq_norms=sq_norms[neurons] if k < n else sq_norms,  # the same bits, reordered
         n_distinct=int(k),
         group=group,
         counts=counts,
         neurons=neurons,
         name=name,
-        **({} if dropped is None else {"dropped": dropped}),
+        **extra,
     )
+
 
 
 def _check_range(X: np.ndarray, sq_norms: np.ndarray, *, name: str) -> None:
@@ -224,6 +290,8 @@ def prepare(
     normalize: str | None = None,
     constant_neurons: str = "refuse",
     name: str = "X",
+    kept: bool = True,
+    group: bool = True,
 ):
     """Validate, centre and normalise one (stimuli, neurons) array into a :class:`PreparedRep`.
 
@@ -231,8 +299,13 @@ def prepare(
     ----------
     X : array_like, shape (M, N)
         Stimuli in rows, neurons in columns.
-    center, normalize, constant_neurons, name :
-        As :func:`smd_dist.kernel.preparation.preprocess`.
+    center, normalize, constant_neurons, name, kept :
+        As :func:`smd_dist.kernel.preparation.preprocess`: ``kept=False`` for a rep used
+        in one pair and dropped.
+    group : bool
+        Look for identical columns (dead units, copies). ``False`` makes every column its
+        own group: still exact, for a pair too small for merging to pay
+        (:func:`smd_dist.kernel.transport.merging_can_pay`).
 
     Returns
     -------
@@ -247,9 +320,14 @@ def prepare(
         leave :data:`NORM_RANGE`.
     """
     columns, dropped = preprocess_columns(
-        X, center=center, normalize=normalize, constant_neurons=constant_neurons, name=name
+        X,
+        center=center,
+        normalize=normalize,
+        constant_neurons=constant_neurons,
+        name=name,
+        kept=kept,
     )
-    return _made(columns, name=name, owned=True, dropped=dropped)
+    return _made(columns, name=name, owned=True, group=group, dropped=dropped)
 
 
 def prepare_pair(
@@ -260,18 +338,38 @@ def prepare_pair(
     normalize: str | None = None,
     constant_neurons: str = "refuse",
     names=("X", "Y"),
+    kept: bool = True,
+    group=True,
 ) -> tuple[PreparedRep, PreparedRep]:
     """:func:`prepare` both (stimuli, neurons) arrays of a pair and check their stimuli.
+
+    ``group`` may also be a function of both reps' squared column norms and the stimulus
+    count, ``group(sq_norms_x, sq_norms_y, stimuli) -> bool``, deciding whether to look
+    for copies at all (:func:`smd_dist.kernel.transport.merging_can_pay`).
 
     Raises
     ------
     ValueError
         Bad input in either (named by ``names``) or different stimulus counts.
     """
-    options = {"center": center, "normalize": normalize, "constant_neurons": constant_neurons}
-    x = prepare(X, **options, name=names[0])
-    y = prepare(Y, **options, name=names[1])
-    check_same_stimuli(x.columns, y.columns, names=names)
+    options = {
+        "center": center,
+        "normalize": normalize,
+        "constant_neurons": constant_neurons,
+        "kept": kept,
+    }
+    prepared = [
+        preprocess_columns(A, name=name, **options) for A, name in zip((X, Y), names, strict=True)
+    ]
+    columns = [c for c, _ in prepared]
+    check_same_stimuli(*columns, names=names)
+    norms = [squared_norms(c) for c in columns]
+    if callable(group):
+        group = bool(group(*norms, columns[0].shape[0]))
+    x, y = (
+        _made(c, name=name, owned=True, group=group, sq_norms=sq, dropped=dropped)
+        for (c, dropped), name, sq in zip(prepared, names, norms, strict=True)
+    )
     return x, y
 
 

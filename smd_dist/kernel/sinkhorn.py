@@ -75,7 +75,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from smd_dist.kernel.certificate import ROW_CHUNK, SolverError, marginals
+from smd_dist.kernel.certificate import SolverError, marginals
 from smd_dist.kernel.dense import check_finite
 from smd_dist.kernel.preparation import resolve_device, squared_distances
 from smd_dist.kernel.prepared import as_prepared
@@ -91,6 +91,9 @@ __all__ = [
     "rounded_upper_bound",
     "sinkhorn_interval",
 ]
+
+#: Rows of the cost matrix per block in the passes over it (their temporaries stay small).
+ROW_CHUNK = 1024
 
 #: Relative width of the distance interval that counts as certified, unless asked otherwise.
 DEFAULT_RTOL = 1e-3

@@ -25,7 +25,10 @@ it optimal. Methods (``solver`` strings), chosen per pair from the data:
     prove dual feasible is computed exactly and joins the candidates until none is violated
     (:mod:`smd_dist.kernel.sparse`). The certificate is then a proof over the whole matrix:
     exact on the candidates, by the bound elsewhere. Any failure falls back to the dense
-    methods, which work on the float64 cost matrix.
+    methods, which work on the float64 cost matrix. From
+    :data:`~smd_dist.kernel.blocked.BLOCKED_MIN_ENTRIES` entries the bounds are built one
+    block of the product at a time and kept in 16 bits
+    (:class:`~smd_dist.kernel.blocked.BlockedBounds`): no N x N float matrix is formed.
 ``"assignment"``, ``"network-simplex"``, ``"replicated-assignment"``
     The dense methods (:mod:`smd_dist.kernel.dense`).
 
@@ -48,6 +51,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from smd_dist.kernel.blocked import BLOCKED_MIN_ENTRIES, BlockedBounds
 from smd_dist.kernel.bounds import (
     BoundViolation,
     CostBounds,
@@ -61,27 +65,47 @@ from smd_dist.kernel.certificate import (
     marginals,
     tolerance_from_norms,
 )
-from smd_dist.kernel.dense import METHODS, ambiguity, check_finite, choose_method, solve_dense
+from smd_dist.kernel.dense import (
+    METHODS,
+    check_finite,
+    choose_method,
+    solve_dense,
+    tied_fraction,
+)
 from smd_dist.kernel.preparation import resolve_device, squared_distances
 from smd_dist.kernel.prepared import PreparedRep, as_prepared
 from smd_dist.kernel.sparse import MAX_EXACT_FRACTION, SparseUnsuitable, solve_sparse
 from smd_dist.kernel.sparse import SOLVER as SPARSE_SOLVER
 
 __all__ = [
+    "MERGE_MIN_WORK",
     "SPARSE_MIN_ENTRIES",
     "Transport",
     "exact_costs",
+    "merging_can_pay",
     "plan_cost",
     "solve",
 ]
 
 #: Pairs with at least this many entries (``Nx·Ny``, after merging identical neurons) go
-#: to the sparse path first; below it the dense float64 path is faster (measured on one
-#: core at M = 2000: 128² 7 ms dense against 9 ms sparse, 256x512 53 against 32 ms).
-SPARSE_MIN_ENTRIES = 256 * 256
+#: to the sparse path first; below it the dense float64 path. Measured against the naive
+#: pair (one thread, CPU time, M = 100/500/2000, 2026-12-04): below 512² the sparse path's
+#: fixed cost loses on easy pairs (a permuted copy: 0.37-0.73x the naive pair at 256²,
+#: 0.51-0.94x at 384², where the dense path gives 0.86-0.90x) more than it gains on hard
+#: ones; from 512² it wins or ties in every regime (1.2-4x on a shared latent).
+SPARSE_MIN_ENTRIES = 512 * 512
+#: A pair for the dense path is merged only when ``(entries saved) · (M + 400)`` reaches
+#: this: the product saves about M, and the network simplex about 400, per entry merged
+#: away, against a fixed 40-60 µs to spread the plan back over the copies (and, for a
+#: pair prepared for one solve, to group the copies). Measured on dead units (10-50 %),
+#: one thread, 2026-12-04: merging 32² at M = 100 was 1.3-1.5x slower than solving with
+#: the exact ties (which the simplex handles as well), broke even from about 2,500
+#: entries saved at M = 100 and 500 at M = 2000, and gained 15 % or more from twice that.
+MERGE_MIN_WORK = 2_400_000
 #: Below this many entries, pairs with more than :data:`SPARSE_TIED_LIMIT` nearly tied rows
 #: or columns (near-duplicate neurons) go dense: the sparse path needs more rounds there
-#: (measured at 512²: 67 ms dense against 84 ms sparse; even at 1024²).
+#: (measured at 512²: 67 ms dense against 84 ms sparse; even at 1024²). The test samples
+#: the low-precision product before any bound is built.
 SPARSE_TIED_MIN_ENTRIES = 1024 * 1024
 SPARSE_TIED_LIMIT = 0.5
 
@@ -128,7 +152,7 @@ def plan_cost(X, Y, rows, cols, mass) -> float:
     not on summation order or thread count.
     """
     terms = exact_costs(X, Y, rows, cols)
-    return math.fsum(mass * terms)
+    return math.fsum((mass * terms).tolist())  # a list: a third faster than an array
 
 
 def exact_costs(X, Y, rows, cols) -> np.ndarray:
@@ -136,11 +160,14 @@ def exact_costs(X, Y, rows, cols) -> np.ndarray:
     step = max(1, (1 << 15) // max(X.shape[0], 1))  # blocks that stay in cache
     XT, YT = X.T, Y.T  # rows are tuning curves: contiguous for neuron-major arrays
     out = np.empty(len(rows))
+    # One entry per row in row order (a permutation plan, what square pairs get): the
+    # rows are read in place, not gathered (a third less work).
+    in_order = len(rows) == XT.shape[0] and np.array_equal(rows, np.arange(len(rows)))
     for s in range(0, len(rows), step):
         # The gathered copy is the difference's buffer: one temporary fewer (20 % faster
         # at 2048 neurons, M = 2000), and (y - x)² is (x - y)² bit for bit.
         diff = YT[cols[s : s + step]]
-        diff -= XT[rows[s : s + step]]
+        diff -= XT[s : s + step] if in_order else XT[rows[s : s + step]]
         diff *= diff
         out[s : s + step] = diff.sum(axis=1)
     return out
@@ -186,8 +213,8 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     """
     x, y = as_prepared(X, name="X"), as_prepared(Y, name="Y")
     nx, ny = x.shape[1], y.shape[1]
-    known = sorted([*METHODS, SPARSE_SOLVER])
-    if method != "auto" and method not in known:
+    if method != "auto" and method not in METHODS and method != SPARSE_SOLVER:
+        known = sorted([*METHODS, SPARSE_SOLVER])
         raise ValueError(f"unknown method {method!r}; choose from {known} or 'auto'")
     if method == "assignment" and nx != ny:
         raise ValueError(f"method {method!r} needs equal widths, got {nx} and {ny}")
@@ -195,10 +222,10 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
         raise ValueError(f"method {SPARSE_SOLVER!r} computes its own costs; omit D")
     norms = (x.sq_norms, y.sq_norms)
     tol = tolerance_from_norms(*norms)
+    dev = resolve_device(device)  # once per pair: it may warn
     if method == SPARSE_SOLVER:
         if not _screenable(norms):
             raise SolverError("squared norms outside 1e-30..1e30: no float32 cost bounds")
-        dev = resolve_device(device)
         low = (_low(x, dev, whole=True), _low(y, dev, whole=True))
         *out, cert = _sparse(x.columns, y.columns, norms, low, tol=tol, device=dev, forced=True)
         tr = _transport(x.columns, y.columns, out, cert, solver=SPARSE_SOLVER)
@@ -206,16 +233,23 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     if method != "auto" or D is not None:
         if D is not None and (x.neurons is not None or y.neurons is not None):
             D = D[np.ix_(_order(x), _order(y))]
-        tr = _dense(x.columns, y.columns, norms, tol=tol, device=device, D=D, method=method)
+        tr = _dense(x.columns, y.columns, norms, tol=tol, device=dev, D=D, method=method)
         return _original_order(tr, x, y)
-    merged = x.merged or y.merged
-    X, Y = (x.distinct(), y.distinct()) if merged else (x.columns, y.columns)
+    distinct = x.n_distinct * y.n_distinct
+    screened = distinct >= SPARSE_MIN_ENTRIES and _screenable(norms)
+    saved = x.shape[1] * y.shape[1] - distinct
+    merged = saved > 0 and (screened or saved * (x.shape[0] + 400) >= MERGE_MIN_WORK)
     if merged:
+        X, Y = x.distinct(), y.distinct()
         norms = (norms[0][: x.n_distinct], norms[1][: y.n_distinct])
+    else:
+        # Solved in the caller's neuron order, as if copies had never been looked for: the
+        # same costs in the same order, so the same plan bit for bit as from a rep
+        # prepared with group=False (ties let a reordered matrix pick another optimum).
+        (X, nx2), (Y, ny2) = _callers_order(x), _callers_order(y)
+        norms = (nx2, ny2)
     counts = (x.counts, y.counts) if merged else None
     compact = None
-    screened = x.n_distinct * y.n_distinct >= SPARSE_MIN_ENTRIES and _screenable(norms)
-    dev = resolve_device(device) if screened else None  # resolved once: it may warn
     if screened and _bounds_trusted(dev):
         low = (_low(x, dev), _low(y, dev))
         try:
@@ -224,9 +258,9 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
         except SolverError:
             compact = None
     if compact is None:
-        compact = _dense(X, Y, norms, tol=tol, device=device, counts=counts)
+        compact = _dense(X, Y, norms, tol=tol, device=dev, counts=counts)
     if not merged:
-        return _original_order(compact, x, y)
+        return compact
     rows, cols, mass = _expand(
         compact.rows, compact.cols, compact.mass, x.group, y.group, x.counts, y.counts
     )
@@ -244,11 +278,39 @@ def solve(X, Y, *, device=None, method: str = "auto", D=None) -> Transport:
     return _original_order(whole, x, y)
 
 
+def merging_can_pay(sq_norms_x, sq_norms_y, stimuli: int) -> bool:
+    """Whether :func:`solve` could merge identical neurons of a pair with these squared
+    column norms.
+
+    It merges only pairs for the sparse path or where merging saves enough work
+    (:data:`MERGE_MIN_WORK`). Copies share their squared norm, so the distinct norms
+    bound the distinct neurons from below; where even that bound rules merging out,
+    looking for copies is wasted (:func:`smd_dist.kernel.prepared.prepare_pair`).
+    """
+    nx, ny = _distinct(sq_norms_x), _distinct(sq_norms_y)
+    if nx * ny >= SPARSE_MIN_ENTRIES:
+        return True
+    return (sq_norms_x.size * sq_norms_y.size - nx * ny) * (stimuli + 400) >= MERGE_MIN_WORK
+
+
+def _distinct(values: np.ndarray) -> int:
+    ranked = np.sort(values)
+    return 1 + int(np.count_nonzero(ranked[1:] != ranked[:-1]))
+
+
 def _low(rep: PreparedRep, device: torch.device, *, whole: bool = False):
     """The rep's low-precision copy in this device's product precision (its distinct
     columns unless ``whole``)."""
     dtype = product_dtype(device)
     return rep.low_precision(device, dtype) if whole else rep.distinct_low_precision(device, dtype)
+
+
+def _callers_order(rep: PreparedRep):
+    """``(columns, sq_norms)`` of ``rep`` in the order of the array it was made from."""
+    if rep.neurons is None:
+        return rep.columns, rep.sq_norms
+    back = np.argsort(rep.neurons)
+    return rep.columns.T[back].T, rep.sq_norms[back]  # whole tuning curves, neuron-major
 
 
 def _order(rep: PreparedRep) -> np.ndarray:
@@ -272,8 +334,8 @@ def _expand(rows, cols, mass, gx, gy, cx, cy):
     """Spread each merged plan entry evenly over all pairs of the merged neurons' copies."""
     mx = np.argsort(gx, kind="stable")
     my = np.argsort(gy, kind="stable")
-    sx = np.r_[0, np.cumsum(cx)]
-    sy = np.r_[0, np.cumsum(cy)]
+    sx = np.concatenate(([0], np.cumsum(cx)))  # np.r_ costs 10 µs a call
+    sy = np.concatenate(([0], np.cumsum(cy)))
     n = cx[rows] * cy[cols]
     k = np.repeat(np.arange(rows.size), n)
     off = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
@@ -315,21 +377,22 @@ def _sparse(X, Y, norms, low, *, tol, device, counts=None, forced=False):
     path then solves it afresh). Unless ``forced``, it also gives up where the dense path
     would be faster.
     """
+    if not forced and X.shape[1] * Y.shape[1] < SPARSE_TIED_MIN_ENTRIES:
+        tied = _sampled_ambiguity(low, norms, device)
+        if tied > SPARSE_TIED_LIMIT:
+            raise SolverError(
+                f"{tied:.0%} of rows or columns nearly tied: the dense path is faster"
+            )
     try:
-        bounds = CostBounds(X, Y, norms, device=device, low=low)
-        if not forced and bounds.lower.numel() < SPARSE_TIED_MIN_ENTRIES:
-            tied = ambiguity(bounds.lower)
-            if tied > SPARSE_TIED_LIMIT:
-                raise SolverError(
-                    f"{tied:.0%} of rows or columns nearly tied: the dense path is faster"
-                )
+        wide = X.shape[1] * Y.shape[1] >= BLOCKED_MIN_ENTRIES
+        bounds = (BlockedBounds if wide else CostBounds)(X, Y, norms, device=device, low=low)
         fraction = 1.0 if forced else MAX_EXACT_FRACTION
         sol = solve_sparse(bounds, tol=tol, counts=counts, max_exact_fraction=fraction)
     except (SparseUnsuitable, BoundViolation, ReducedPrecision) as err:
         raise SolverError(str(err)) from err
     a, b = marginals(bounds.shape, counts)
-    primal = math.fsum(sol.mass * sol.costs)
-    dual = math.fsum(a * sol.u) + math.fsum(b * sol.v)
+    primal = math.fsum((sol.mass * sol.costs).tolist())
+    dual = math.fsum((a * sol.u).tolist()) + math.fsum((b * sol.v).tolist())
     cert = Certificate(
         max_violation=max(0.0, -sol.min_reduced),
         gap=primal - dual,
@@ -339,6 +402,26 @@ def _sparse(X, Y, norms, low, *, tol, device, counts=None, forced=False):
     )
     cert.raise_if_failed()
     return sol.rows, sol.cols, sol.mass, sol.u, sol.v, cert
+
+
+def _sampled_ambiguity(low, norms, device) -> float:
+    """:func:`smd_dist.kernel.dense.ambiguity` of the costs the low-precision copies give,
+    on every 8th row and every 8th column only.
+
+    Decided before the bound matrix is built: a pair that goes dense for its near ties
+    no longer pays for the bounds first (measured 10-20 % of such a pair at 512²-1024²).
+    The products carry the low precision's rounding, as the bounds did that this test
+    was first made on; it only chooses the path, never a value.
+    """
+    (sx, Xl, _, _), (sy, Yl, _, _) = low
+    back = 2.0 / (sx * sy)  # twice the product, in the original units
+    nx, ny = norms
+    Xl, Yl = Xl.to(device), Yl.to(device)
+    rows = (Xl[::8] @ Yl.T).double().cpu().numpy()
+    cols = (Xl @ Yl[::8].T).double().cpu().numpy()
+    rows = nx[::8, None] + ny[None, :] - back * rows
+    cols = nx[:, None] + ny[None, ::8] - back * cols
+    return tied_fraction(rows, cols)
 
 
 def _transport(X, Y, out, cert, *, solver) -> Transport:

@@ -30,7 +30,7 @@ import scipy.sparse as sp
 from smd_dist.kernel.certificate import Certificate
 from smd_dist.kernel.prepared import PreparedRep, prepare_pair
 from smd_dist.kernel.sinkhorn import DEFAULT_RTOL, check_rtol, sinkhorn_interval
-from smd_dist.kernel.transport import Transport, solve
+from smd_dist.kernel.transport import Transport, merging_can_pay, solve
 from smd_dist.metrics.cross_validation import soft_matching_cv
 
 __all__ = [
@@ -235,8 +235,17 @@ def soft_matching(
             f"return_plan=True needs method='exact'; method={method!r} keeps no plan "
             "(its upper bound is the cost of a dense rounded plan)"
         )
+    # Prepared for this pair only: heap memory, reused from call to call; copies looked
+    # for only where the solve could merge them.
     x, y = prepare_pair(
-        X, Y, center=center, normalize=normalize, constant_neurons=constant_neurons, names=names
+        X,
+        Y,
+        center=center,
+        normalize=normalize,
+        constant_neurons=constant_neurons,
+        names=names,
+        kept=False,
+        group=merging_can_pay,
     )
     solved = solve_pair(x, y, method=method, rtol=rtol, device=device)
     distance, lower, upper = solved.distances()

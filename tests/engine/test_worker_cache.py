@@ -145,7 +145,7 @@ def test_kept_bytes_count_the_copies_a_prepared_rep_makes_after_it_is_kept(tmp_p
     rng = np.random.default_rng(0)
     store = ActivationStore(tmp_path / "s", mode="w")
     for layer in ("a", "b"):
-        store.write("m", layer, rng.normal(size=(40, 300)))
+        store.write("m", layer, rng.normal(size=(40, 600)))  # the sparse path: 512² up
     prep = selection.prep_key({"center": True, "normalize": None})
     sources = {k: tasks.RepSource(store.path, r.model, r.layer, r.content_hash, (prep,))
                for k, r in enumerate(store.list())}

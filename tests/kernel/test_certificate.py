@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from test_transport import make
 
-from smd_dist.kernel.certificate import SolverError, certify
+from smd_dist.kernel.certificate import SolverError, certify, marginals, min_reduced_cost
 from smd_dist.kernel.preparation import squared_distances
 from smd_dist.kernel.transport import solve
 
@@ -46,3 +47,18 @@ def test_wrong_plan_fails_the_certificate():
     assert not cert.passed and cert.gap > cert.tolerance
     with pytest.raises(SolverError, match="marginals"):
         certify(D, tr.rows, cols, tr.mass * 2, tr.u, tr.v, tol=1.0)
+
+
+def test_uniform_masses_are_shared_and_read_only():
+    a, b = marginals((5, 7), None)
+    assert marginals((7, 5), None)[0] is b  # made once per width
+    assert not a.flags.writeable and np.array_equal(a, np.full(5, 0.2))
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (300, 200), (40, 5000)])
+def test_min_reduced_cost_in_blocks_is_the_whole_matrix_minimum(shape):
+    rng = np.random.default_rng(sum(shape))
+    D, u, v = rng.random(shape), rng.random(shape[0]), rng.random(shape[1])
+    assert min_reduced_cost(D, u, v) == float((D - u[:, None] - v[None, :]).min())
+    D[shape[0] - 1, shape[1] - 1] = np.nan
+    assert min_reduced_cost(D, u, v) == -math.inf

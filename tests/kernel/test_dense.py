@@ -15,13 +15,25 @@ from smd_dist.kernel.preparation import squared_distances
 from smd_dist.kernel.transport import solve
 
 
-def test_choice_is_structural():
+def test_choice_is_structural(monkeypatch):
+    monkeypatch.setattr(dense, "ASSIGNMENT_MIN_ENTRIES", 0)
     X, Y = make("latent", 50, 60, 60, 0)
     assert dense.choose_method(squared_distances(X, Y)) == "assignment"
     X, Y = make("redundant", 50, 60, 60, 0)
     assert dense.choose_method(squared_distances(X, Y)) == "network-simplex"
     X, Y = make("latent", 50, 30, 45, 0)
     assert dense.choose_method(squared_distances(X, Y)) == "network-simplex"
+
+
+def test_small_square_pairs_go_straight_to_the_network_simplex():
+    """Below ASSIGNMENT_MIN_ENTRIES the assignment's duals cost more than the simplex."""
+    X, Y = make("latent", 50, 60, 60, 0)
+    D = squared_distances(X, Y)
+    assert D.size < dense.ASSIGNMENT_MIN_ENTRIES
+    assert dense.choose_method(D) == "network-simplex"
+    tr = solve(X, Y)
+    assert tr.solver == "network-simplex" and tr.certificate.passed
+    assert math.isclose(tr.cost, solve(X, Y, method="assignment").cost, rel_tol=1e-12)
 
 
 def test_suboptimal_permutation_has_no_duals():
@@ -43,6 +55,7 @@ def test_iteration_cap_is_an_error(monkeypatch):
 
 def test_fast_path_failure_falls_back(monkeypatch):
     X, Y = make("latent", 20, 30, 30, 2)
+    monkeypatch.setattr(dense, "ASSIGNMENT_MIN_ENTRIES", 0)
 
     def broken(D, *, tol):
         raise SolverError("simulated")

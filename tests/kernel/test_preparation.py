@@ -51,6 +51,35 @@ def test_neuron_major_copies_exactly_in_fortran_order(rng, order, m):
     np.testing.assert_array_equal(out, X)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_centring_in_the_layout_copy_is_bit_identical(rng, dtype):
+    """One ufunc converts, transposes and centres: the same bits as copy-then-subtract."""
+    X = (rng.standard_normal((300, 40)) * 1e2 + 3).astype(dtype)
+    mean = X.sum(axis=0, dtype=np.float64) / X.shape[0]
+    out = neuron_major(X, minus=mean)
+    assert out.flags.f_contiguous and out.dtype == np.float64
+    assert out.tobytes(order="F") == np.asfortranarray(X.astype(np.float64) - mean).tobytes(
+        order="F"
+    )
+
+
+def test_a_rep_for_one_pair_takes_heap_memory_a_kept_one_its_own_pages(rng):
+    """Kept reps (the engine's) live on small pages of their own; a rep made for a single
+    pair takes ordinary memory, which the allocator hands back from call to call."""
+    import mmap
+
+    X = rng.standard_normal((1100, 512))  # 4.3 MiB: NumPy would advise huge pages
+
+    def mapped(a):
+        while a is not None and not isinstance(a, mmap.mmap):
+            a = a.base if isinstance(a, np.ndarray) else getattr(a, "obj", None)
+        return a is not None
+
+    kept, once = preprocess(X), preprocess(X, kept=False)
+    assert mapped(kept) and not mapped(once)
+    assert np.array_equal(kept, once) and once.flags.f_contiguous
+
+
 def test_centring_is_bit_identical_to_subtracting_the_mean(rng):
     X = rng.standard_normal((200, 9)) * 1e3 + 7
     out = preprocess(X)

@@ -11,9 +11,16 @@ import pytest
 import torch
 from test_transport import make
 
+from smd_dist.kernel import transport
 from smd_dist.kernel.bounds import low_precision, product_dtype
 from smd_dist.kernel.preparation import preprocess, squared_distances
-from smd_dist.kernel.prepared import PreparedRep, as_prepared, identical_columns, prepare
+from smd_dist.kernel.prepared import (
+    PreparedRep,
+    as_prepared,
+    identical_columns,
+    prepare,
+    prepare_pair,
+)
 from smd_dist.kernel.transport import solve
 
 CPU = torch.device("cpu")
@@ -68,6 +75,20 @@ def test_prepare_puts_one_of_each_group_first_and_remembers_the_neurons():
     np.testing.assert_allclose(rep.sq_norms, (rep.columns**2).sum(0), rtol=1e-14)
 
 
+def test_equal_norms_alone_do_not_merge_columns():
+    """Distinct norms rule copies out without a fingerprint; equal norms of different
+    columns (here a column and its negative) must still not be merged."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((30, 6))
+    X[:, 1] = -X[:, 0]
+    X = X - X.mean(axis=0)
+    rep = prepare(X, center=False)
+    assert rep.sq_norms[0] == rep.sq_norms[1]
+    assert rep.n_distinct == 6 and not rep.merged and rep.neurons is None
+    lone = prepare(X[:, 2:], center=False)
+    assert lone.n_distinct == 4 and np.array_equal(lone.group, np.arange(4))
+
+
 def test_prepare_without_copies_keeps_the_order():
     X = np.random.default_rng(12).standard_normal((15, 6))
     rep = prepare(X)
@@ -87,7 +108,8 @@ def test_as_prepared_leaves_the_callers_array_alone():
     assert as_prepared(plain).columns is plain  # nothing repeats: no copy
 
 
-def test_merged_problem_is_a_view_with_the_same_optimum():
+def test_merged_problem_is_a_view_with_the_same_optimum(monkeypatch):
+    monkeypatch.setattr(transport, "MERGE_MIN_WORK", 0)  # merge even this small pair
     X, Y = make("redundant", 60, 48, 40, 13)
     X[:, 1::7] = 0.0
     reference = ot.emd2(
@@ -146,7 +168,8 @@ def test_prepared_reps_give_bit_identical_solves_fresh_or_reused(kind, shape):
             assert np.array_equal(getattr(tr, field), getattr(fresh, field))
 
 
-def test_plan_and_duals_come_back_in_the_callers_neuron_order():
+def test_plan_and_duals_come_back_in_the_callers_neuron_order(monkeypatch):
+    monkeypatch.setattr(transport, "MERGE_MIN_WORK", 0)  # merge even this small pair
     X, Y = make("redundant", 40, 30, 24, 5)
     X[:, [3, 11, 17]] = 0.0
     Y[:, 5] = Y[:, 2]
@@ -178,3 +201,37 @@ def test_dropped_neurons_are_recorded():
     rep = prepare(X, constant_neurons="drop")
     assert rep.dropped.tolist() == [0, 4, 10] and rep.shape == (20, 9)
     assert prepare(X).dropped.size == 0 and prepare(X).shape == (20, 12)
+
+
+def test_a_pair_too_small_to_merge_is_prepared_without_looking_for_copies():
+    X = _with_copies()
+    rep = prepare(X, group=False)
+    assert rep.n_distinct == X.shape[1] and not rep.merged and rep.neurons is None
+    assert not transport.merging_can_pay(rep.sq_norms, rep.sq_norms, 20)  # 12 neurons
+    x, y = prepare_pair(X, X, group=transport.merging_can_pay)
+    assert not x.merged and not y.merged
+    x, y = prepare_pair(X, X, group=lambda *args: True)
+    grouped = prepare(X)
+    assert x.n_distinct == grouped.n_distinct == 8
+    assert np.array_equal(x.columns, grouped.columns)
+    assert np.array_equal(x.neurons, grouped.neurons)
+    wide = prepare(np.random.default_rng(3).standard_normal((30, 600)), group=False)
+    assert transport.merging_can_pay(wide.sq_norms, wide.sq_norms, 30)  # the sparse path
+    dead = np.random.default_rng(3).standard_normal((2000, 64))
+    dead[:, :20] = 0.0  # a third dead: merging 64² at M = 2000 pays
+    norms = prepare(dead, group=False).sq_norms
+    assert transport.merging_can_pay(norms, norms, 2000)
+
+
+@pytest.mark.parametrize("shape", [(12, 14), (90, 100), (700, 600)])
+def test_the_public_function_and_kept_reps_give_the_same_bits(shape):
+    """soft_matching looks for copies only where solve could merge them, and solve works
+    in the caller's order when it does not: the engine's kept reps give the same bits."""
+    import smd_dist
+
+    X, Y = make("redundant", 40, *shape, sum(shape))
+    X[:, ::5] = 0.0
+    Y[:, 1] = Y[:, 0]
+    x, y = prepare(X), prepare(Y)
+    assert x.merged and y.merged
+    assert smd_dist.soft_matching_distance(X, Y) == math.sqrt(max(solve(x, y).cost, 0.0))

@@ -21,6 +21,13 @@ from smd_dist.kernel.sparse import SOLVER, SparseUnsuitable, north_west_corner, 
 from smd_dist.kernel.transport import solve
 
 
+@pytest.fixture(autouse=True)
+def sparse_from_256(monkeypatch):
+    """These tests drive the sparse path on pairs small enough to be quick; ``solve`` sends
+    pairs to it from 512² entries, so here it does from 256² (as it once did)."""
+    monkeypatch.setattr(solve_module, "SPARSE_MIN_ENTRIES", 256 * 256)
+
+
 @pytest.fixture(params=[torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
 def product_dtype(request, monkeypatch):
     """Force the product precision whatever the probe would pick on this CPU."""

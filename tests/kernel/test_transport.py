@@ -151,7 +151,8 @@ def test_all_zero_inputs():
     assert tr.cost == 0.0 and tr.certificate.passed
 
 
-def test_identical_columns_are_merged_exactly():
+def test_identical_columns_are_merged_exactly(monkeypatch):
+    monkeypatch.setattr(solvers, "MERGE_MIN_WORK", 0)  # merge even this small pair
     rng = np.random.default_rng(7)
     X = rng.standard_normal((15, 12))
     X[:, [2, 5, 9]] = 0.0  # dead units
@@ -204,9 +205,9 @@ SCALE_PATHS = {
     "network-simplex": ((20, 30), False, "network-simplex", "network-simplex"),
     "replicated-assignment": ((20, 40), False, "replicated-assignment", "replicated-assignment"),
     "sparse-network-simplex": ((40, 60), False, SPARSE, SPARSE),
-    "merged": ((30, 40), True, "auto", "merged-network-simplex"),
-    "sparse (auto)": ((256, 260), False, "auto", SPARSE),
-    "merged-sparse (auto)": ((600, 300), True, "auto", "merged-sparse-network-simplex"),
+    "merged": ((200, 240), True, "auto", "merged-network-simplex"),
+    "sparse (auto)": ((520, 530), False, "auto", SPARSE),
+    "merged-sparse (auto)": ((1200, 600), True, "auto", "merged-sparse-network-simplex"),
 }
 #: The failure of the issue (3e-4: "gap 7e-16, tolerance 8.9e-19"), powers of ten from 1e-8
 #: to 1e8 and scales whose mantissas are not powers of two.
@@ -281,3 +282,56 @@ def test_beyond_the_float32_bound_range_pairs_go_dense_and_stay_exact():
     assert math.sqrt(tr.cost) / s == pytest.approx(math.sqrt(reference(X, Y)), rel=1e-11)
     with pytest.raises(SolverError, match="no float32 cost bounds"):
         solve(X * s, Y * s, method="sparse-network-simplex")
+
+
+def test_pairs_below_512_squared_go_dense_and_above_to_the_sparse_path():
+    """Below SPARSE_MIN_ENTRIES the sparse path's fixed cost loses to the dense one."""
+    X, Y = make("latent", 60, 300, 300, 4)  # 90,000 entries
+    assert solvers.SPARSE_MIN_ENTRIES == 512 * 512
+    tr = solve(X, Y)
+    assert tr.solver == "network-simplex" and tr.certificate.passed
+    assert tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
+    X, Y = make("latent", 60, 520, 520, 4)
+    tr = solve(X, Y)
+    assert tr.solver == "sparse-network-simplex"
+    assert tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
+
+
+def test_nearly_tied_pairs_go_dense_before_any_bound_is_built(monkeypatch):
+    """Near-duplicate neurons are found on a sample of the low-precision product; the
+    bound matrix, which such a pair would not use, is never made."""
+    X, Y = make("redundant", 60, 660, 660, 5)  # about 530 distinct neurons a side
+
+    def no_bounds(*args, **kwargs):
+        raise AssertionError("the bound matrix was built for a nearly tied pair")
+
+    monkeypatch.setattr(solvers, "CostBounds", no_bounds)
+    tr = solve(X, Y)
+    assert tr.solver == "merged-network-simplex" and tr.certificate.passed
+    assert tr.cost == pytest.approx(reference(X, Y), rel=1e-12)
+
+
+def test_exact_costs_of_a_permutation_read_rows_in_place_to_the_same_bits():
+    rng = np.random.default_rng(12)
+    X = np.asfortranarray(rng.standard_normal((3000, 30)))  # blocks of 10 entries
+    Y = np.asfortranarray(rng.standard_normal((3000, 30)))
+    rows, cols = np.arange(30), rng.permutation(30)
+    got = solvers.exact_costs(X, Y, rows, cols)
+    want = ((Y.T[cols] - X.T[rows]) ** 2).sum(axis=1)
+    assert got.tobytes() == want.tobytes()
+
+
+def test_small_pairs_keep_their_exact_ties_and_large_ones_merge():
+    """Merging pays only when it removes enough work; below that the simplex takes the
+    copies as they are, to the same optimum."""
+    X, Y = make("random", 30, 32, 32, 8)
+    X[:, [3, 9, 20]] = 0.0
+    Y[:, [1, 2]] = 0.0
+    small = solve(X, Y)
+    assert small.solver == "network-simplex" and small.certificate.passed
+    assert small.cost == pytest.approx(reference(X, Y), rel=1e-12)
+    X, Y = make("random", 30, 128, 128, 8)
+    X[:, ::3] = Y[:, ::3] = 0.0  # a third dead: about 9,000 entries saved
+    large = solve(X, Y)
+    assert large.solver == "merged-network-simplex"
+    assert large.cost == pytest.approx(reference(X, Y), rel=1e-12)
