@@ -11,15 +11,11 @@ __all__ = ["Block", "pair_memory_bytes", "plan_blocks"]
 
 
 def pair_memory_bytes(n_stimuli, n_a, n_b):
-    """Peak bytes one pair task needs, with margin (elementwise over arrays).
+    """Peak bytes one pair task needs (elementwise over arrays): the kernel's own estimate
+    for the path it takes first (:func:`smd_dist.kernel.transport.memory_bytes`)."""
+    from smd_dist.kernel.transport import memory_bytes  # torch and POT, only when planning
 
-    Two prepared float64 inputs and their float32 copies, the float32 cross product,
-    and — on the network-simplex path — a float64 cost matrix, plan and reduced costs.
-    """
-    if np.ndim(n_a) or np.ndim(n_b):
-        n_a, n_b = np.asarray(n_a, dtype=np.int64), np.asarray(n_b, dtype=np.int64)
-        return 12 * int(n_stimuli) * (n_a + n_b) + 28 * n_a * n_b
-    return int(12 * n_stimuli * (n_a + n_b) + 28 * n_a * n_b)
+    return memory_bytes(n_stimuli, n_a, n_b)
 
 
 @dataclass(frozen=True, eq=False)

@@ -277,7 +277,7 @@ def test_scancel_mid_run_loses_and_duplicates_nothing(demo, local_results, slurm
 
             from smd_dist.engine import tasks
 
-            real = tasks.compare_pairs
+            real = tasks.compare_block
 
             def held(*args, **kwargs):
                 deadline = time.monotonic() + 300
@@ -285,7 +285,7 @@ def test_scancel_mid_run_loses_and_duplicates_nothing(demo, local_results, slurm
                     time.sleep(0.05)
                 return real(*args, **kwargs)
 
-            tasks.compare_pairs = held
+            tasks.compare_block = held
 
         gate.touch()
         client.run(hold_pair_tasks_while, str(gate), workers=[victim_address])
@@ -306,7 +306,7 @@ def test_scancel_mid_run_loses_and_duplicates_nothing(demo, local_results, slurm
         while not ready and thread.is_alive() and time.monotonic() < deadline:
             held = client.processing().get(victim_address, ())
             ready = bool(written.get(str(output))) and any(
-                str(k).startswith("pairs-") for k in held
+                str(k).startswith("block-") for k in held
             )
             if not ready:
                 time.sleep(0.05)
