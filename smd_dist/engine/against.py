@@ -20,14 +20,7 @@ import numpy as np
 from smd_dist import config
 from smd_dist.engine.selection import InputError, select_reps
 
-__all__ = ["AGAINST_KEYS", "Against", "Rectangle", "check_same_stimuli", "rectangle",
-           "resolve_against"]
-
-#: The keys of ``against`` given as a mapping (and of a run config's ``against:``).
-AGAINST_KEYS = {
-    "store": "path (or URL) of the store holding the second selection (default: the run's)",
-    "reps": "patterns on 'model/layer' in that store (default: all its reps)",
-}
+__all__ = ["Against", "Rectangle", "check_same_stimuli", "rectangle", "resolve_against"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +84,7 @@ def _split(against) -> tuple[object | None, object | None]:
     if isinstance(against, ActivationStore | os.PathLike):
         return against, None
     if isinstance(against, Mapping):
-        config.check_keys(against, AGAINST_KEYS, where="against")
+        config.check_keys(against, config.AGAINST_KEYS, where="against")
         store, patterns = against.get("store"), against.get("reps")
         if store is not None and not isinstance(store, str | os.PathLike | ActivationStore):
             raise config.ConfigError(
