@@ -515,7 +515,8 @@ def plot(
     results, outdir, metric, kinds, reps, models, layers, mds_method, mds_labels, linkage, fmt,
     dpi, seed
 ) -> None:
-    """Draw a heatmap, an MDS scatter and a dendrogram of a results store into OUTDIR."""
+    """Draw a heatmap, an MDS scatter and a dendrogram of a results store into OUTDIR
+    (the heatmap only, by default, for a run with against: a rectangle)."""
     from pathlib import Path
 
     from smd_dist import analysis
@@ -524,10 +525,14 @@ def plot(
     try:
         ds = open_distances(results)
         ds = analysis.select(ds, reps or None, models=models or None, layers=layers or None)
-        name = str(analysis.dissimilarity(ds, metric).name)
+        rectangle = list(ds.rep_a.values) != list(ds.rep_b.values)
+        if rectangle:  # a run with against: only the heatmap draws a rectangle
+            name = str(analysis.best_matches(ds, metric).attrs["metric"])
+        else:
+            name = str(analysis.dissimilarity(ds, metric).name)
         out = Path(outdir)
         written = []
-        for kind in kinds or ("heatmap", "mds", "dendrogram"):
+        for kind in kinds or (("heatmap",) if rectangle else ("heatmap", "mds", "dendrogram")):
             path = out / f"{name}_{kind}.{fmt}"
             if kind == "heatmap":
                 analysis.plot_heatmap(ds, path, metric=name, dpi=dpi)

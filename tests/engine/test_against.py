@@ -330,6 +330,12 @@ def test_the_cli_runs_a_config_with_against(models, brain, tmp_path):
     assert list(open_distances(tmp_path / "out").rep_b.values) == ["net-a/conv1"]
     result = runner.invoke(main, ["status", str(tmp_path / "out")])
     assert f"against     1 reps in {brain.path}" in result.output, result.output
+    result = runner.invoke(main, ["plot", str(tmp_path / "out"), str(tmp_path / "figs")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["soft_matching_heatmap.png"]
+    result = runner.invoke(main, ["plot", str(tmp_path / "out"), str(tmp_path / "figs"),
+                                  "--kind", "mds"])
+    assert result.exit_code == 2 and "not a rectangle" in result.output, result.output
     same = tmp_path / "same.yaml"
     same.write_text(f"store: {models.path}\noutput: same\nreps: [net-a]\nagainst: [net-b/fc]\n"
                     "cluster: {kind: local, worker-processes: false, n-workers: 1}\n")
