@@ -167,6 +167,7 @@ def assemble(
             layer_index.append(seen.get(r.model, 0))
             seen[r.model] = layer_index[-1] + 1
     n = len(reps)
+    square = rows is None and cols is None
     rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
     cols = np.arange(n) if cols is None else np.asarray(cols, dtype=np.int64)
     # Each rep's row and column in the matrix (-1: not on that axis).
@@ -177,19 +178,25 @@ def assemble(
     shape = (rows.size, cols.size)
     names = [metric.name for metric in metrics]
     i, j, m = positions(records, reps, names)
-    itself_r, itself_c = np.nonzero(rows[:, None] == cols[None, :])
-    # A pair lands at (row of i, column of j) and at (row of j, column of i) where both exist.
-    placed = []
-    for u, v in ((i, j), (j, i)):
-        r, c = row_at[u], col_at[v]
-        on = (r >= 0) & (c >= 0)
-        placed.append((on, r, c))
+    if square:
+        itself_r = itself_c = rows
+    else:
+        itself_r, itself_c = np.nonzero(rows[:, None] == cols[None, :])
     dims = ("rep_a", "rep_b")
     data_vars = {}
     for k, metric in enumerate(metrics):
         rows_k = np.flatnonzero(m == k)
-        cells = [(on[rows_k], r[rows_k][on[rows_k]], c[rows_k][on[rows_k]])
-                 for on, r, c in placed]
+        ri, rj = i[rows_k], j[rows_k]
+        # A pair lands at (row of i, column of j) and at (row of j, column of i), where
+        # both exist (every pair of the run on a square matrix).
+        cells = []
+        for u, v in ((ri, rj), (rj, ri)):
+            if square:
+                cells.append((slice(None), u, v))
+                continue
+            r, c = row_at[u], col_at[v]
+            on = (r >= 0) & (c >= 0)
+            cells.append((on, r[on], c[on]))
         identity = 0.0 if metric.kind == "distance" else 1.0
         bounds = ("lower", "upper") if getattr(metric, "interval", False) else ()
 
