@@ -1,7 +1,8 @@
 """The all-pairs engine: which pairs, Dask, the ledger, resume, the labeled matrix.
 
-``selection``
-    Which reps and metrics a run compares.
+``selection``, ``against``
+    Which reps and metrics a run compares; a rectangular run's second selection (the same
+    store or another with the same stimuli) and its matrix.
 ``settings``, ``planning``
     The engine's settings; memory per pair and blocks of the matrix as tasks.
 ``tasks``, ``worker_cache``

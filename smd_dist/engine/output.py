@@ -4,7 +4,9 @@ An output is a zarr group on a local path:
 
 * its attributes hold the header (``smd_dist_output``, JSON): the output format, the
   preprocessing, each metric's options, the package's ``major.minor`` version, the reps
-  of the last run, and whether the matrix is assembled;
+  of the last run, and whether the matrix is assembled; an output of a rectangular run
+  also holds ``against``: its second store (``null``: the run's own), the last run's
+  second selection and its number of pairs;
 * ``ledger/`` — the pair results, one checksummed columnar part per flush
   (:mod:`smd_dist.engine.ledger`); the source of truth;
 * the root arrays — the assembled :class:`xarray.Dataset` (one DataArray per metric,
@@ -138,9 +140,11 @@ class ResultsOutput:
         Compatible means a format this version reads (:data:`READABLE_FORMATS`), the same
         preprocessing, the same options (``header["metric_options"]``) for every metric
         both ran, and the same ``major.minor`` package version: values must compare bit
-        for bit across runs. An output written before options were recorded is taken to
-        have run its last run's metrics with ``defaults`` (``name -> options``). A path
-        that holds nothing yet is compatible with any run.
+        for bit across runs. A rectangular run's output takes only rectangular runs
+        against the same store (their selections may change, as ``reps`` may), and an
+        all-pairs run's output only all-pairs runs. An output written before options were
+        recorded is taken to have run its last run's metrics with ``defaults``
+        (``name -> options``). A path that holds nothing yet is compatible with any run.
 
         Raises
         ------
@@ -168,6 +172,11 @@ class ResultsOutput:
                     f"{where} was written with {field}={json.dumps(old.get(field))}, this run "
                     f"asks {field}={json.dumps(header.get(field))}"
                 )
+        if _against_store(old) != _against_store(header):
+            return (
+                f"{where} was written by {_against_text(old)}, this run is "
+                f"{_against_text(header)}"
+            )
         if "metric_options" in old:
             recorded = old["metric_options"]
         else:
@@ -292,6 +301,22 @@ class ResultsOutput:
             zarr.consolidate_metadata(self.path, zarr_format=3)
 
 
+def _against_store(header: dict) -> tuple:
+    """The kind of run a header records: ``("all pairs",)`` or ``("against", store)``
+    (``store`` None: the run's own)."""
+    against = header.get("against")
+    return ("all pairs",) if against is None else ("against", against.get("store"))
+
+
+def _against_text(header: dict) -> str:
+    kind = _against_store(header)
+    if kind == ("all pairs",):
+        return "an all-pairs run"
+    if kind[1] is None:
+        return "a run against reps of its own store"
+    return f"a run against the store {kind[1]!r}"
+
+
 def open_distances(path: str | os.PathLike, *, verify: bool = True) -> xr.Dataset:
     """Open a results output as a labeled :class:`xarray.Dataset` (loaded in memory).
 
@@ -347,24 +372,38 @@ def _matrix_hint(output: ResultsOutput, ds: xr.Dataset, name: str) -> str:
         records = output.read(on_corrupt="raise").records.latest()
         # The run's hashes, else each rep's latest in the ledger.
         hashes = dict(zip(records.reps, records.hashes, strict=True))
-        hashes.update(json.loads(ds.attrs.get("store_hashes", "{}")))
+        hashes_a = {**hashes, **json.loads(ds.attrs.get("store_hashes", "{}"))}
+        hashes_b = {**hashes_a, **json.loads(ds.attrs.get("against_hashes", "{}"))}
     except (OutputError, ValueError):
         return ""
-    ids = [str(x) for x in ds.rep_a.values]
-    reps = [SimpleNamespace(rep_id=rep, content_hash=hashes.get(rep, "")) for rep in ids]
+    ids_a = [str(x) for x in ds.rep_a.values]
+    ids_b = [str(x) for x in ds.rep_b.values]
+    # The matrix's rows, then its columns, as the run's reps (each rep once).
+    keys = list(dict.fromkeys(
+        [(rep, hashes_a.get(rep, "")) for rep in ids_a]
+        + [(rep, hashes_b.get(rep, "")) for rep in ids_b]
+    ))
+    index = {key: k for k, key in enumerate(keys)}
+    reps = [SimpleNamespace(rep_id=rep, content_hash=content) for rep, content in keys]
+    row_at = np.full(len(keys) + 1, -1)
+    col_at = np.full(len(keys) + 1, -1)
+    row_at[[index[(rep, hashes_a.get(rep, ""))] for rep in ids_a]] = np.arange(len(ids_a))
+    col_at[[index[(rep, hashes_b.get(rep, ""))] for rep in ids_b]] = np.arange(len(ids_b))
     i, j, m = positions(records, reps, [metric])
-    rows = np.flatnonzero(m == 0)
     values = ds[metric].values
-    want = records.num[rows, 0]
-    got = values[i[rows], j[rows]]
-    differ = ~((want == got) | (np.isnan(want) & np.isnan(got)))
-    bad = sorted(
-        (min(a, b), max(a, b)) for a, b in zip(i[rows][differ].tolist(), j[rows][differ].tolist(),
-                                               strict=True)
-    )
+    bad = set()
+    for u, v in ((i, j), (j, i)):
+        r, c = row_at[u], col_at[v]
+        rows = np.flatnonzero((m == 0) & (r >= 0) & (c >= 0))
+        want = records.num[rows, 0]
+        got = values[r[rows], c[rows]]
+        differ = ~((want == got) | (np.isnan(want) & np.isnan(got)))
+        bad |= {(min(a, b), max(a, b))
+                for a, b in zip(u[rows][differ].tolist(), v[rows][differ].tolist(), strict=True)}
     if not bad:
         return ""
-    shown = [f"{ids[a]} vs {ids[b]}" for a, b in bad[:5]]
+    bad = sorted(bad)
+    shown = [f"{reps[a].rep_id} vs {reps[b].rep_id}" for a, b in bad[:5]]
     return (
         "; pairs affected: " + ", ".join(shown)
         + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

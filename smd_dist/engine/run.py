@@ -37,6 +37,7 @@ import xarray as xr
 from smd_dist import config
 from smd_dist.engine import assembly, dispatch, planning, tasks
 from smd_dist.engine import settings as settings_module
+from smd_dist.engine.against import check_same_stimuli, rectangle, resolve_against
 from smd_dist.engine.ledger import LedgerRead, Records
 from smd_dist.engine.output import OUTPUT_FORMAT, OutputError, ResultsOutput, resolved_path
 from smd_dist.engine.selection import InputError, metric_specs, resolve_metrics, select_reps
@@ -115,7 +116,12 @@ class RunPlan:
     store, output : str
     reps, metrics : tuple of str
         In matrix order (the store's: models as written, each model's layers in depth
-        order).
+        order); ``reps`` are the matrix's rows (``rep_a``).
+    against : str or None
+        A rectangular run's second store (the run's own when its selection is in the
+        same store); ``None`` for an all-pairs run.
+    against_reps : tuple of str
+        A rectangular run's columns (``rep_b``), in their store's order.
     n_pairs, n_done, n_todo : int
         Pairs of the selection; of them, already in the output; left to compute.
     output_state : str
@@ -144,6 +150,8 @@ class RunPlan:
     largest_pair_bytes: int
     median_pair_bytes: int
     cluster: dict
+    against: str | None = None
+    against_reps: tuple[str, ...] = ()
 
 
 def _check_output_writable(path: Path, needed_bytes: int) -> None:
@@ -271,11 +279,18 @@ class _MemorySink:
 
 @dataclass
 class _Setup:
-    """A run's arguments, checked, and what follows from them before any compute."""
+    """A run's arguments, checked, and what follows from them before any compute.
+
+    ``chosen`` are the run's distinct reps. An all-pairs run compares every pair of them
+    (``rows``, ``cols``, ``wanted`` and ``stores`` are None: one store, every rep on both
+    axes); a rectangular run only the pairs of ``wanted``, with the first selection
+    (``rows``, indices into ``chosen``) against the second (``cols``), each rep read from
+    its store in ``stores``.
+    """
 
     store: object
     chosen: list
-    layer_index: dict
+    layer_index: list
     metric_objs: list
     base_prep: dict
     dropping: bool
@@ -288,12 +303,27 @@ class _Setup:
     settings: dict
     output: Path | None
     cluster: dict
+    against: object = None
+    stores: list | None = None
+    rows: np.ndarray | None = None
+    cols: np.ndarray | None = None
+    wanted: np.ndarray | None = None
+
+
+def _layer_index(records) -> dict:
+    """``rep_id -> position of its layer in its model`` over a store's records."""
+    index, seen = {}, {}
+    for r in records:
+        index[r.rep_id] = seen.get(r.model, 0)
+        seen[r.model] = index[r.rep_id] + 1
+    return index
 
 
 def _setup(
     store,
     *,
     reps,
+    against,
     metrics,
     output,
     center,
@@ -312,7 +342,8 @@ def _setup(
     smd_dist.config.ConfigError
         A setting of the wrong type or out of range, an unknown key.
     InputError
-        Unknown reps or metrics, or an empty selection.
+        Unknown reps or metrics, an empty selection, or an ``against`` store whose
+        stimuli differ from the run's store's.
     smd_dist.store.StoreError
         No store at the path.
     """
@@ -352,11 +383,30 @@ def _setup(
             )
         store = ActivationStore(str(store), mode="r")
     records = store.list()
-    chosen = select_reps(records, reps)
-    layer_index, seen = {}, {}
-    for r in records:
-        layer_index[r.rep_id] = seen.get(r.model, 0)
-        seen[r.model] = layer_index[r.rep_id] + 1
+    chosen = select_reps(records, reps, min_reps=1 if against is not None else 2)
+    other = resolve_against(store, against)
+    layer_index = _layer_index(records)
+    shape: dict = {"n_pairs": len(chosen) * (len(chosen) - 1) // 2}
+    if other is not None:
+        check_same_stimuli(store, chosen, other)
+        rect = rectangle(store, chosen, other)
+        wanted = assembly.wanted_pairs(len(rect.reps), rect.rows, rect.cols)
+        shape = {
+            "against": other,
+            "stores": rect.stores,
+            "rows": rect.rows,
+            "cols": rect.cols,
+            "wanted": wanted,
+            "n_pairs": int(np.count_nonzero(np.triu(wanted, 1))),
+        }
+        other_index = layer_index if other.same_store else _layer_index(other.store.list())
+        indices = [
+            layer_index[r.rep_id] if k < len(chosen) else other_index[r.rep_id]
+            for k, r in enumerate(rect.reps)
+        ]
+        chosen = rect.reps
+    else:
+        indices = [layer_index[r.rep_id] for r in chosen]
     specs = metric_specs(metric_objs, base_prep)
     header = {
         "format": OUTPUT_FORMAT,
@@ -368,10 +418,17 @@ def _setup(
         "metric_options": {name: options for name, _, options in specs},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if other is not None:
+        header["reps"] = [chosen[k].rep_id for k in shape["rows"].tolist()]
+        header["against"] = {
+            "store": None if other.same_store else config.redact(str(other.store.path)),
+            "reps": [r.rep_id for r in other.chosen],
+            "n_pairs": shape["n_pairs"],
+        }
     return _Setup(
         store=store,
         chosen=chosen,
-        layer_index=layer_index,
+        layer_index=indices,
         metric_objs=metric_objs,
         base_prep=base_prep,
         dropping=base_prep.get("constant_neurons") == "drop",
@@ -379,11 +436,11 @@ def _setup(
         preps_needed=sorted({p for _, p, _ in specs}),
         header=header,
         defaults={m.name: dict(m.options) for m in metric_objs},
-        n_pairs=len(chosen) * (len(chosen) - 1) // 2,
         device=device,
         settings=settings,
         output=output,
         cluster=cluster_cfg,
+        **shape,
     )
 
 
@@ -408,6 +465,7 @@ def compute_distances(
     store,
     *,
     reps: Sequence[str] | str | None = None,
+    against=None,
     metrics: Sequence[str] | str = ("soft_matching",),
     output: str | os.PathLike | None = None,
     client=None,
@@ -424,7 +482,8 @@ def compute_distances(
     engine: dict | None = None,
     security=None,
 ) -> xr.Dataset:
-    """Compare every pair of selected representations; return the labeled matrices.
+    """Compare every pair of selected representations (or every rep of one selection
+    with every rep of another, ``against``); return the labeled matrices.
 
     For each metric ``m`` and reps ``a``, ``b`` (arrays of shape (stimuli, neurons)),
     the entry ``m[a, b]`` is ``m(prep(X_a), prep(X_b))``, e.g. the soft matching distance
@@ -446,6 +505,17 @@ def compute_distances(
     reps : sequence of str, optional
         ``"model/layer"`` ids, model names or glob patterns; all reps by default. The
         matrix keeps the store's order (models as written, layers in depth order).
+    against : str, sequence of str, mapping, ActivationStore or path-like, optional
+        A second selection: the matrix is then ``reps`` (rows, ``rep_a``) against it
+        (columns, ``rep_b``), e.g. models against brain areas. Rep patterns (a string or
+        a list of strings) select in ``store``; another store is an ``ActivationStore``
+        (a URL store with its ``storage_options``), a ``pathlib.Path``, or a mapping
+        ``{"store": path or URL, "reps": patterns}`` (all its reps without ``reps``),
+        as in a run config's ``against:``. The other store must hold the same stimuli
+        in the same order (refused before anything runs otherwise). A rep in both
+        selections of one store meets itself (the identity value) and each pair is
+        computed once. ``None`` (default): every pair of ``reps``. An output keeps the
+        ``against`` store it was made with.
     metrics : sequence of str
         Names from :func:`smd_dist.metrics.available`.
     output : path, optional
@@ -495,17 +565,19 @@ def compute_distances(
     Returns
     -------
     xarray.Dataset
-        See :func:`smd_dist.engine.output.assemble`; attrs hold the metric definitions,
-        preprocessing, package versions, the store's content hashes, the run config.
+        See :func:`smd_dist.engine.assembly.assemble`; attrs hold the metric definitions,
+        preprocessing, package versions, the store's content hashes (of the rows' reps),
+        the run config, and for a rectangular run ``against_store`` and
+        ``against_hashes`` (of the columns' reps).
 
     Raises
     ------
     smd_dist.config.ConfigError
         An argument or setting of the wrong type or value, found before anything runs.
     InputError
-        Unknown reps or metrics, an empty selection, or reps that cannot be compared
-        (NaN, too few stimuli or neurons, constant neurons under normalisation), found
-        before any pair is computed.
+        Unknown reps or metrics, an empty selection, an ``against`` store with other
+        stimuli, or reps that cannot be compared (NaN, too few stimuli or neurons,
+        constant neurons under normalisation), found before any pair is computed.
     OutputError
         The output is locked by another run, incompatible, not writable or too small.
     RunInterrupted
@@ -524,6 +596,7 @@ def compute_distances(
     setup = _setup(
         store,
         reps=reps,
+        against=against,
         metrics=metrics,
         output=output,
         center=center,
@@ -558,6 +631,7 @@ def plan_run(
     store,
     *,
     reps: Sequence[str] | str | None = None,
+    against=None,
     metrics: Sequence[str] | str = ("soft_matching",),
     output: str | os.PathLike | None = None,
     resume: bool = True,
@@ -588,6 +662,7 @@ def plan_run(
     setup = _setup(
         store,
         reps=reps,
+        against=against,
         metrics=metrics,
         output=output,
         center=center,
@@ -618,15 +693,16 @@ def plan_run(
         before = Records.empty()
     chosen = setup.chosen
     names = [m.name for m in setup.metric_objs]
-    a, b = assembly.pending_pairs(assembly.done_pairs(before, chosen, names))
+    a, b = assembly.pending_pairs(assembly.done_pairs(before, chosen, names), setup.wanted)
     widths = np.array([r.n_neurons for r in chosen], dtype=np.int64)
     sizes = planning.pair_memory_bytes(setup.store.n_stimuli or 0, widths[a], widths[b])
     order = np.lexsort((b, a, sizes))
     largest = int(order[-1]) if a.size else None
+    other = setup.against
     return RunPlan(
         store=str(setup.store.path),
         output=None if setup.output is None else str(setup.output),
-        reps=tuple(r.rep_id for r in chosen),
+        reps=tuple(setup.header["reps"]),
         metrics=tuple(m.name for m in setup.metric_objs),
         n_pairs=setup.n_pairs,
         n_done=setup.n_pairs - int(a.size),
@@ -638,6 +714,8 @@ def plan_run(
         median_pair_bytes=int(sizes[order[a.size // 2]]) if a.size else 0,
         cluster={k: v for k, v in setup.cluster.items()
                  if k == "kind" or k in KIND_KEYS[setup.cluster["kind"]]},
+        against=None if other is None else str(other.store.path),
+        against_reps=() if other is None else tuple(r.rep_id for r in other.chosen),
     )
 
 
@@ -648,9 +726,8 @@ def _compute(
     store, chosen, metric_objs = setup.store, setup.chosen, setup.metric_objs
     n_pairs = setup.n_pairs
     if setup.output is not None:
-        needed = (
-            600 * n_pairs * len(metric_objs) + 64 * len(chosen) ** 2 * len(metric_objs) + 2**20
-        )
+        cells = len(chosen) ** 2 if setup.rows is None else setup.rows.size * setup.cols.size
+        needed = 600 * n_pairs * len(metric_objs) + 64 * cells * len(metric_objs) + 2**20
         _check_output_writable(setup.output, 2 * needed)
         lock = _output_lock(setup.output)
     else:
@@ -667,7 +744,9 @@ def _compute(
             read = LedgerRead(Records.empty(), (), (), (), False)
         names = [m.name for m in metric_objs]
         before = read.records.latest() if resume else Records.empty()
-        a, b = assembly.pending_pairs(assembly.done_pairs(before, chosen, names))
+        a, b = assembly.pending_pairs(
+            assembly.done_pairs(before, chosen, names), setup.wanted
+        )
         report.n_done_before = n_pairs - int(a.size)
         report.incomplete_parts = list(read.incomplete)
         report.corrupt_parts = list(read.corrupt)
@@ -689,7 +768,7 @@ def _compute(
                         file=sys.stderr,
                     )
                 phase = time.perf_counter()
-                sources = _sources(store, chosen, setup.preps_needed)
+                sources = _sources(setup.stores or store, chosen, setup.preps_needed)
                 token = dask.base.tokenize(str(store.path), setup.preps_needed, time.time_ns())
                 threads = max(sum(active.nthreads().values()), 1)
                 dropped = _check_inputs(
@@ -718,17 +797,19 @@ def _compute(
                 report.seconds_pairs = time.perf_counter() - phase
         phase = time.perf_counter()
         final = Records.concat([read.records, *written]).latest()
-        attrs = _dataset_attrs(store, chosen, metric_objs, setup.base_prep, run_config)
+        attrs = _dataset_attrs(setup, run_config)
         counts = _known_dropped(sink, chosen) if setup.dropping else None
         ds = assembly.assemble(
             final,
             chosen,
             metric_objs,
+            rows=setup.rows,
+            cols=setup.cols,
             attrs=attrs,
             layer_index=setup.layer_index,
             constant_dropped=counts,
         )
-        failures = assembly.failures(final, chosen, names)
+        failures = assembly.failures(final, chosen, names, setup.wanted)
         ds.attrs["n_failed_pairs"] = len(failures)
         ds.attrs["failed_pairs"] = failures
         report.failed = failures
@@ -755,9 +836,12 @@ def _layout(setup: _Setup, a, b) -> dict:
 
 def _plan(chosen, a, b, settings: dict, threads: int) -> list:
     """The pairs ``(a[k], b[k])`` (matrix order) as blocks, each pair in solve order: the
-    rep whose id sorts first is solved as the first argument, whatever the matrix order,
-    so a value is the same bits in every run, resumed, reordered or not."""
-    rank = np.argsort(np.argsort(np.array([r.rep_id for r in chosen], dtype=object)))
+    rep whose id sorts first (then its content hash: two stores may hold the same id) is
+    solved as the first argument, whatever the matrix order, so a value is the same bits
+    in every run, resumed, reordered or not."""
+    keys = sorted(range(len(chosen)), key=lambda k: (chosen[k].rep_id, chosen[k].content_hash))
+    rank = np.empty(len(chosen), dtype=np.int64)
+    rank[keys] = np.arange(len(chosen))
     swap = rank[a] > rank[b]
     first, second = np.where(swap, b, a), np.where(swap, a, b)
     return planning.plan_blocks(
@@ -854,13 +938,17 @@ def _scheduler_loss_is_an_error(client, output: Path | None):
 
 
 def _sources(store, chosen, preps) -> list[tasks.RepSource]:
-    """Each selected rep's :class:`RepSource` (by index into ``chosen``)."""
-    options = json.dumps(store.storage_options, sort_keys=True) if store.storage_options else ""
-    return [
-        tasks.RepSource(str(store.path), r.model, r.layer, r.content_hash, tuple(preps),
-                        storage_options=options)
-        for r in chosen
-    ]
+    """Each selected rep's :class:`RepSource` (by index into ``chosen``); ``store`` is the
+    store of them all, or a list of each one's (a rectangular run across two stores)."""
+    stores = store if isinstance(store, list) else [store] * len(chosen)
+    out = []
+    for r, where in zip(chosen, stores, strict=True):
+        options = where.storage_options
+        out.append(tasks.RepSource(
+            str(where.path), r.model, r.layer, r.content_hash, tuple(preps),
+            storage_options=json.dumps(options, sort_keys=True) if options else "",
+        ))
+    return out
 
 
 def _check_inputs(client, chosen, involved, sources, *, token: str, threads: int) -> dict:
@@ -926,8 +1014,18 @@ def _check_inputs(client, chosen, involved, sources, *, token: str, threads: int
 def _record_dropped(sink, header, defaults, chosen, dropped) -> None:
     """Keep each checked rep's count of constant neurons, with its content hash, in the
     output's header (an in-memory run keeps it on the sink): a resumed run that checks
-    no rep still labels every rep."""
-    counts = {chosen[i].rep_id: [chosen[i].content_hash, n] for i, n in dropped.items()}
+    no rep still labels every rep. Entries are read back by hash
+    (:func:`_known_dropped`); a rep whose id an earlier rep of the run has (two stores)
+    is keyed ``id@hash``."""
+    first = {}
+    for k, r in enumerate(chosen):
+        first.setdefault(r.rep_id, k)
+    counts = {
+        (r.rep_id if first[r.rep_id] == i else f"{r.rep_id}@{r.content_hash}"):
+            [r.content_hash, n]
+        for i, n in dropped.items()
+        for r in (chosen[i],)
+    }
     if isinstance(sink, _MemorySink):
         sink.dropped.update(counts)
         return
@@ -935,16 +1033,13 @@ def _record_dropped(sink, header, defaults, chosen, dropped) -> None:
     sink.initialise({**header, "constant_dropped": {**known, **counts}}, defaults=defaults)
 
 
-def _known_dropped(sink, chosen) -> dict[str, int]:
-    """``rep_id -> constant neurons dropped`` for the reps whose content was checked."""
+def _known_dropped(sink, chosen) -> list[int]:
+    """Per rep: the constant neurons dropped, -1 for a rep whose content was not checked."""
     known = sink.dropped if isinstance(sink, _MemorySink) else sink.header().get(
         "constant_dropped", {}
     )
-    return {
-        r.rep_id: int(known[r.rep_id][1])
-        for r in chosen
-        if r.rep_id in known and known[r.rep_id][0] == r.content_hash
-    }
+    by_hash = {content: int(n) for content, n in known.values()}
+    return [by_hash.get(r.content_hash, -1) for r in chosen]
 
 
 def _check_memory(client, store, chosen, a, b) -> None:
@@ -971,9 +1066,13 @@ def _check_memory(client, store, chosen, a, b) -> None:
         )
 
 
-def _dataset_attrs(store, chosen, metric_objs, prep, run_config) -> dict:
+def _dataset_attrs(setup: _Setup, run_config) -> dict:
+    store, metric_objs, prep = setup.store, setup.metric_objs, setup.base_prep
+    chosen = setup.chosen
+    if setup.rows is not None:
+        chosen = [setup.chosen[k] for k in setup.rows.tolist()]
     # Structured attributes are JSON strings: netCDF takes only flat values.
-    return {
+    attrs = {
         "title": "soft matching distances between neural representations",
         "metrics": json.dumps(
             {m.name: {"kind": m.kind, "definition": m.description} for m in metric_objs}
@@ -987,3 +1086,9 @@ def _dataset_attrs(store, chosen, metric_objs, prep, run_config) -> dict:
         # Recorded for provenance, without the tokens and passwords a config may hold.
         "run_config": json.dumps(config.redact(run_config or {}), default=str),
     }
+    if setup.against is not None:
+        attrs["against_store"] = config.redact(str(setup.against.store.path))
+        attrs["against_hashes"] = json.dumps(
+            {setup.chosen[k].rep_id: setup.chosen[k].content_hash for k in setup.cols.tolist()}
+        )
+    return attrs

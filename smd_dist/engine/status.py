@@ -24,7 +24,8 @@ def output_status(path: str | os.PathLike) -> dict:
     Returns
     -------
     dict
-        ``path``, ``store``, ``metrics``, ``pairs_total`` (of the last run's selection),
+        ``path``, ``store``, ``against`` (a rectangular run's second ``store`` and
+        ``reps``, else None), ``metrics``, ``pairs_total`` (of the last run's selection),
         ``preprocessing``, ``assembled``, ``pairs_with_results`` (pairs with a record of
         any metric), ``records`` (the latest per pair and metric), ``failed`` (``"a vs b
         (metric): error"`` for each failed record), ``incomplete_parts`` and ``running``
@@ -48,11 +49,16 @@ def output_status(path: str | os.PathLike) -> dict:
         with contextlib.suppress(OSError, ValueError):
             holder = json.loads(info_path.read_text())
     n_reps = len(header.get("reps", []))
+    against = header.get("against")
     return {
         "path": str(path),
         "store": header.get("store"),
+        "against": against and {
+            "store": against.get("store") or header.get("store"),
+            "reps": against.get("reps", []),
+        },
         "metrics": header.get("metrics"),
-        "pairs_total": n_reps * (n_reps - 1) // 2,
+        "pairs_total": n_reps * (n_reps - 1) // 2 if against is None else against["n_pairs"],
         "preprocessing": header.get("preprocessing"),
         "assembled": bool(header.get("assembled")),
         "pairs_with_results": int(pairs.size),
