@@ -1,4 +1,5 @@
-"""Helpers for the engine's tests: ledger records from rows, and format-1 ledger parts."""
+"""Helpers for the engine's tests: ledger records from rows, format-1 ledger parts, and an
+in-process Dask client shared by a module's runs."""
 
 from __future__ import annotations
 
@@ -100,3 +101,17 @@ def ledger_helpers():
     return SimpleNamespace(
         records=rows_to_records, rows=records_to_rows, write_format1=write_format1_part
     )
+
+
+@pytest.fixture(scope="module")
+def client():
+    """One in-process worker with two task threads, shared by a test module's runs."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c

@@ -51,19 +51,6 @@ def make_store(path, widths, *, seed, stimuli=STIMULI):
     return store
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
-
-
 @pytest.fixture
 def models(tmp_path):
     return make_store(tmp_path / "models", MODELS, seed=1)

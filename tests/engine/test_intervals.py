@@ -18,19 +18,6 @@ WIDTHS = {"a/l1": 12, "a/l2": 20, "b/l1": 12, "b/l2": 7}
 SINKHORN = "soft_matching_sinkhorn"
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
-
-
 @pytest.fixture
 def store(tmp_path):
     rng = np.random.default_rng(3)
