@@ -1,47 +1,71 @@
-"""Benchmark the all-pairs engine against the loop a user would write, in one run.
+"""Benchmark the all-pairs engine against the loop a user would write.
 
-Workload: 16 reps (widths 256–2048, M = 2000 stimuli) in the three regimes of
-:mod:`smd_dist.demo.workloads`, written to a temporary store. Measured, in this process:
+**The user's view** (printed first): every measurement is a fresh Python process, timed
+from its start to its exit, as a user meets it. The loop is a script that imports NumPy and
+POT, reads every rep once and, for each pair, centres both, builds the cost with
+``ot.dist`` and solves with ``ot.emd2`` (a cap that never binds), NumPy with its default
+threads; the engine is a script calling ``smd_dist.compute_distances(store, output=...)``
+with the default cluster (``kind: local``; started, used and closed inside the call).
+Their environments drop ``OPENBLAS_CORETYPE``, ``OPENBLAS_L2_SIZE`` and the thread caps
+this script sets for itself. Workloads:
+
+(A) 16 reps, widths 256-2048, M = 2000 (120 pairs; the regimes of
+    :mod:`smd_dist.demo.workloads`);
+(B) 80 reps, widths 32-512, M = 500 (3160 pairs);
+(C) many small pairs: 300 reps of width 32, M = 100 (44,850 pairs);
+(D) 1000 small reps, widths 8-32, M = 64 (499,500 pairs).
+
+For each: the loop's and the engine's seconds and their ratio, the engine's phases (imports,
+reading and checking the reps, the pairs, assembling and writing the output, the rest:
+setting up, starting and closing the cluster), the worker time outside the metric per pair
+(scheduling, reading, bookkeeping) at the engine's threads, the driver's peak memory
+(``VmHWM``), and the largest relative difference between the two (values must agree to
+1e-9). For (D), also a resumed run with every pair done (a fresh process) and
+``smd-dist status`` on the output. ``--memory-curve`` prints the driver's peak memory at
+100, 300, 1000 and 2000 reps of (D)'s kind.
+
+**Detail** (``--detail``; workload A) — measured in this process:
 
 (a) naive loop — for each pair: read both reps, centre, ``ot.dist``, ``ot.emd2`` with a cap
     high enough to be exact, one pair after another;
-(b) this engine on its own local cluster (:func:`smd_dist.engine.clusters.make_client`, as
-    ``kind: local`` starts it) with one single-threaded worker process, with the default
-    layout (:func:`smd_dist.engine.clusters.default_layout`: one process per two cores, its two
-    threads sharing the reps it reads), with one single-threaded process per core and
-    with one process whose threads fill the cores, each where it differs from the default
-    (cluster start-up excluded, reading and preparing the reps included);
+(b) this engine on its own local cluster of worker processes
+    (:func:`smd_dist.engine.clusters.make_client`) with one single-threaded worker process,
+    with the default process layout (:func:`smd_dist.engine.clusters.default_layout`: one
+    process per two cores, its two threads sharing the reps it reads), with one
+    single-threaded process per core and with one process whose threads fill the cores,
+    each where it differs from the default (cluster start-up excluded, reading and
+    preparing the reps included);
 (c) the limit — per pair, the fastest exact solve available for it (``ot.emd2``, scipy's
     ``linear_sum_assignment`` where widths allow, this package's kernel), each timed alone
     on a precomputed cost, plus one float32 cross product; summed and divided by the cores.
     The kernel is timed on fresh arrays, so it pays per pair for what the engine does once
     per rep (a neuron-major copy, norms, the low-precision copy); the limit is also printed
     with the kernel timed as the engine runs it (prepared reps, second solve of the pair);
-(d) the engine's worker code without Dask — the same tasks, largest first, on a process
+(d) the engine's worker code without Dask — the same blocks, largest first, on a process
     pool of one process and of one per core, each process keeping the reps it reads. Its
     parallel efficiency is what the machine itself gives this work (memory traffic, fresh
     pages, reads), the ceiling for the engine's; (b) against (d) is what Dask costs.
 
-Prints the times, the ratios (a)/(b), (b)/(c), each multi-core layout's parallel
-efficiency next to (d)'s, the per-pair scheduling overhead (worker time from the first
-check to the last pair spent neither in kernels nor in reading and preparing reps, per
-pair) next to the workers' reading and the run's fixed costs (assembling and writing the
-matrix after the last pair), the values' agreement with (a), and peak worker memory.
+It prints the times, the ratios (a)/(b), (b)/(c), each multi-core layout's parallel
+efficiency next to (d)'s, the per-pair scheduling overhead, the workers' reading, the
+values' agreement with (a), and peak worker memory. With ``--repeat N`` every measurement
+runs N times round-robin and keeps its fastest ((c): each pair's fastest time of each
+solver), so a slow spell of a shared machine hits all of them alike.
 
-With ``--repeat N`` the whole set runs N times round-robin and each measurement keeps its
-fastest run ((c): each pair's fastest time of each solver), so a slow spell of a shared
-machine hits all of them alike.
-
-Usage: ``python scripts/bench_engine.py [--quick] [--skip-naive] [--repeat N]``
+Usage: ``python scripts/bench_engine.py [--workloads A,B,C,D] [--repeat N] [--detail]
+[--memory-curve] [--quick]``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -230,14 +254,14 @@ def _pool_ready(_) -> int:
     return os.getpid()
 
 
-def _run_task(task, sources, specs) -> list[dict]:
+def _run_task(a, b, sources, specs):
     from smd_dist.engine import tasks
 
-    return tasks.compare_pairs(task, sources, specs, None, tasks.KEEP_PREPARED_FRACTION)
+    return tasks.compare_block(a, b, sources, specs, None, tasks.KEEP_PREPARED_FRACTION)
 
 
 def without_dask(store: ActivationStore, *, processes: int) -> tuple[dict, float]:
-    """The engine's own worker code with no Dask: the same tasks, largest first, handed to
+    """The engine's own worker code with no Dask: the same blocks, largest first, handed to
     ``processes`` spawned processes by :class:`concurrent.futures.ProcessPoolExecutor`;
     each process keeps the reps it prepares (read on first use). Pool start-up excluded.
 
@@ -247,20 +271,14 @@ def without_dask(store: ActivationStore, *, processes: int) -> tuple[dict, float
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
-    from smd_dist.engine import planning, run, selection, settings
+    from smd_dist.engine import run, selection, settings
 
     chosen = store.list()
     metrics = selection.resolve_metrics(("soft_matching",))
     specs = selection.metric_specs(metrics, {"center": True, "normalize": None})
-    sources = run._sources(store, chosen, sorted({prep for _, prep in specs}))
-    todo = [(i, j) for i in range(len(chosen)) for j in range(i + 1, len(chosen))]
-    engine_settings = settings.engine_settings()
-    tasks = planning.plan_tasks(
-        chosen,
-        todo,
-        task_entries=engine_settings["task-entries"],
-        per_task=engine_settings["max-pairs-per-task"],
-    )
+    sources = run._sources(store, chosen, sorted({prep for _, prep, _ in specs}))
+    a, b = np.triu_indices(len(chosen), 1)
+    blocks = run._plan(chosen, a, b, settings.engine_settings(), processes)
     values = {}
     context = get_context("spawn")
     with ProcessPoolExecutor(
@@ -272,20 +290,19 @@ def without_dask(store: ActivationStore, *, processes: int) -> tuple[dict, float
         pids = set(pool.map(_pool_ready, range(processes)))
         assert len(pids) == processes, pids
         start = time.perf_counter()
-        futures = [
+        futures = {
             pool.submit(
-                _run_task,
-                [(chosen[i].rep_id, chosen[j].rep_id) for i, j in task],
-                {chosen[i].rep_id: sources[i] for pair in task for i in pair},
-                specs,
-            )
-            for task in tasks
-        ]
+                _run_task, block.a, block.b, {int(i): sources[i] for i in block.reps}, specs
+            ): block
+            for block in blocks
+        }
         for future in as_completed(futures):
-            for record in future.result():
-                if "error" in record:
-                    raise RuntimeError(record["error"])
-                values[(record["rep_a"], record["rep_b"])] = record["value"]
+            block, result = futures[future], future.result()
+            if (result.error >= 0).any():
+                raise RuntimeError(result.errors)
+            for i, j, value in zip(block.a, block.b, result.num[:, 0, 0], strict=True):
+                pair = tuple(sorted((chosen[i].rep_id, chosen[j].rep_id)))
+                values[pair] = value
         seconds = time.perf_counter() - start
     return values, seconds
 
@@ -348,17 +365,8 @@ def _faster(best, run):
     return run if best is None or run[1] < best[1] else best
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small workload (about a minute)")
-    parser.add_argument("--skip-naive", action="store_true", help="skip (a)")
-    parser.add_argument(
-        "--repeat",
-        type=int,
-        default=1,
-        help="rounds of (b), (c) and (a), one after the other; each keeps its fastest",
-    )
-    args = parser.parse_args(argv)
+def detail(args) -> None:
+    """The breakdown (a)-(d) on workload A, measured in this process."""
     spec, n_stimuli = workload(args.quick)
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -445,6 +453,231 @@ def main(argv=None) -> int:
             )
             print(f"speed-up {speedups}")
             print(f"max relative difference engine (default layout) vs naive: {worst:.2e}")
+
+
+# --- the user's view: fresh processes --------------------------------------------------------
+
+#: Variables the user-view processes do not inherit: the thread caps this script sets for
+#: its own measurements, and the OpenBLAS tuning of this machine's environment.
+_NOT_INHERITED = (
+    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+)
+
+NAIVE_SCRIPT = """
+import json, math, sys, time
+start = time.perf_counter()
+import numpy as np
+import ot
+from smd_dist.store import ActivationStore
+
+imported = time.perf_counter()
+store = ActivationStore(sys.argv[1], mode="r")
+arrays = [store.read(r.model, r.layer).astype(np.float64) for r in store.list()]
+n = len(arrays)
+values = np.full((n, n), np.nan)
+for i in range(n):
+    for j in range(i + 1, n):
+        x = arrays[i] - arrays[i].mean(0)
+        y = arrays[j] - arrays[j].mean(0)
+        cost = ot.dist(x.T, y.T)
+        wx, wy = np.full(x.shape[1], 1 / x.shape[1]), np.full(y.shape[1], 1 / y.shape[1])
+        values[i, j] = math.sqrt(max(ot.emd2(wx, wy, cost, numItermax=10**9), 0.0))
+np.save(sys.argv[2], values)
+print(json.dumps({"imports": imported - start, "loop": time.perf_counter() - imported}))
+"""
+
+ENGINE_SCRIPT = """
+import json, sys, time
+start = time.perf_counter()
+import smd_dist
+
+if __name__ == "__main__":
+    import numpy as np
+    from smd_dist.engine import RunReport
+
+    imported = time.perf_counter()
+    report = RunReport(0, 0, 0)
+    ds = smd_dist.compute_distances(sys.argv[1], output=sys.argv[2], progress=False,
+                                    report=report)
+    called = time.perf_counter() - imported
+    np.save(sys.argv[3], ds["soft_matching"].values)
+    kernel = float(np.nansum(np.triu(ds["soft_matching_seconds"].values, 1)))
+    with open("/proc/self/status") as status:
+        peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+    print(json.dumps({
+        "imports": imported - start, "call": called, "inputs": report.seconds_inputs,
+        "pairs": report.seconds_pairs, "finish": report.seconds_finish,
+        "computed": report.n_computed, "done_before": report.n_done_before,
+        "kernel": kernel, "peak": peak, "failed": len(report.failed),
+    }))
+"""
+
+
+def _environment() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _fresh(script: Path, *args) -> tuple[float, dict]:
+    """Run ``script`` in a fresh Python; its wall seconds, start to exit, and its report."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(script), *map(str, args)], env=_environment(),
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{script.name} failed:\n{done.stdout}\n{done.stderr}")
+    return seconds, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def small_store(path: Path, n_reps: int, *, low: int, high: int, n_stimuli: int,
+                seed: int = 0) -> ActivationStore:
+    """``n_reps`` reps of widths drawn from ``low``-``high``, ten layers per model, reading
+    one shared latent (tanh of random projections, plus noise)."""
+    rng = np.random.default_rng(seed)
+    store = ActivationStore(path, mode="w")
+    latent = rng.standard_normal((n_stimuli, 8))
+    for k, width in enumerate(rng.integers(low, high + 1, size=n_reps)):
+        x = np.tanh(latent @ rng.standard_normal((8, width)))
+        x += 0.1 * rng.standard_normal(x.shape)
+        store.write(f"net{k // 10:04d}", f"layer{k % 10}", x.astype(np.float32))
+    return store
+
+
+def mixed_store(path: Path, n_reps: int, *, low: int, high: int, n_stimuli: int,
+                seed: int = 7) -> ActivationStore:
+    """``n_reps`` reps of widths log-uniform in ``low``-``high``, in the three regimes of
+    :mod:`smd_dist.demo.workloads` in turn."""
+    rng = np.random.default_rng(seed)
+    widths = np.exp(rng.uniform(np.log(low), np.log(high), size=n_reps)).astype(int)
+    spec = [(workloads.REGIMES[k % 3], int(w)) for k, w in enumerate(widths)]
+    return build_store(path, spec, n_stimuli)
+
+
+def user_workloads(quick: bool) -> dict:
+    """Name -> (description, store builder taking a path)."""
+    if quick:
+        return {
+            "A": ("6 reps, widths 128-256, M = 500", lambda p: build_store(p, QUICK, 500)),
+            "B": ("20 reps, widths 32-128, M = 200",
+                  lambda p: mixed_store(p, 20, low=32, high=128, n_stimuli=200)),
+            "C": ("40 reps of width 32, M = 100",
+                  lambda p: small_store(p, 40, low=32, high=32, n_stimuli=100)),
+            "D": ("60 reps, widths 8-32, M = 64",
+                  lambda p: small_store(p, 60, low=8, high=32, n_stimuli=64)),
+        }
+    return {
+        "A": ("16 reps, widths 256-2048, M = 2000", lambda p: build_store(p, FULL, 2000)),
+        "B": ("80 reps, widths 32-512, M = 500",
+              lambda p: mixed_store(p, 80, low=32, high=512, n_stimuli=500)),
+        "C": ("300 reps of width 32, M = 100",
+              lambda p: small_store(p, 300, low=32, high=32, n_stimuli=100)),
+        "D": ("1000 reps, widths 8-32, M = 64",
+              lambda p: small_store(p, 1000, low=8, high=32, n_stimuli=64)),
+    }
+
+
+def user_view(name: str, description: str, store: ActivationStore, tmp: Path, *,
+              repeat: int, cores: int) -> None:
+    """The loop and the engine on one workload, each in fresh processes, alternating."""
+    scripts = tmp / "scripts"
+    scripts.mkdir(exist_ok=True)
+    naive_script, engine_script = scripts / "naive.py", scripts / "engine.py"
+    naive_script.write_text(textwrap.dedent(NAIVE_SCRIPT))
+    engine_script.write_text(textwrap.dedent(ENGINE_SCRIPT))
+    n = len(store.list())
+    pairs = n * (n - 1) // 2
+    naive_runs, engine_runs = [], []
+    for k in range(max(1, repeat)):
+        naive_runs.append(_fresh(naive_script, store.path, tmp / f"naive-{name}.npy"))
+        output = tmp / f"out-{name}-{k}"
+        engine_runs.append(_fresh(engine_script, store.path, output,
+                                  tmp / f"engine-{name}.npy"))
+    naive = np.load(tmp / f"naive-{name}.npy")
+    engine = np.load(tmp / f"engine-{name}.npy")
+    upper = np.triu_indices(n, 1)
+    worst = float(np.max(np.abs(engine[upper] - naive[upper]) / np.abs(naive[upper])))
+    print(f"({name}) {description}: {pairs} pairs, {cores} cores")
+    for k, ((tn, rn), (te, re_)) in enumerate(zip(naive_runs, engine_runs, strict=True)):
+        rest = re_["call"] - re_["inputs"] - re_["pairs"] - re_["finish"]
+        outside = cores * re_["pairs"] - re_["kernel"]
+        print(
+            f"  run {k + 1}: loop {tn:7.2f} s (imports {rn['imports']:.2f}, loop "
+            f"{rn['loop']:.2f}); engine {te:7.2f} s: loop/engine {tn / te:.2f}x\n"
+            f"    engine phases: imports {re_['imports']:.2f} s, reps read and checked "
+            f"{re_['inputs']:.2f} s, pairs {re_['pairs']:.2f} s, assembling and writing "
+            f"{re_['finish']:.2f} s, setting up + cluster start and close {rest:.2f} s; "
+            f"interpreter start and exit {te - re_['imports'] - re_['call']:.2f} s\n"
+            f"    worker time outside the metric: {outside / pairs * 1e6:.1f} us per pair "
+            f"({100 * outside / max(cores * re_['pairs'], 1e-9):.1f} % of {cores} threads x "
+            f"the pairs phase); driver peak memory {re_['peak'] / 2**20:.0f} MiB"
+        )
+    print(f"  max relative difference engine vs loop: {worst:.1e}")
+    if name == "D":
+        output = tmp / f"out-{name}-0"
+        seconds, resumed = _fresh(engine_script, store.path, output, tmp / "resumed.npy")
+        assert resumed["computed"] == 0 and resumed["done_before"] == pairs, resumed
+        assert np.array_equal(np.load(tmp / "resumed.npy"), engine, equal_nan=True)
+        start = time.perf_counter()
+        status = subprocess.run([sys.executable, "-m", "smd_dist", "status", str(output)],
+                                env=_environment(), capture_output=True, text=True)
+        status_seconds = time.perf_counter() - start
+        assert f"{pairs} of {pairs} have results" in status.stdout, status.stdout
+        print(
+            f"  resumed with every pair done: {seconds:.2f} s in all, the call "
+            f"{resumed['call']:.2f} s (assembling and writing {resumed['finish']:.2f} s); "
+            f"`smd-dist status`: {status_seconds:.2f} s in all"
+        )
+
+
+def memory_curve(tmp: Path, sizes=(100, 300, 1000, 2000)) -> None:
+    """The driver's peak memory (VmHWM) for (D)'s kind of reps at several counts."""
+    scripts = tmp / "scripts"
+    scripts.mkdir(exist_ok=True)
+    engine_script = scripts / "engine.py"
+    engine_script.write_text(textwrap.dedent(ENGINE_SCRIPT))
+    print("driver peak memory, reps of widths 8-32, M = 64:")
+    for n in sizes:
+        store = small_store(tmp / f"curve-{n}", n, low=8, high=32, n_stimuli=64)
+        seconds, report = _fresh(engine_script, store.path, tmp / f"curve-out-{n}",
+                                 tmp / "curve.npy")
+        print(f"  {n:5d} reps, {n * (n - 1) // 2:8d} pairs: {report['peak'] / 2**20:6.0f} MiB "
+              f"({seconds:.1f} s)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small workloads (a few minutes)")
+    parser.add_argument("--workloads", default="A,B,C,D",
+                        help="the user-view workloads to run, e.g. A,D ('' for none)")
+    parser.add_argument("--detail", action="store_true",
+                        help="also the breakdown (a)-(d) on workload A")
+    parser.add_argument("--memory-curve", action="store_true",
+                        help="the driver's peak memory at 100, 300, 1000, 2000 reps")
+    parser.add_argument("--skip-naive", action="store_true", help="detail: skip (a)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every measurement, one after the other (detail: each keeps its "
+        "fastest)",
+    )
+    args = parser.parse_args(argv)
+    cores = os.cpu_count() or 1
+    chosen = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
+    specs = user_workloads(args.quick)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name in chosen:
+            description, build = specs[name]
+            store = build(tmp / f"store-{name}")
+            user_view(name, description, store, tmp, repeat=args.repeat, cores=cores)
+        if args.memory_curve:
+            memory_curve(tmp, (20, 40, 60) if args.quick else (100, 300, 1000, 2000))
+    if args.detail:
+        detail(args)
     return 0
 
 

@@ -225,6 +225,7 @@ def report(rows: list[Row], store, setup: Setup, seconds: float) -> str:
         )
     lines += ["", *_width_lines(rows, setup), "", *_ranking_lines(rows, setup), ""]
     lines += _reading(rows, setup)
+    lines += AGAINST_SECTION.splitlines()
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -335,6 +336,72 @@ def _reading(rows, setup) -> list[str]:
         "trained nets), by both scores and at every stimulus count: "
         + ("yes." if _same_best(rows, setup) else "no (see the table above)."),
     ]
+
+
+#: How to run the same comparison with the engine, as a rectangle across two stores.
+AGAINST_SECTION = """
+## Models against recordings in another store
+
+The tables above score arrays in memory. At scale — many models' layers against recorded
+areas — the engine does it as a *rectangular* run: `compute_distances(models,
+against=recordings)` compares every rep of the first store (rows, `rep_a`) with every rep
+of the second (columns, `rep_b`), with the same resume, ledger, failures, progress and
+cluster as an all-pairs run. The second store must hold the same stimuli in the same order:
+both record the same stimulus ids (`ActivationStore.set_stimuli`, `smd-dist store import
+--ids`), or neither records ids and the counts agree; otherwise the run is refused before
+anything starts, naming both stores and the first differing id. This builds such a store
+from the demo (run it where `smd-dist demo build demo-data` put the stores) and ranks each
+model's best layer per area:
+
+```python
+import numpy as np
+
+import smd_dist
+from smd_dist import analysis
+from smd_dist.store import ActivationStore
+
+if __name__ == "__main__":  # the local cluster's workers import this file again
+    models = ActivationStore("demo-data/digits", mode="r")
+    # "Recordings": 20 noisy responsive units of each of two layers of one held-out net,
+    # on the same stimuli in the same order (the ids are what the run checks).
+    rng = np.random.default_rng(0)
+    brain = ActivationStore("demo-data/recordings", mode="w")
+    brain.set_stimuli(models.stimulus_ids)
+    for area in ("conv2", "fc1"):
+        A = models.read("cnn-w8-s0", area).astype(np.float64)
+        R = A[:, rng.choice(np.flatnonzero(A.std(axis=0) > 0), 20, replace=False)]
+        brain.write("monkey", area, R + R.std(axis=0) * rng.standard_normal(R.shape))
+    ds = smd_dist.compute_distances(
+        models,
+        reps=[r.rep_id for r in models.list() if r.model != "cnn-w8-s0"],
+        against=brain,  # or {"store": "demo-data/recordings", "reps": ["monkey/*"]}
+        metrics=["soft_matching_score"],
+        constant_neurons="drop",  # dead ReLU units: left out of every rep
+        output="demo-results/models-vs-recordings.zarr",
+    )
+    print(ds["soft_matching_score"].to_pandas().round(3))
+    best = analysis.best_matches(ds)  # each model's best layer per area, ranked
+    print(best["layer"].to_pandas())
+    print(best["rank"].to_pandas())
+```
+
+The same run from the command line (`smd-dist run models-vs-recordings.yaml`; `--against
+PATTERN` replaces the `reps` of `against`):
+
+```yaml
+store: demo-data/digits
+output: demo-results/models-vs-recordings.zarr
+reps: [cnn-w16-s0, cnn-w16-s1, cnn-w8-s1]
+against: {store: demo-data/recordings}   # or a list of patterns in `store`
+metrics: [soft_matching_score]
+preprocessing: {constant_neurons: drop}
+```
+
+`against` may also be patterns in the same store (`against=["monkey/*"]`); a rep in both
+selections then meets itself and each pair is computed once. `smd_dist.pairwise(models,
+against=areas)` is the same for arrays in memory. MDS and clustering need a square matrix
+and refuse the rectangle; `analysis.plot_heatmap` draws it.
+"""
 
 
 def _moves(groups, field, small, large) -> str:

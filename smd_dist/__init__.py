@@ -32,7 +32,7 @@ _PUBLIC = {
     "extract": "smd_dist.store",
     "linear_cka": "smd_dist.metrics",
     "open_distances": "smd_dist.engine",
-    "pairwise": "smd_dist.engine",
+    "pairwise": "smd_dist.engine.pairwise",
     "partial_soft_matching": "smd_dist.metrics",
     "partial_soft_matching_score": "smd_dist.metrics",
     "permutation_distance": "smd_dist.metrics",
@@ -56,6 +56,9 @@ _MOVED = {
     "smd_dist.worker_cache": "smd_dist.engine.worker_cache",
 }
 
+#: Subpackages reachable as attributes (``smd_dist.analysis.mds(...)``), imported on first use.
+_SUBPACKAGES = ("analysis", "demo", "engine", "kernel", "metrics", "store")
+
 __all__ = ["__version__", *sorted(_PUBLIC)]
 
 
@@ -64,11 +67,13 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_PUBLIC[name]), name)
         globals()[name] = value
         return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"smd_dist.{name}")
     raise AttributeError(f"module 'smd_dist' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_PUBLIC})
+    return sorted({*globals(), *_PUBLIC, *_SUBPACKAGES})
 
 
 from smd_dist import _moved  # noqa: E402  (after the tables it reads)

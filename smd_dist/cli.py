@@ -69,10 +69,18 @@ def main() -> None:
 @click.option("--reps", "reps_override", multiple=True,
               help="Glob on 'model/layer' or a model name, instead of the config's reps "
                    "(repeatable).")
+@click.option("--against", "against_override", multiple=True, metavar="PATTERN",
+              help="Compare the reps against these (glob on 'model/layer' or a model name; "
+                   "repeatable) instead of the config's against reps, in the store its "
+                   "'against:' names (the run's own store by default).")
 @click.option("--no-progress", is_flag=True,
               help="Print nothing while it runs (no cluster line, no progress bar).")
-def run(config_path, dry_run, fresh, output_override, reps_override, no_progress) -> None:
+def run(config_path, dry_run, fresh, output_override, reps_override, against_override,
+        no_progress) -> None:
     """Compute every pair named by the run CONFIG (YAML) and write the labeled matrix.
+
+    With 'against:' in the config (or --against) the matrix is the reps (rows) against a
+    second selection (columns), in the same store or another with the same stimuli.
 
     Exits 0 when every pair succeeded, 1 when some pairs failed (they are recorded in the
     output with their errors; a rerun retries only them), 2 on bad input or config, 130
@@ -88,9 +96,16 @@ def run(config_path, dry_run, fresh, output_override, reps_override, no_progress
         cfg["output"] = os.path.abspath(output_override)
     if reps_override:
         cfg["reps"] = list(reps_override)
+    if against_override:
+        against = cfg.get("against")
+        cfg["against"] = (
+            {**against, "reps": list(against_override)} if isinstance(against, dict)
+            else list(against_override)
+        )
     prep = cfg.get("preprocessing") or {}
     options = {
         "reps": cfg.get("reps"),
+        "against": cfg.get("against"),
         "metrics": cfg.get("metrics") or ("soft_matching",),
         "output": cfg["output"],
         "resume": cfg.get("resume", True),
@@ -118,8 +133,10 @@ def run(config_path, dry_run, fresh, output_override, reps_override, no_progress
         )
         sys.exit(EXIT_INTERRUPTED)
     names = [str(v) for v in ds.data_vars if "kind" in ds[v].attrs]
+    shape = (f"{report.n_reps} reps" if "against_store" not in ds.attrs
+             else f"{ds.sizes['rep_a']} reps against {ds.sizes['rep_b']}")
     click.echo(
-        f"{report.n_pairs} pairs of {report.n_reps} reps: {report.n_done_before} already done, "
+        f"{report.n_pairs} pairs of {shape}: {report.n_done_before} already done, "
         f"{report.n_computed} computed in {report.seconds:.1f} s; metrics {', '.join(names)}; "
         f"output {cfg['output']}"
     )
@@ -143,6 +160,10 @@ def _print_plan(plan) -> None:
     click.echo(f"store     {plan.store}")
     click.echo(f"output    {plan.output} ({plan.output_state})")
     click.echo(f"reps      {len(plan.reps)}: {shown}")
+    if plan.against is not None:
+        against = ", ".join(plan.against_reps[:6]) + (
+            f", ... ({len(plan.against_reps) - 6} more)" if len(plan.against_reps) > 6 else "")
+        click.echo(f"against   {len(plan.against_reps)} in {plan.against}: {against}")
     click.echo(f"metrics   {', '.join(plan.metrics)}")
     click.echo(f"pairs     {plan.n_pairs}: {plan.n_done} already done, {plan.n_todo} to compute")
     if plan.largest_pair:
@@ -174,6 +195,9 @@ def status(output: str, as_json: bool) -> None:
         return
     click.echo(f"output      {info['path']}")
     click.echo(f"store       {info['store']}")
+    if info["against"]:
+        click.echo(f"against     {len(info['against']['reps'])} reps in "
+                   f"{info['against']['store']}")
     click.echo(f"metrics     {', '.join(info['metrics'] or [])}")
     click.echo(f"pairs       {info['pairs_with_results']} of {info['pairs_total']} have results")
     click.echo(f"failed      {len(info['failed'])}")
@@ -491,7 +515,8 @@ def plot(
     results, outdir, metric, kinds, reps, models, layers, mds_method, mds_labels, linkage, fmt,
     dpi, seed
 ) -> None:
-    """Draw a heatmap, an MDS scatter and a dendrogram of a results store into OUTDIR."""
+    """Draw a heatmap, an MDS scatter and a dendrogram of a results store into OUTDIR
+    (the heatmap only, by default, for a run with against: a rectangle)."""
     from pathlib import Path
 
     from smd_dist import analysis
@@ -500,10 +525,14 @@ def plot(
     try:
         ds = open_distances(results)
         ds = analysis.select(ds, reps or None, models=models or None, layers=layers or None)
-        name = str(analysis.dissimilarity(ds, metric).name)
+        rectangle = list(ds.rep_a.values) != list(ds.rep_b.values)
+        if rectangle:  # a run with against: only the heatmap draws a rectangle
+            name = str(analysis.best_matches(ds, metric).attrs["metric"])
+        else:
+            name = str(analysis.dissimilarity(ds, metric).name)
         out = Path(outdir)
         written = []
-        for kind in kinds or ("heatmap", "mds", "dendrogram"):
+        for kind in kinds or (("heatmap",) if rectangle else ("heatmap", "mds", "dendrogram")):
             path = out / f"{name}_{kind}.{fmt}"
             if kind == "heatmap":
                 analysis.plot_heatmap(ds, path, metric=name, dpi=dpi)

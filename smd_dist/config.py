@@ -33,6 +33,8 @@ class ConfigError(ValueError):
 RUN_CONFIG_KEYS = {
     "store": "path (or URL) of the activation store",
     "reps": "optional list of glob patterns on 'model/layer'",
+    "against": "optional second selection, the matrix's columns: a list of patterns in the "
+               "store, or {store: PATH, reps: [...]} for another store with the same stimuli",
     "metrics": "list of metric names",
     "preprocessing": "{center: bool, normalize: null|unit|zscore, constant_neurons: refuse|drop}",
     "device": "null | cpu | cuda",
@@ -47,12 +49,18 @@ _RUN_CONFIG_TYPES = {
     "store": (str,),
     "output": (str,),
     "reps": (str, list, type(None)),
+    "against": (str, list, dict, type(None)),
     "metrics": (str, list, type(None)),
     "preprocessing": (dict, type(None)),
     "device": (str, type(None)),
     "cluster": (dict, type(None)),
     "resume": (bool,),
     "engine": (dict, type(None)),
+}
+#: The keys of a run config's ``against:`` mapping (and of ``compute_distances(against=)``).
+AGAINST_KEYS = {
+    "store": "path (or URL) of the store holding the second selection (default: the run's)",
+    "reps": "patterns on 'model/layer' in that store (default: all its reps)",
 }
 _TYPE_NAMES = {str: "a string", list: "a list", dict: "a mapping", bool: "true or false",
                type(None): "null"}
@@ -138,13 +146,28 @@ def read_config_file(path: str | os.PathLike) -> dict:
             raise ConfigError(f"{where}: {key!r} must be a list of strings, got {value!r}")
     check_keys(cfg.get("preprocessing") or {}, ("center", "normalize", "constant_neurons"),
                where=f"{where}, preprocessing")
+    against = cfg.get("against")
+    if isinstance(against, dict):
+        check_keys(against, AGAINST_KEYS, where=f"{where}, against")
+        if not isinstance(against.get("store"), str | type(None)):
+            raise ConfigError(
+                f"{where}: against.store must be a store path or URL, got {against['store']!r}"
+            )
+        reps = against.get("reps")
+        if not (reps is None or isinstance(reps, str) or (
+            isinstance(reps, list) and all(isinstance(r, str) for r in reps)
+        )):
+            raise ConfigError(
+                f"{where}: against.reps must be a pattern or a list of patterns, got {reps!r}"
+            )
     return cfg
 
 
 def load_run_config(path: str | os.PathLike) -> dict:
     """Load and validate a run config YAML file.
 
-    Relative ``store`` and ``output`` paths are taken relative to the config file's folder.
+    Relative ``store``, ``output`` and ``against.store`` paths are taken relative to the
+    config file's folder.
 
     Raises
     ------
@@ -157,10 +180,18 @@ def load_run_config(path: str | os.PathLike) -> dict:
             raise ConfigError(f"run config {str(path)!r} lacks the required key {required!r}")
     base = Path(path).resolve().parent
     for key in ("store", "output"):
-        value = str(cfg[key])
-        if "://" not in value and not os.path.isabs(value):
-            cfg[key] = str((base / value).resolve())
+        cfg[key] = _relative_to(base, cfg[key])
+    against = cfg.get("against")
+    if isinstance(against, dict) and against.get("store"):
+        cfg["against"] = {**against, "store": _relative_to(base, against["store"])}
     return cfg
+
+
+def _relative_to(base: Path, value) -> str:
+    value = str(value)
+    if "://" not in value and not os.path.isabs(value):
+        return str((base / value).resolve())
+    return value
 
 
 # --- secrets --------------------------------------------------------------------------------

@@ -91,6 +91,15 @@ def test_public_names_load_on_first_use():
         smd_dist.nope  # noqa: B018
 
 
+def test_layers_are_attributes_of_the_package_imported_on_first_use():
+    probe = "import smd_dist; smd_dist.analysis.best_matches; smd_dist.engine.compute_distances"
+    assert "xarray" in _loaded_after(probe)
+    import smd_dist
+
+    assert smd_dist.analysis is sys.modules["smd_dist.analysis"]
+    assert {"analysis", "kernel", "store"} <= set(dir(smd_dist))
+
+
 def test_old_module_paths_still_import_with_a_deprecation_warning():
     import smd_dist.kernel.transport as new
 

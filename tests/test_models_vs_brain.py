@@ -61,6 +61,29 @@ def test_rows_are_the_public_scores_and_the_report_is_written(script, store, tmp
     path = script.run(store, tmp_path / "docs", setup)
     text = path.read_text()
     assert path.name == "models-vs-brain.md"
-    for heading in ("## Set-up", "## How far the in-sample score is inflated", "## Reading"):
+    for heading in ("## Set-up", "## How far the in-sample score is inflated", "## Reading",
+                    "## Models against recordings in another store"):
         assert heading in text
     assert "| 20 |" in text and "| 60 |" in text and "nan" not in text
+
+
+@pytest.mark.slow
+def test_the_models_against_recordings_example_runs(tmp_path):
+    """The docs' rectangular example, as written, on the small demo build."""
+    import re
+    import subprocess
+
+    doc = (SCRIPT.parent.parent / "docs" / "models-vs-brain.md").read_text()
+    section = doc[doc.index("## Models against recordings in another store"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "example.py").write_text(code)
+    env = {**__import__("os").environ, "PYTHONPATH": str(SCRIPT.parent.parent)}
+    subprocess.run([sys.executable, "-m", "smd_dist", "demo", "build", "demo-data", "--small",
+                    "-q"], cwd=tmp_path, check=True, env=env, capture_output=True)
+    done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "monkey/conv2" in done.stdout and "monkey/fc1" in done.stdout
+    ds = smd_dist.open_distances(tmp_path / "demo-results" / "models-vs-recordings.zarr")
+    assert list(ds.rep_b.values) == ["monkey/conv2", "monkey/fc1"]
+    assert not np.isnan(ds["soft_matching_score"].values).any()

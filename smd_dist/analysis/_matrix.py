@@ -61,7 +61,8 @@ def select(
     xarray.Dataset
         The same Dataset restricted on both axes, in the order it was given (a run's order:
         models as they were written to the store, each model's layers in depth order), never
-        re-sorted by name or by pattern.
+        re-sorted by name or by pattern. A rectangular result (``compute_distances(against=
+        ...)``, other reps on the two axes) is restricted on each axis by what matches there.
 
     Raises
     ------
@@ -69,34 +70,48 @@ def select(
         A pattern matches no representation (the message lists the closest rep ids).
     """
     _check_layout(ds)
-    ids = [str(r) for r in ds["rep_a"].values]
-    columns = {
-        "reps": ids,
-        "models": [str(m) for m in _coord(ds, "model_a", ids)],
-        "layers": [str(x) for x in _coord(ds, "layer_a", ids)],
-    }
-    keep = np.ones(len(ids), dtype=bool)
+    axes = {side: [str(r) for r in ds[f"rep_{side}"].values] for side in ("a", "b")}
+    square = axes["a"] == axes["b"]
+    sides = ("a",) if square else ("a", "b")
+    keep = {side: np.ones(len(axes[side]), dtype=bool) for side in sides}
     for criterion, patterns in (("reps", reps), ("models", models), ("layers", layers)):
         if patterns is None:
             continue
         patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-        values = columns[criterion]
-        hit = np.zeros(len(ids), dtype=bool)
+        values, hit = {}, {}
+        for side in sides:
+            ids = axes[side]
+            values[side] = {
+                "reps": ids,
+                "models": [str(m) for m in _coord(ds, f"model_{side}", ids)],
+                "layers": [str(x) for x in _coord(ds, f"layer_{side}", ids)],
+            }[criterion]
+            hit[side] = np.zeros(len(ids), dtype=bool)
         unmatched = []
         for pattern in patterns:
-            match = np.array([fnmatch.fnmatchcase(v, pattern) for v in values], dtype=bool)
-            if not match.any():
+            found = False
+            for side in sides:
+                match = np.array(
+                    [fnmatch.fnmatchcase(v, pattern) for v in values[side]], dtype=bool
+                )
+                found |= bool(match.any())
+                hit[side] |= match
+            if not found:
                 unmatched.append(pattern)
-            hit |= match
         if unmatched:
-            raise ValueError(_unknown_message(criterion, unmatched, sorted(set(values))))
-        keep &= hit
-    chosen = [r for r, k in zip(ids, keep, strict=True) if k]
-    if not chosen:
+            available = sorted({v for side in sides for v in values[side]})
+            raise ValueError(_unknown_message(criterion, unmatched, available))
+        for side in sides:
+            # A rectangle's axis that no pattern of this criterion names keeps its reps.
+            if square or hit[side].any():
+                keep[side] &= hit[side]
+    chosen = {side: [r for r, k in zip(axes[side], keep[side], strict=True) if k]
+              for side in sides}
+    if not all(chosen.values()):
         raise ValueError(
             f"no representation matches all of reps={reps!r}, models={models!r}, layers={layers!r}"
         )
-    return ds.sel(rep_a=chosen, rep_b=chosen)
+    return ds.sel(rep_a=chosen["a"], rep_b=chosen["a" if square else "b"])
 
 
 def dissimilarity(
@@ -147,7 +162,10 @@ def dissimilarity(
         raise ValueError(
             f"{name}: rep_a and rep_b hold different representations "
             f"({len(ids_a)} vs {len(ids_b)}; first difference: "
-            f"{_first_difference(ids_a, ids_b)}); select the same reps on both axes"
+            f"{_first_difference(ids_a, ids_b)}): MDS, clustering and the rotation null need "
+            "one square matrix of every pair of one selection, not a rectangle (a run with "
+            "against=); analysis.best_matches ranks the rep_a models for each rep_b, and "
+            "plot_heatmap draws a rectangle"
         )
     if len(ids_a) < min_reps:
         raise ValueError(

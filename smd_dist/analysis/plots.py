@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from smd_dist.analysis._matrix import dissimilarity, rep_coords
+from smd_dist.analysis._matrix import _coord, _pick, dissimilarity, rep_coords
 from smd_dist.analysis.clustering import Clustering
 from smd_dist.analysis.embedding import Embedding
 
@@ -54,9 +54,17 @@ def plot_heatmap(
         models in blocks and layers in depth order.
     max_labels : int, default 80
         Above this many reps the per-layer tick labels are left out.
+
+    A rectangular result (``compute_distances(against=...)``: other reps on the two axes)
+    is drawn as it is, ``rep_a`` down and ``rep_b`` across, ticks naming the reps, the
+    colour range over every value; ``order`` does not apply to it.
     """
     from matplotlib import colormaps
 
+    picked = _pick(ds, metric)
+    if [str(r) for r in picked["rep_a"].values] != [str(r) for r in picked["rep_b"].values]:
+        return _plot_rectangle(picked, path, cmap=cmap, figsize=figsize, dpi=dpi,
+                               max_labels=max_labels, title=title)
     D = dissimilarity(ds, metric)
     name = str(D.name)
     da = ds[name] if isinstance(ds, xr.Dataset) else ds
@@ -108,6 +116,34 @@ def plot_heatmap(
         where = f"{layers[0]} of {len(spans)} models" if by_model else where
         title = f"{name} ({where})"
     ax.set_title(title)
+    return _finish(fig, path, dpi)
+
+
+def _plot_rectangle(da, path, *, cmap, figsize, dpi, max_labels, title):
+    """:func:`plot_heatmap` of a rectangular result."""
+    from matplotlib import colormaps
+
+    ids_a = [str(r) for r in da["rep_a"].values]
+    ids_b = [str(r) for r in da["rep_b"].values]
+    values = np.asarray(da.values, dtype=float)
+    if figsize is None:
+        figsize = (float(np.clip(3.0 + 0.22 * len(ids_b), 5.0, 20.0)) + 1.2,
+                   float(np.clip(3.0 + 0.22 * len(ids_a), 4.0, 20.0)))
+    fig, ax = _figure(figsize)
+    image = ax.imshow(values, cmap=colormaps[cmap].with_extremes(bad="0.85"),
+                      interpolation="nearest", aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label(str(da.name))
+    for n, ids, set_ticks in ((len(ids_a), ids_a, ax.set_yticks),
+                              (len(ids_b), ids_b, ax.set_xticks)):
+        if n <= max_labels:
+            kwargs = {"rotation": 90} if set_ticks == ax.set_xticks else {}
+            set_ticks(np.arange(n), ids, fontsize=7, **kwargs)
+        else:
+            set_ticks([])
+    spans = _runs([str(m) for m in _coord(da, "model_a", ids_a)])
+    for start, _, _ in spans[1:]:
+        ax.axhline(start - 0.5, color="white", linewidth=1.2)
+    ax.set_title(title or f"{da.name} ({len(ids_a)} against {len(ids_b)} representations)")
     return _finish(fig, path, dpi)
 
 

@@ -9,7 +9,11 @@ under ``smd-dist.cluster`` (see ``smd_dist.yaml``). Keys may be spelt with ``-``
     process per two cores, two task threads each; given one of the two, the other fills
     the cores),
     ``memory-limit`` each (default ``auto``: the machine's memory divided among the
-    processes).
+    processes). With ``worker-processes: false`` the cluster's one worker runs in the
+    calling process instead, a task thread per core, and starts in a few milliseconds
+    (no process to spawn, nothing to import again); :func:`compute_distances
+    <smd_dist.engine.run.compute_distances>` chooses by its pairs when the key is
+    ``auto`` (:func:`local_layout`).
 ``kind: address``
     A :class:`distributed.Client` connected to the scheduler at ``address``.
 ``kind: slurm``
@@ -91,6 +95,8 @@ SINGLE_THREAD_ENV = {
 # carry keys of other kinds (the same file serves a laptop and SLURM by changing ``kind``);
 # keys of no kind are refused.
 LOCAL_KEYS = {
+    "worker-processes": "auto | true | false: pairs in worker processes, or in threads of "
+    "the calling process (auto: worker processes for runs of many small pairs)",
     "n-workers": "worker processes (default: the cores / threads-per-worker)",
     "threads-per-worker": "task threads per worker process (default 2, or cores / n-workers)",
     "memory-limit": "memory per worker: auto, bytes ('4GB'), or a fraction of the machine",
@@ -166,6 +172,15 @@ KIND_KEYS = {
 #: were within 3 %, threads ahead in 9 of 11 alternating pairs of fresh clusters. More
 #: threads per process were not measured (two cores), hence the cap.
 THREADS_PER_WORKER = 2
+
+#: Pairs below this many cost entries (``N_a·N_b``) hold the GIL most of their time
+#: (bookkeeping in Python around small NumPy and POT calls), so threads of one process
+#: solve them one at a time.
+GIL_BOUND_ENTRIES = 96 * 96
+#: From this many GIL-bound pairs, ``worker-processes: auto`` starts one single-threaded
+#: worker process per core: the seconds they save outweigh the seconds a worker process
+#: takes to start and import the kernel.
+PROCESSES_FROM_PAIRS = 40_000
 
 # Stands in for the scheduler's address, known only once a cluster starts.
 SCHEDULER_PLACEHOLDER = "tcp://<insert-scheduler-address-here>:8786"
@@ -303,6 +318,11 @@ def _check_values(cfg: dict) -> None:
     for key in ("lifetime-restart", "profiler", "security"):
         if cfg.get(key) not in (None, True, False):
             raise ConfigError(f"cluster {key!r} must be true or false, got {cfg[key]!r}")
+    if cfg.get("worker-processes") not in (None, "auto", True, False):
+        raise ConfigError(
+            f"cluster 'worker-processes' must be auto, true or false, got "
+            f"{cfg['worker-processes']!r}"
+        )
     for key in ("job-extra-directives", "job-script-prologue", "worker-extra-args"):
         value = cfg.get(key)
         if isinstance(value, str):
@@ -410,6 +430,29 @@ def default_layout(
     return max(1, cores // int(threads)), int(threads)
 
 
+def local_layout(cfg: Mapping[str, Any], *, gil_bound_pairs: int = 0) -> dict:
+    """``cfg`` (a resolved ``kind: local`` config) with its layout decided for a run.
+
+    ``worker-processes: auto`` (or unset) becomes ``false`` — one worker in the calling
+    process with a task thread per core — unless the config sets ``n-workers`` or
+    ``threads-per-worker`` (they describe worker processes) or the run has at least
+    :data:`PROCESSES_FROM_PAIRS` pairs below :data:`GIL_BOUND_ENTRIES` cost entries
+    (``gil_bound_pairs``): then ``true``, with one single-threaded process per core unless
+    the config says otherwise. ``true`` and ``false`` are kept.
+    """
+    from dask.system import CPU_COUNT
+
+    cfg = dict(cfg)
+    choice = cfg.get("worker-processes")
+    explicit = cfg.get("n-workers") or cfg.get("threads-per-worker")
+    if choice in (None, "auto"):
+        choice = bool(explicit) or gil_bound_pairs >= PROCESSES_FROM_PAIRS
+        if choice and not explicit:
+            cfg["n-workers"], cfg["threads-per-worker"] = CPU_COUNT, 1
+    cfg["worker-processes"] = choice
+    return cfg
+
+
 # --- workers: single-threaded numerics ------------------------------------------------------
 
 
@@ -433,6 +476,33 @@ def _limit_threads() -> int:
     except RuntimeError:  # only settable before the first inter-op parallel work
         pass
     return torch.get_num_threads()
+
+
+@contextmanager
+def _single_threaded_here() -> Iterator[None]:
+    """BLAS, OpenMP and torch held to one thread in this process while the block runs
+    (:func:`_limit_threads`, for a worker in this process), as they were after it."""
+    environ = {key: os.environ.get(key) for key in SINGLE_THREAD_ENV}
+    torch = sys.modules.get("torch")
+    torch_threads = torch.get_num_threads() if torch is not None else None
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency of scikit-learn, usually present
+        limits = None
+    else:
+        limits = threadpool_limits(1)
+    try:
+        yield
+    finally:
+        if limits is not None:
+            limits.restore_original_limits()
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+        for key, value in environ.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class SingleThreaded(WorkerPlugin):
@@ -588,13 +658,17 @@ def _make_local(cfg: dict, security=None):
 
     refuse_unguarded_main("a local Dask cluster")
 
-    n_workers, threads = default_layout(
-        CPU_COUNT, n_workers=cfg.get("n-workers"), threads=cfg.get("threads-per-worker")
-    )
+    processes = cfg.get("worker-processes") is not False
+    if processes:
+        n_workers, threads = default_layout(
+            CPU_COUNT, n_workers=cfg.get("n-workers"), threads=cfg.get("threads-per-worker")
+        )
+    else:
+        n_workers, threads = 1, cfg.get("threads-per-worker") or CPU_COUNT
     kwargs: dict[str, Any] = {
         "n_workers": n_workers,
         "threads_per_worker": threads,
-        "processes": True,
+        "processes": processes,
         "memory_limit": cfg.get("memory-limit", "auto"),
     }
     kwargs["dashboard_address"] = _dashboard_option(cfg)
@@ -1024,6 +1098,14 @@ def make_client(
             "(make_client(..., security=...), compute_distances(..., security=...)) or set "
             "Dask's distributed.comm.tls config"
         )
+    here = cfg["kind"] == "local" and cfg.get("worker-processes") is False
+    with _single_threaded_here() if here else contextlib.nullcontext():
+        yield from _client(cfg, quiet=quiet, security=security, here=here)
+
+
+def _client(cfg: dict, *, quiet: bool, security, here: bool) -> Iterator[Client]:
+    """:func:`make_client`'s body; ``here``: the cluster's worker is in this process (its
+    prepared reps are let go when it closes)."""
     cluster = None if cfg["kind"] == "address" else make_cluster(cfg, security=security)
     if cluster is not None:
         security = cluster.security
@@ -1034,7 +1116,8 @@ def make_client(
             client.register_plugin(SingleThreaded(), name=SingleThreaded.name)
             if not quiet:
                 where = {
-                    "local": "local cluster, " + _local_size(client),
+                    "local": ("local cluster in this process, " if here else "local cluster, ")
+                    + _local_size(client),
                     "address": f"scheduler {cfg.get('address')}",
                     "slurm": "SLURM cluster, " + _slurm_size(cfg),
                 }[cfg["kind"]]
@@ -1056,6 +1139,10 @@ def make_client(
         if cluster is not None:
             with _silenced() if interrupted else _nanny_quiet():
                 cluster.close()
+        if here:
+            from smd_dist.engine import worker_cache
+
+            worker_cache.clear()
 
 
 @contextmanager

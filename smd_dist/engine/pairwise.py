@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from types import SimpleNamespace
 
 import numpy as np
 import xarray as xr
@@ -33,12 +32,14 @@ def pairwise(
     reps: Mapping[str, object],
     metric: str = "soft_matching",
     *,
+    against: Mapping[str, object] | None = None,
     center: bool = True,
     normalize: str | None = None,
     device=None,
     client=None,
 ) -> xr.DataArray:
-    """One metric on every pair of in-memory representations, as a labeled matrix.
+    """One metric on every pair of in-memory representations (or every rep of ``reps``
+    against every rep of ``against``), as a labeled matrix.
 
     For ``soft_matching``, entry ``(a, b)`` is
 
@@ -49,7 +50,8 @@ def pairwise(
 
     for ``a`` before ``b`` in ``reps``: exactly what :func:`smd_dist.soft_matching_distance`
     returns for ``(reps[a], reps[b])`` (the matrix is symmetric; a solve's last bit may
-    depend on the order of its arguments).
+    depend on the order of its arguments). With ``against``, entry ``(a, b)`` is exactly
+    the pair function on ``(reps[a], against[b])``.
 
     Parameters
     ----------
@@ -58,6 +60,11 @@ def pairwise(
         order. The matrix keeps the mapping's order.
     metric : str
         A name from :func:`smd_dist.metrics.available`.
+    against : mapping of str to array_like, optional
+        A second set of (stimuli, neurons) arrays with the same stimuli (e.g. recorded
+        areas): the matrix is then ``reps`` (rows, ``rep_a``) against them (columns,
+        ``rep_b``). A name in both mappings for the same array object is one rep: it
+        meets itself (the identity value) and each pair is solved once.
     center, normalize :
         Preprocessing, as in :func:`smd_dist.soft_matching_distance` (a metric with its
         own, such as ``soft_matching_score``, uses its own).
@@ -73,9 +80,10 @@ def pairwise(
     -------
     xarray.DataArray
         Named after the metric, float64, dims ``(rep_a, rep_b)`` with the names as coords
-        and ``n_neurons_a``/``n_neurons_b``; symmetric, 0 (distances) or 1 (similarities)
-        on the diagonal; NaN for a pair the metric does not define (``permutation`` on
-        different widths). attrs: ``kind``, ``long_name``, ``preprocessing`` (JSON).
+        and ``n_neurons_a``/``n_neurons_b``; 0 (distances) or 1 (similarities) where a rep
+        meets itself, symmetric without ``against``; NaN for a pair the metric does not
+        define (``permutation`` on different widths). attrs: ``kind``, ``long_name``,
+        ``preprocessing`` (JSON).
 
     Raises
     ------
@@ -96,19 +104,14 @@ def pairwise(
     ...     reps["layer0"], reps["layer2"])
     True
     """
-    if not isinstance(reps, Mapping) or not reps:
-        raise ConfigError(
-            f"reps must be a non-empty mapping of names to (stimuli, neurons) arrays, got "
-            f"{type(reps).__name__}"
-        )
-    bad = [name for name in reps if not isinstance(name, str)]
-    if bad:
-        raise ConfigError(f"rep names must be strings, got {bad[:5]!r}")
+    _check_mapping(reps, "reps")
+    if against is not None:
+        _check_mapping(against, "against")
     chosen = metric_registry.get(metric)
     prep = chosen.preprocessing(**preprocessing(flag("center", center), normalize))
     device = device_option(device) if device is not None else None
-    names = list(reps)
-    arrays = {name: np.asarray(reps[name]) for name in names}
+    rows, cols, arrays = _keys(reps, against)
+    names = list(arrays)
     widths = {}
     for name, array in arrays.items():
         if array.ndim != 2:
@@ -123,7 +126,11 @@ def pairwise(
                 f"stimulus count mismatch: {first} has {arrays[first].shape[0]} stimuli, "
                 f"{name} has {arrays[name].shape[0]}"
             )
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    if against is None:
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    else:
+        # A pair of reps that are on both axes is met twice: solved once, in row order.
+        pairs = _once([(a, b) for a in rows for b in cols if a != b])
     defined = [p for p in pairs if not chosen.equal_width_only or widths[p[0]] == widths[p[1]]]
     entries = sum(widths[a] * widths[b] for a, b in defined)
     if client is None and entries > IN_PROCESS_ENTRIES:
@@ -134,22 +141,23 @@ def pairwise(
         values = _pair_values(chosen.name, prep, device, defined, arrays)
     else:
         values = _on_client(client, chosen.name, prep, device, defined, arrays, widths)
-    n = len(names)
-    out = np.full((n, n), np.nan)
-    np.fill_diagonal(out, 0.0 if chosen.kind == "distance" else 1.0)
-    index = {name: i for i, name in enumerate(names)}
+    out = np.full((len(rows), len(cols)), np.nan)
+    row_at = {key: i for i, key in enumerate(rows)}
+    col_at = {key: j for j, key in enumerate(cols)}
     for (a, b), value in values.items():
-        out[index[a], index[b]] = out[index[b], index[a]] = value
-    ids = np.array(names, dtype=object)
-    n_neurons = np.array([widths[name] for name in names], dtype="i8")
+        for u, v in ((a, b), (b, a)):
+            if u in row_at and v in col_at:
+                out[row_at[u], col_at[v]] = value
+    for key in set(rows) & set(cols):
+        out[row_at[key], col_at[key]] = 0.0 if chosen.kind == "distance" else 1.0
     return xr.DataArray(
         out,
         dims=("rep_a", "rep_b"),
         coords={
-            "rep_a": ids,
-            "rep_b": ids,
-            "n_neurons_a": ("rep_a", n_neurons),
-            "n_neurons_b": ("rep_b", n_neurons),
+            "rep_a": np.array(list(reps), dtype=object),
+            "rep_b": np.array(list(against or reps), dtype=object),
+            "n_neurons_a": ("rep_a", np.array([widths[key] for key in rows], dtype="i8")),
+            "n_neurons_b": ("rep_b", np.array([widths[key] for key in cols], dtype="i8")),
         },
         name=chosen.name,
         attrs={
@@ -158,6 +166,49 @@ def pairwise(
             "preprocessing": json.dumps(prep),
         },
     )
+
+
+def _once(pairs: list) -> list:
+    """``pairs`` without the second of ``(a, b)`` and ``(b, a)``."""
+    seen, out = set(), []
+    for a, b in pairs:
+        if (b, a) not in seen:
+            seen.add((a, b))
+            out.append((a, b))
+    return out
+
+
+def _check_mapping(reps, what: str) -> None:
+    if not isinstance(reps, Mapping) or not reps:
+        raise ConfigError(
+            f"{what} must be a non-empty mapping of names to (stimuli, neurons) arrays, got "
+            f"{type(reps).__name__}"
+        )
+    bad = [name for name in reps if not isinstance(name, str)]
+    if bad:
+        raise ConfigError(f"{what}: rep names must be strings, got {bad[:5]!r}")
+
+
+def _keys(reps: Mapping, against: Mapping | None) -> tuple[list, list, dict]:
+    """The matrix's rows and columns as keys of the arrays to compare (each once).
+
+    A name of ``against`` that ``reps`` gives another array is keyed
+    ``"<name> (against)"`` (numbered if need be), so that both are compared.
+    """
+    arrays = {name: np.asarray(value) for name, value in reps.items()}
+    rows = list(reps)
+    if against is None:
+        return rows, rows, arrays
+    cols = []
+    for name, value in against.items():
+        key = name
+        if name in reps and reps[name] is not value:
+            key, k = f"{name} (against)", 1
+            while key in arrays:
+                key, k = f"{name} (against {k})", k + 1
+        arrays.setdefault(key, np.asarray(value))
+        cols.append(key)
+    return rows, cols, arrays
 
 
 def _pair_values(metric: str, prep: dict, device, pairs, arrays) -> dict:
@@ -182,18 +233,18 @@ def _on_client(client, metric, prep, device, pairs, arrays, widths) -> dict:
     settings = engine_settings()
     names = list(dict.fromkeys(name for pair in pairs for name in pair))
     position = {name: i for i, name in enumerate(names)}
-    shapes = [SimpleNamespace(n_neurons=widths[name]) for name in names]
-    todo = [(position[a], position[b]) for a, b in pairs]
-    tasks = planning.plan_tasks(
-        shapes,
-        todo,
+    blocks = planning.plan_blocks(
+        [widths[name] for name in names],
+        [position[a] for a, _ in pairs],
+        [position[b] for _, b in pairs],
         task_entries=settings["task-entries"],
-        per_task=settings["max-pairs-per-task"],
+        max_pairs=settings["max-pairs-per-task"],
     )
     scattered = client.scatter({name: arrays[name] for name in names})
     futures = []
-    for task in tasks:
-        task_pairs = [(names[i], names[j]) for i, j in task]
+    for block in blocks:
+        task_pairs = [(names[i], names[j]) for i, j in zip(block.a.tolist(), block.b.tolist(),
+                                                              strict=True)]
         used = {name: scattered[name] for pair in task_pairs for name in pair}
         futures.append(
             client.submit(_pair_values, metric, prep, device, task_pairs, used, pure=False)

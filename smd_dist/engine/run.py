@@ -2,16 +2,18 @@
 
 Data flow: the reps are selected (:mod:`~smd_dist.engine.selection`), read, checked and
 prepared on the workers (:mod:`~smd_dist.engine.tasks`, each worker keeping what it
-prepared, :mod:`~smd_dist.engine.worker_cache`); pair tasks, batched by
-:mod:`~smd_dist.engine.planning`, run the metric kernels; the client collects records as
-they finish and appends them to the output's ledger every ``flush-seconds``
-(:mod:`~smd_dist.engine.output`). The labeled matrix is assembled from the ledger at the
-end. The engine knows nothing of solvers' internals.
+prepared, :mod:`~smd_dist.engine.worker_cache`); blocks of the matrix, planned by
+:mod:`~smd_dist.engine.planning`, run the metric kernels; the client collects their
+arrays as they finish and appends them to the output's ledger every ``flush-seconds``
+(:mod:`~smd_dist.engine.dispatch`, :mod:`~smd_dist.engine.ledger`). What is done, and the
+labeled matrix at the end, come from the ledger's columns
+(:mod:`~smd_dist.engine.assembly`). The engine knows nothing of solvers' internals.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -29,20 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
+import numpy as np
 import xarray as xr
 
 from smd_dist import config
-from smd_dist.engine import planning, tasks
+from smd_dist.engine import assembly, dispatch, planning, tasks
 from smd_dist.engine import settings as settings_module
-from smd_dist.engine.output import (
-    OUTPUT_FORMAT,
-    OutputError,
-    PairRecord,
-    ResultsOutput,
-    assemble,
-    canonical_pair,
-    summarize,
-)
+from smd_dist.engine.against import check_same_stimuli, rectangle, resolve_against
+from smd_dist.engine.ledger import LedgerRead, Records
+from smd_dist.engine.output import OUTPUT_FORMAT, OutputError, ResultsOutput, resolved_path
 from smd_dist.engine.selection import InputError, metric_specs, resolve_metrics, select_reps
 from smd_dist.engine.settings import engine_settings
 from smd_dist.store import locking
@@ -55,7 +52,6 @@ __all__ = [
     "SchedulerLostError",
     "compute_distances",
     "current_client",
-    "output_status",
     "plan_run",
 ]
 
@@ -120,7 +116,12 @@ class RunPlan:
     store, output : str
     reps, metrics : tuple of str
         In matrix order (the store's: models as written, each model's layers in depth
-        order).
+        order); ``reps`` are the matrix's rows (``rep_a``).
+    against : str or None
+        A rectangular run's second store (the run's own when its selection is in the
+        same store); ``None`` for an all-pairs run.
+    against_reps : tuple of str
+        A rectangular run's columns (``rep_b``), in their store's order.
     n_pairs, n_done, n_todo : int
         Pairs of the selection; of them, already in the output; left to compute.
     output_state : str
@@ -149,6 +150,8 @@ class RunPlan:
     largest_pair_bytes: int
     median_pair_bytes: int
     cluster: dict
+    against: str | None = None
+    against_reps: tuple[str, ...] = ()
 
 
 def _check_output_writable(path: Path, needed_bytes: int) -> None:
@@ -201,26 +204,12 @@ def _gc_frozen():
                 gc.unfreeze()
 
 
-def _resolved(output: str | os.PathLike) -> Path:
-    """The output's real path: every alias of a folder (symbolic links, ``..``) shares
-    one lock.
-
-    Raises
-    ------
-    OutputError
-        ``output`` is a URL (``s3://``, ``memory://``): refused before any compute.
-    """
-    if "://" in str(output):
-        ResultsOutput(str(output))  # raises, naming the URL
-    return Path(output).expanduser().resolve()
-
-
 @contextlib.contextmanager
 def _output_lock(path: Path):
     """Hold ``<output>.lock`` for the run (an OS lock: a killed run releases it), on the
     output's resolved path, with who holds it in ``<output>.lock.json``; when the run ends,
     however it ends, both files go (:func:`smd_dist.store.locking.held` with ``remove``)."""
-    path = _resolved(path)
+    path = resolved_path(path)
     lock_path = Path(f"{path}.lock")
     info_path = Path(f"{path}.lock.json")
     with contextlib.ExitStack() as stack:
@@ -255,6 +244,7 @@ def _output_lock(path: Path):
                 info_path.unlink()
 
 
+@functools.cache
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -278,41 +268,62 @@ def _versions() -> dict:
 
 
 class _MemorySink:
-    """Stands in for an output when ``output=None``: records kept in memory."""
+    """Stands in for an output when ``output=None``: the run's records stay in memory."""
 
     def __init__(self):
-        self.latest: dict = {}
         self.dropped: dict = {}
 
-    def append(self, records):
-        for r in records:
-            self.latest[r.key] = r
+    def append(self, records: Records) -> None:
+        """Nothing to write: the run keeps what it appended."""
 
 
 @dataclass
 class _Setup:
-    """A run's arguments, checked, and what follows from them before any compute."""
+    """A run's arguments, checked, and what follows from them before any compute.
+
+    ``chosen`` are the run's distinct reps. An all-pairs run compares every pair of them
+    (``rows``, ``cols``, ``wanted`` and ``stores`` are None: one store, every rep on both
+    axes); a rectangular run only the pairs of ``wanted``, with the first selection
+    (``rows``, indices into ``chosen``) against the second (``cols``), each rep read from
+    its store in ``stores``.
+    """
 
     store: object
     chosen: list
-    layer_index: dict
+    layer_index: list
     metric_objs: list
     base_prep: dict
     dropping: bool
     specs: list
     preps_needed: list
     header: dict
+    defaults: dict
     n_pairs: int
     device: str | None
     settings: dict
     output: Path | None
     cluster: dict
+    against: object = None
+    stores: list | None = None
+    rows: np.ndarray | None = None
+    cols: np.ndarray | None = None
+    wanted: np.ndarray | None = None
+
+
+def _layer_index(records) -> dict:
+    """``rep_id -> position of its layer in its model`` over a store's records."""
+    index, seen = {}, {}
+    for r in records:
+        index[r.rep_id] = seen.get(r.model, 0)
+        seen[r.model] = index[r.rep_id] + 1
+    return index
 
 
 def _setup(
     store,
     *,
     reps,
+    against,
     metrics,
     output,
     center,
@@ -331,7 +342,8 @@ def _setup(
     smd_dist.config.ConfigError
         A setting of the wrong type or out of range, an unknown key.
     InputError
-        Unknown reps or metrics, or an empty selection.
+        Unknown reps or metrics, an empty selection, or an ``against`` store whose
+        stimuli differ from the run's store's.
     smd_dist.store.StoreError
         No store at the path.
     """
@@ -350,7 +362,7 @@ def _setup(
                 f"output must be a local folder path, got {output!r} (URLs are not supported "
                 "for outputs; stores may be URLs)"
             )
-        output = _resolved(output)
+        output = resolved_path(output)
     if reps is not None and not (
         isinstance(reps, str)
         or (isinstance(reps, Sequence) and all(isinstance(r, str) for r in reps))
@@ -371,11 +383,30 @@ def _setup(
             )
         store = ActivationStore(str(store), mode="r")
     records = store.list()
-    chosen = select_reps(records, reps)
-    layer_index, seen = {}, {}
-    for r in records:
-        layer_index[r.rep_id] = seen.get(r.model, 0)
-        seen[r.model] = layer_index[r.rep_id] + 1
+    chosen = select_reps(records, reps, min_reps=1 if against is not None else 2)
+    other = resolve_against(store, against)
+    layer_index = _layer_index(records)
+    shape: dict = {"n_pairs": len(chosen) * (len(chosen) - 1) // 2}
+    if other is not None:
+        check_same_stimuli(store, chosen, other)
+        rect = rectangle(store, chosen, other)
+        wanted = assembly.wanted_pairs(len(rect.reps), rect.rows, rect.cols)
+        shape = {
+            "against": other,
+            "stores": rect.stores,
+            "rows": rect.rows,
+            "cols": rect.cols,
+            "wanted": wanted,
+            "n_pairs": int(np.count_nonzero(np.triu(wanted, 1))),
+        }
+        other_index = layer_index if other.same_store else _layer_index(other.store.list())
+        indices = [
+            layer_index[r.rep_id] if k < len(chosen) else other_index[r.rep_id]
+            for k, r in enumerate(rect.reps)
+        ]
+        chosen = rect.reps
+    else:
+        indices = [layer_index[r.rep_id] for r in chosen]
     specs = metric_specs(metric_objs, base_prep)
     header = {
         "format": OUTPUT_FORMAT,
@@ -384,23 +415,32 @@ def _setup(
         "store": config.redact(str(store.path)),
         "reps": [r.rep_id for r in chosen],
         "metrics": [m.name for m in metric_objs],
+        "metric_options": {name: options for name, _, options in specs},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if other is not None:
+        header["reps"] = [chosen[k].rep_id for k in shape["rows"].tolist()]
+        header["against"] = {
+            "store": None if other.same_store else config.redact(str(other.store.path)),
+            "reps": [r.rep_id for r in other.chosen],
+            "n_pairs": shape["n_pairs"],
+        }
     return _Setup(
         store=store,
         chosen=chosen,
-        layer_index=layer_index,
+        layer_index=indices,
         metric_objs=metric_objs,
         base_prep=base_prep,
         dropping=base_prep.get("constant_neurons") == "drop",
         specs=specs,
         preps_needed=sorted({p for _, p, _ in specs}),
         header=header,
-        n_pairs=len(chosen) * (len(chosen) - 1) // 2,
+        defaults={m.name: dict(m.options) for m in metric_objs},
         device=device,
         settings=settings,
         output=output,
         cluster=cluster_cfg,
+        **shape,
     )
 
 
@@ -425,6 +465,7 @@ def compute_distances(
     store,
     *,
     reps: Sequence[str] | str | None = None,
+    against=None,
     metrics: Sequence[str] | str = ("soft_matching",),
     output: str | os.PathLike | None = None,
     client=None,
@@ -441,7 +482,8 @@ def compute_distances(
     engine: dict | None = None,
     security=None,
 ) -> xr.Dataset:
-    """Compare every pair of selected representations; return the labeled matrices.
+    """Compare every pair of selected representations (or every rep of one selection
+    with every rep of another, ``against``); return the labeled matrices.
 
     For each metric ``m`` and reps ``a``, ``b`` (arrays of shape (stimuli, neurons)),
     the entry ``m[a, b]`` is ``m(prep(X_a), prep(X_b))``, e.g. the soft matching distance
@@ -463,6 +505,17 @@ def compute_distances(
     reps : sequence of str, optional
         ``"model/layer"`` ids, model names or glob patterns; all reps by default. The
         matrix keeps the store's order (models as written, layers in depth order).
+    against : str, sequence of str, mapping, ActivationStore or path-like, optional
+        A second selection: the matrix is then ``reps`` (rows, ``rep_a``) against it
+        (columns, ``rep_b``), e.g. models against brain areas. Rep patterns (a string or
+        a list of strings) select in ``store``; another store is an ``ActivationStore``
+        (a URL store with its ``storage_options``), a ``pathlib.Path``, or a mapping
+        ``{"store": path or URL, "reps": patterns}`` (all its reps without ``reps``),
+        as in a run config's ``against:``. The other store must hold the same stimuli
+        in the same order (refused before anything runs otherwise). A rep in both
+        selections of one store meets itself (the identity value) and each pair is
+        computed once. ``None`` (default): every pair of ``reps``. An output keeps the
+        ``against`` store it was made with.
     metrics : sequence of str
         Names from :func:`smd_dist.metrics.available`.
     output : path, optional
@@ -512,17 +565,19 @@ def compute_distances(
     Returns
     -------
     xarray.Dataset
-        See :func:`smd_dist.engine.output.assemble`; attrs hold the metric definitions,
-        preprocessing, package versions, the store's content hashes, the run config.
+        See :func:`smd_dist.engine.assembly.assemble`; attrs hold the metric definitions,
+        preprocessing, package versions, the store's content hashes (of the rows' reps),
+        the run config, and for a rectangular run ``against_store`` and
+        ``against_hashes`` (of the columns' reps).
 
     Raises
     ------
     smd_dist.config.ConfigError
         An argument or setting of the wrong type or value, found before anything runs.
     InputError
-        Unknown reps or metrics, an empty selection, or reps that cannot be compared
-        (NaN, too few stimuli or neurons, constant neurons under normalisation), found
-        before any pair is computed.
+        Unknown reps or metrics, an empty selection, an ``against`` store with other
+        stimuli, or reps that cannot be compared (NaN, too few stimuli or neurons,
+        constant neurons under normalisation), found before any pair is computed.
     OutputError
         The output is locked by another run, incompatible, not writable or too small.
     RunInterrupted
@@ -541,6 +596,7 @@ def compute_distances(
     setup = _setup(
         store,
         reps=reps,
+        against=against,
         metrics=metrics,
         output=output,
         center=center,
@@ -575,6 +631,7 @@ def plan_run(
     store,
     *,
     reps: Sequence[str] | str | None = None,
+    against=None,
     metrics: Sequence[str] | str = ("soft_matching",),
     output: str | os.PathLike | None = None,
     resume: bool = True,
@@ -605,6 +662,7 @@ def plan_run(
     setup = _setup(
         store,
         reps=reps,
+        against=against,
         metrics=metrics,
         output=output,
         center=center,
@@ -615,16 +673,16 @@ def plan_run(
         cluster=cluster,
         flags={"resume": resume, "fresh": fresh},
     )
-    state, latest = "new", {}
+    state, before = "new", Records.empty()
     if setup.output is not None:
         out = ResultsOutput(setup.output)
-        problem = out.incompatibility(setup.header)
+        problem = out.incompatibility(setup.header, defaults=setup.defaults)
         if not out.exists():
             state = "new"
         elif fresh:
             state = "discarded (fresh)"
         else:
-            latest, _, _ = out.records(on_corrupt="skip")
+            before = out.read(on_corrupt="skip").records.latest()
             if problem is None:
                 state = "resumes"
             elif out.holds_results():
@@ -632,30 +690,32 @@ def plan_run(
             else:
                 state = "empty: takes this run's settings"
     if not resume or state != "resumes":
-        latest = {}
+        before = Records.empty()
     chosen = setup.chosen
-    todo = _pending_pairs(chosen, setup.metric_objs, latest)
-    n_stimuli = setup.store.n_stimuli or 0
-    sizes = sorted(
-        (planning.pair_memory_bytes(n_stimuli, chosen[i].n_neurons, chosen[j].n_neurons), i, j)
-        for i, j in todo
-    )
-    largest = sizes[-1] if sizes else (0, None, None)
+    names = [m.name for m in setup.metric_objs]
+    a, b = assembly.pending_pairs(assembly.done_pairs(before, chosen, names), setup.wanted)
+    widths = np.array([r.n_neurons for r in chosen], dtype=np.int64)
+    sizes = planning.pair_memory_bytes(setup.store.n_stimuli or 0, widths[a], widths[b])
+    order = np.lexsort((b, a, sizes))
+    largest = int(order[-1]) if a.size else None
+    other = setup.against
     return RunPlan(
         store=str(setup.store.path),
         output=None if setup.output is None else str(setup.output),
-        reps=tuple(r.rep_id for r in chosen),
+        reps=tuple(setup.header["reps"]),
         metrics=tuple(m.name for m in setup.metric_objs),
         n_pairs=setup.n_pairs,
-        n_done=setup.n_pairs - len(todo),
-        n_todo=len(todo),
+        n_done=setup.n_pairs - int(a.size),
+        n_todo=int(a.size),
         output_state=state,
-        largest_pair=() if largest[1] is None else (chosen[largest[1]].rep_id,
-                                                    chosen[largest[2]].rep_id),
-        largest_pair_bytes=int(largest[0]),
-        median_pair_bytes=int(sizes[len(sizes) // 2][0]) if sizes else 0,
+        largest_pair=() if largest is None else (chosen[a[largest]].rep_id,
+                                                 chosen[b[largest]].rep_id),
+        largest_pair_bytes=0 if largest is None else int(sizes[largest]),
+        median_pair_bytes=int(sizes[order[a.size // 2]]) if a.size else 0,
         cluster={k: v for k, v in setup.cluster.items()
                  if k == "kind" or k in KIND_KEYS[setup.cluster["kind"]]},
+        against=None if other is None else str(other.store.path),
+        against_reps=() if other is None else tuple(r.rep_id for r in other.chosen),
     )
 
 
@@ -666,9 +726,8 @@ def _compute(
     store, chosen, metric_objs = setup.store, setup.chosen, setup.metric_objs
     n_pairs = setup.n_pairs
     if setup.output is not None:
-        needed = (
-            600 * n_pairs * len(metric_objs) + 64 * len(chosen) ** 2 * len(metric_objs) + 2**20
-        )
+        cells = len(chosen) ** 2 if setup.rows is None else setup.rows.size * setup.cols.size
+        needed = 600 * n_pairs * len(metric_objs) + 64 * cells * len(metric_objs) + 2**20
         _check_output_writable(setup.output, 2 * needed)
         lock = _output_lock(setup.output)
     else:
@@ -678,22 +737,27 @@ def _compute(
             sink = ResultsOutput(setup.output)
             if fresh:
                 sink.discard()
-            sink.initialise(setup.header)
-            latest, incomplete, corrupt = sink.records(on_corrupt="quarantine")
+            sink.initialise(setup.header, defaults=setup.defaults)
+            read = sink.read(on_corrupt="quarantine")
         else:
-            sink, latest, incomplete, corrupt = _MemorySink(), {}, [], []
-        if not resume:
-            latest = {}
-        todo = _pending_pairs(chosen, metric_objs, latest)
-        report.n_done_before = n_pairs - len(todo)
-        report.incomplete_parts, report.corrupt_parts = incomplete, corrupt
-        for message in corrupt:
+            sink = _MemorySink()
+            read = LedgerRead(Records.empty(), (), (), (), False)
+        names = [m.name for m in metric_objs]
+        before = read.records.latest() if resume else Records.empty()
+        a, b = assembly.pending_pairs(
+            assembly.done_pairs(before, chosen, names), setup.wanted
+        )
+        report.n_done_before = n_pairs - int(a.size)
+        report.incomplete_parts = list(read.incomplete)
+        report.corrupt_parts = list(read.corrupt)
+        for message in read.corrupt:
             warnings.warn(f"smd-dist: quarantined, pairs recomputed: {message}", stacklevel=3)
-        if todo:
+        written: list[Records] = []
+        if a.size:
             with (
                 _quiet_connection_loss(),
                 _client_context(
-                    client, setup.cluster, quiet=not progress, security=security
+                    client, _layout(setup, a, b), quiet=not progress, security=security
                 ) as active,
                 _scheduler_loss_is_an_error(active, setup.output),
             ):
@@ -704,74 +768,90 @@ def _compute(
                         file=sys.stderr,
                     )
                 phase = time.perf_counter()
-                sources = _sources(store, chosen, setup.preps_needed)
+                sources = _sources(setup.stores or store, chosen, setup.preps_needed)
                 token = dask.base.tokenize(str(store.path), setup.preps_needed, time.time_ns())
-                dropped = _check_inputs(active, chosen, todo, sources, token=token)
+                threads = max(sum(active.nthreads().values()), 1)
+                dropped = _check_inputs(
+                    active, chosen, np.union1d(a, b), sources, token=token, threads=threads
+                )
                 if setup.dropping:
-                    _record_dropped(sink, setup.header, chosen, dropped)
-                _check_memory(active, store, chosen, todo)
+                    _record_dropped(sink, setup.header, setup.defaults, chosen, dropped)
+                _check_memory(active, store, chosen, a, b)
                 report.seconds_inputs = time.perf_counter() - phase
                 phase = time.perf_counter()
-                _run_pairs(
+                written = dispatch.run_blocks(
                     active,
-                    chosen,
-                    todo,
+                    _plan(chosen, a, b, setup.settings, threads),
+                    sources,
                     setup.specs,
                     setup.device,
                     sink,
+                    dispatch.ResultBuffer(chosen, names),
                     progress=progress,
-                    already=n_pairs - len(todo),
+                    already=n_pairs - int(a.size),
                     total=n_pairs,
                     settings=setup.settings,
-                    sources=sources,
                     token=token,
                     report=report,
                 )
                 report.seconds_pairs = time.perf_counter() - phase
         phase = time.perf_counter()
-        if setup.output is not None:
-            latest, _, _ = sink.records(on_corrupt="quarantine")
-        else:
-            latest = sink.latest
-        attrs = _dataset_attrs(store, chosen, metric_objs, setup.base_prep, run_config)
+        final = Records.concat([read.records, *written]).latest()
+        attrs = _dataset_attrs(setup, run_config)
         counts = _known_dropped(sink, chosen) if setup.dropping else None
-        ds = assemble(
-            latest,
+        ds = assembly.assemble(
+            final,
             chosen,
             metric_objs,
+            rows=setup.rows,
+            cols=setup.cols,
             attrs=attrs,
             layer_index=setup.layer_index,
             constant_dropped=counts,
         )
-        failures = _failures(ds, metric_objs)
+        failures = assembly.failures(final, chosen, names, setup.wanted)
         ds.attrs["n_failed_pairs"] = len(failures)
         ds.attrs["failed_pairs"] = failures
         report.failed = failures
         if setup.output is not None:
             sink.write_dataset(ds)
-            sink.compact()
+            if written or read.old_layout or len(sink.ledger.part_names()) > 1:
+                sink.ledger.compact(final.pruned(), replaces=sink.ledger.part_names())
             sink.consolidate()
         report.seconds_finish = time.perf_counter() - phase
     return ds
 
 
-def _pending_pairs(chosen, metric_objs, latest) -> list[tuple[int, int]]:
-    """Index pairs (i < j) with at least one metric missing or failed."""
-    todo = []
-    for i in range(len(chosen)):
-        for j in range(i + 1, len(chosen)):
-            (ra, ha), (rb, hb) = sorted(
-                [
-                    (chosen[i].rep_id, chosen[i].content_hash),
-                    (chosen[j].rep_id, chosen[j].content_hash),
-                ]
-            )
-            for metric in metric_objs:
-                record = latest.get((metric.name, ra, ha, rb, hb))
-                if record is None or not record.ok:
-                    todo.append((i, j))
-                    break
-    return todo
+def _layout(setup: _Setup, a, b) -> dict:
+    """The run's cluster config, a local cluster's layout decided by the pairs to compute
+    (:func:`smd_dist.engine.clusters.local_layout`)."""
+    if setup.cluster["kind"] != "local":
+        return setup.cluster
+    from smd_dist.engine.clusters import GIL_BOUND_ENTRIES, local_layout
+
+    widths = np.array([r.n_neurons for r in setup.chosen], dtype=np.int64)
+    small = int(np.count_nonzero(widths[a] * widths[b] < GIL_BOUND_ENTRIES))
+    return local_layout(setup.cluster, gil_bound_pairs=small)
+
+
+def _plan(chosen, a, b, settings: dict, threads: int) -> list:
+    """The pairs ``(a[k], b[k])`` (matrix order) as blocks, each pair in solve order: the
+    rep whose id sorts first (then its content hash: two stores may hold the same id) is
+    solved as the first argument, whatever the matrix order, so a value is the same bits
+    in every run, resumed, reordered or not."""
+    keys = sorted(range(len(chosen)), key=lambda k: (chosen[k].rep_id, chosen[k].content_hash))
+    rank = np.empty(len(chosen), dtype=np.int64)
+    rank[keys] = np.arange(len(chosen))
+    swap = rank[a] > rank[b]
+    first, second = np.where(swap, b, a), np.where(swap, a, b)
+    return planning.plan_blocks(
+        [r.n_neurons for r in chosen],
+        first,
+        second,
+        task_entries=settings["task-entries"],
+        max_pairs=settings["max-pairs-per-task"],
+        min_tasks=4 * threads,
+    )
 
 
 @contextlib.contextmanager
@@ -858,51 +938,71 @@ def _scheduler_loss_is_an_error(client, output: Path | None):
 
 
 def _sources(store, chosen, preps) -> list[tasks.RepSource]:
-    """Each selected rep's :class:`RepSource` (by index into ``chosen``)."""
-    options = json.dumps(store.storage_options, sort_keys=True) if store.storage_options else ""
-    return [
-        tasks.RepSource(str(store.path), r.model, r.layer, r.content_hash, tuple(preps),
-                        storage_options=options)
-        for r in chosen
-    ]
+    """Each selected rep's :class:`RepSource` (by index into ``chosen``); ``store`` is the
+    store of them all, or a list of each one's (a rectangular run across two stores)."""
+    stores = store if isinstance(store, list) else [store] * len(chosen)
+    out = []
+    for r, where in zip(chosen, stores, strict=True):
+        options = where.storage_options
+        out.append(tasks.RepSource(
+            str(where.path), r.model, r.layer, r.content_hash, tuple(preps),
+            storage_options=json.dumps(options, sort_keys=True) if options else "",
+        ))
+    return out
 
 
-def _check_inputs(client, chosen, todo, sources, *, token: str) -> dict[int, int]:
+def _check_inputs(client, chosen, involved, sources, *, token: str, threads: int) -> dict:
     """Read and validate every rep that takes part, on the workers, before any pair.
 
     Each rep is checked once, by whichever worker is free; that worker keeps it prepared
     (within ``KEEP_PREPARED_FRACTION`` of its memory) for the pairs it later computes.
+    Reps are checked in batches of about a quarter of a worker thread's share of the
+    neurons (a task per rep would cost the scheduler more than reading small reps).
     Returns the neurons each checked rep (by index) left out as constant.
     """
     from distributed import wait
 
     # Widest first: the phase ends when its last read does, and a narrow rep read last
     # keeps the other workers' wait for it short.
-    involved = sorted({i for pair in todo for i in pair}, key=lambda i: -chosen[i].n_neurons)
+    involved = sorted(involved.tolist(), key=lambda i: -chosen[i].n_neurons)
+    target = sum(chosen[i].n_neurons for i in involved) / (4 * threads)
+    batches, batch, size = [], [], 0
+    for i in involved:
+        batch.append(i)
+        size += chosen[i].n_neurons
+        if size >= target:
+            batches.append(batch)
+            batch, size = [], 0
+    if batch:
+        batches.append(batch)
     # One submission for all: each call is a round trip through the scheduler's event
     # loop, which shares the machine with the workers.
     submitted = client.map(
-        tasks.check_rep,
-        [sources[i] for i in involved],
-        [tasks.KEEP_PREPARED_FRACTION] * len(involved),
-        key=[f"check-{i}-{token}" for i in involved],
+        tasks.check_reps,
+        [[sources[i] for i in batch] for batch in batches],
+        [tasks.KEEP_PREPARED_FRACTION] * len(batches),
+        key=[f"check-{k}-{token}" for k in range(len(batches))],
     )
-    futures = dict(zip(involved, submitted, strict=True))
     wait(submitted)
     # The answers in one round trip (each future.result() would be one).
-    answered = [i for i, future in futures.items() if future.status != "error"]
-    answers = dict(zip(answered, client.gather([futures[i] for i in answered]), strict=True))
+    answered = [k for k, future in enumerate(submitted) if future.status != "error"]
+    answers = dict(zip(answered, client.gather([submitted[k] for k in answered]), strict=True))
+    outcome = {}
+    for k, (batch, future) in enumerate(zip(batches, submitted, strict=True)):
+        failed = None if k in answers else (str(future.exception()), 0)
+        for position, i in enumerate(batch):
+            outcome[i] = failed or answers[k][position]
+        future.release()
     problems = []
     dropped = {}
-    for i, future in sorted(futures.items()):
-        message, n_dropped = answers[i] if i in answers else (str(future.exception()), 0)
+    for i in sorted(outcome):
+        message, n_dropped = outcome[i]
         if message is not None:
             if chosen[i].rep_id not in message:
                 message = f"{chosen[i].rep_id}: {message}"
             problems.append(message)
         else:
             dropped[i] = n_dropped
-        future.release()
     if problems:
         raise InputError(
             f"{len(problems)} representation(s) cannot be compared; nothing was computed:\n  "
@@ -911,31 +1011,38 @@ def _check_inputs(client, chosen, todo, sources, *, token: str) -> dict[int, int
     return dropped
 
 
-def _record_dropped(sink, header, chosen, dropped) -> None:
+def _record_dropped(sink, header, defaults, chosen, dropped) -> None:
     """Keep each checked rep's count of constant neurons, with its content hash, in the
     output's header (an in-memory run keeps it on the sink): a resumed run that checks
-    no rep still labels every rep."""
-    counts = {chosen[i].rep_id: [chosen[i].content_hash, n] for i, n in dropped.items()}
+    no rep still labels every rep. Entries are read back by hash
+    (:func:`_known_dropped`); a rep whose id an earlier rep of the run has (two stores)
+    is keyed ``id@hash``."""
+    first = {}
+    for k, r in enumerate(chosen):
+        first.setdefault(r.rep_id, k)
+    counts = {
+        (r.rep_id if first[r.rep_id] == i else f"{r.rep_id}@{r.content_hash}"):
+            [r.content_hash, n]
+        for i, n in dropped.items()
+        for r in (chosen[i],)
+    }
     if isinstance(sink, _MemorySink):
         sink.dropped.update(counts)
         return
     known = sink.header().get("constant_dropped", {})
-    sink.initialise({**header, "constant_dropped": {**known, **counts}})
+    sink.initialise({**header, "constant_dropped": {**known, **counts}}, defaults=defaults)
 
 
-def _known_dropped(sink, chosen) -> dict[str, int]:
-    """``rep_id -> constant neurons dropped`` for the reps whose content was checked."""
+def _known_dropped(sink, chosen) -> list[int]:
+    """Per rep: the constant neurons dropped, -1 for a rep whose content was not checked."""
     known = sink.dropped if isinstance(sink, _MemorySink) else sink.header().get(
         "constant_dropped", {}
     )
-    return {
-        r.rep_id: int(known[r.rep_id][1])
-        for r in chosen
-        if r.rep_id in known and known[r.rep_id][0] == r.content_hash
-    }
+    by_hash = {content: int(n) for content, n in known.values()}
+    return [by_hash.get(r.content_hash, -1) for r in chosen]
 
 
-def _check_memory(client, store, chosen, todo) -> None:
+def _check_memory(client, store, chosen, a, b) -> None:
     """Refuse pairs that cannot fit in one worker thread's share of its process's memory,
     before compute (the threads of a worker solve their pairs at the same time)."""
     workers = client.scheduler_info()["workers"].values()
@@ -944,174 +1051,28 @@ def _check_memory(client, store, chosen, todo) -> None:
     if not limit:
         return
     n_stimuli = store.n_stimuli or 0
-    worst = max(todo, key=lambda ij: chosen[ij[0]].n_neurons * chosen[ij[1]].n_neurons)
-    a, b = chosen[worst[0]], chosen[worst[1]]
-    need = planning.pair_memory_bytes(n_stimuli, a.n_neurons, b.n_neurons)
+    widths = np.array([r.n_neurons for r in chosen], dtype=np.int64)
+    worst = int(np.argmax(widths[a] * widths[b]))
+    ra, rb = chosen[a[worst]], chosen[b[worst]]
+    need = planning.pair_memory_bytes(n_stimuli, ra.n_neurons, rb.n_neurons)
     if need > 0.7 * limit:
         raise InputError(
-            f"pair {a.rep_id} ({a.n_neurons} neurons) vs {b.rep_id} ({b.n_neurons} neurons) "
-            f"needs about {need / 2**30:.2f} GiB to solve exactly, worker threads have "
-            f"{limit / 2**30:.2f} GiB each (a worker's memory limit over its threads); "
+            f"pair {ra.rep_id} ({ra.n_neurons} neurons) vs {rb.rep_id} ({rb.n_neurons} "
+            f"neurons) needs about {need / 2**30:.2f} GiB to solve exactly, worker threads "
+            f"have {limit / 2**30:.2f} GiB each (a worker's memory limit over its threads); "
             "remedies: pool the layer at extraction (pooling='mean'), give workers more "
             "memory (cluster.memory-limit, or fewer workers or threads per node), or leave "
             "these reps out (reps: ...)"
         )
 
 
-def _run_pairs(
-    client,
-    chosen,
-    todo,
-    specs,
-    device,
-    sink,
-    *,
-    progress,
-    already,
-    total,
-    settings,
-    sources,
-    token,
-    report,
-):
-    """Submit pair tasks in waves, write records as they arrive.
-
-    A task names its reps by :class:`RepSource`; the worker that runs it uses the prepared
-    arrays it keeps, or reads them from the store. The pairs computed and the records and
-    pairs written go into ``report`` as they happen, so an interrupted run can say what
-    it saved.
-    """
-    from distributed import wait
-    from tqdm.auto import tqdm
-
-    flush_seconds = settings["flush-seconds"]
-    batches = planning.plan_tasks(
-        chosen,
-        todo,
-        task_entries=settings["task-entries"],
-        per_task=settings["max-pairs-per-task"],
-    )
-    fixed_wave = settings["wave-size"]
-
-    def wave_size() -> int:
-        # Recomputed as the run goes: on SLURM workers join (and leave) during the run.
-        if fixed_wave:
-            return int(fixed_wave)
-        threads = sum(client.nthreads().values())
-        return 4 * max(threads, 1)
-
-    def pair_ids(task):
-        # Each pair is solved in its key's order, whatever the matrix order: a value is
-        # the same bits in every run, resumed, reordered or not.
-        return [canonical_pair(chosen[i].rep_id, chosen[j].rep_id) for i, j in task]
-
-    def submit(task):
-        reps_in = sorted({i for pair in task for i in pair})
-        ids = pair_ids(task)
-        return client.submit(
-            tasks.compare_pairs,
-            ids,
-            {chosen[i].rep_id: sources[i] for i in reps_in},
-            specs,
-            device,
-            tasks.KEEP_PREPARED_FRACTION,
-            key=f"pairs-{task[0][0]}-{task[0][1]}-{len(task)}-{token}",
-        )
-
-    hashes = {r.rep_id: r.content_hash for r in chosen}
-    buffer: list[PairRecord] = []
-    buffered_pairs = 0
-    last_flush = time.monotonic()
-    pending: dict = {}
-    queue = list(reversed(batches))
-    bar = tqdm(
-        total=total,
-        initial=already,
-        unit="pair",
-        disable=not progress,
-        file=sys.stderr,
-        desc="smd-dist",
-    )
-
-    def flush():
-        nonlocal buffer, buffered_pairs, last_flush
-        if buffer:
-            sink.append(buffer)
-            report.n_records_written += len(buffer)
-            report.n_saved += buffered_pairs
-            buffer, buffered_pairs = [], 0
-        last_flush = time.monotonic()
-
-    try:
-        wave, sized_at = wave_size(), time.monotonic()
-        while queue or pending:
-            if time.monotonic() - sized_at > 5.0:
-                wave, sized_at = wave_size(), time.monotonic()
-            while queue and len(pending) < wave:
-                task = queue.pop()
-                pending[submit(task)] = task
-            try:
-                done, _ = wait(list(pending), timeout=flush_seconds, return_when="FIRST_COMPLETED")
-            except TimeoutError:
-                done = set()
-            for future in done:
-                task = pending.pop(future)
-                ids = pair_ids(task)
-                if future.status == "error":
-                    err = future.exception()
-                    results = [
-                        {
-                            "metric": name,
-                            "rep_a": a,
-                            "rep_b": b,
-                            "value": float("nan"),
-                            "error": f"{type(err).__name__}: {err}",
-                            "worker": "",
-                        }
-                        for a, b in ids
-                        for name, *_ in specs
-                    ]
-                else:
-                    results = future.result()
-                future.release()
-                for raw in results:
-                    a, b = canonical_pair(raw["rep_a"], raw["rep_b"])
-                    buffer.append(
-                        PairRecord(
-                            **{
-                                **raw,
-                                "rep_a": a,
-                                "rep_b": b,
-                                "hash_a": hashes[a],
-                                "hash_b": hashes[b],
-                            }
-                        )
-                    )
-                report.n_computed += len(task)
-                buffered_pairs += len(task)
-                bar.update(len(task))
-            if buffer and (time.monotonic() - last_flush >= flush_seconds or not pending):
-                flush()
-    finally:
-        flush()
-        bar.close()
-
-
-def _failures(ds: xr.Dataset, metric_objs) -> list[str]:
-    out = []
-    ids = [str(x) for x in ds.rep_a.values]
-    for metric in metric_objs:
-        errors = ds[f"{metric.name}_error"].values
-        for i in range(len(ids)):
-            for j in range(i + 1, len(ids)):
-                if errors[i, j]:
-                    out.append(f"{ids[i]} vs {ids[j]} ({metric.name}): {errors[i, j]}")
-    return out
-
-
-def _dataset_attrs(store, chosen, metric_objs, prep, run_config) -> dict:
+def _dataset_attrs(setup: _Setup, run_config) -> dict:
+    store, metric_objs, prep = setup.store, setup.metric_objs, setup.base_prep
+    chosen = setup.chosen
+    if setup.rows is not None:
+        chosen = [setup.chosen[k] for k in setup.rows.tolist()]
     # Structured attributes are JSON strings: netCDF takes only flat values.
-    return {
+    attrs = {
         "title": "soft matching distances between neural representations",
         "metrics": json.dumps(
             {m.name: {"kind": m.kind, "definition": m.description} for m in metric_objs}
@@ -1125,31 +1086,9 @@ def _dataset_attrs(store, chosen, metric_objs, prep, run_config) -> dict:
         # Recorded for provenance, without the tokens and passwords a config may hold.
         "run_config": json.dumps(config.redact(run_config or {}), default=str),
     }
-
-
-def output_status(path: str | os.PathLike) -> dict:
-    """Progress of an output: pairs done and failed, from the ledger; who holds it."""
-    out = ResultsOutput(_resolved(path))
-    header = out.header()
-    latest, incomplete, _ = out.records(on_corrupt="raise")
-    summary = summarize(latest.values())
-    pairs = {(record.rep_a, record.rep_b) for record in latest.values()}
-    info_path = Path(f"{out.path}.lock.json")
-    holder = None
-    if info_path.exists():
-        with contextlib.suppress(OSError, ValueError):
-            holder = json.loads(info_path.read_text())
-    n_reps = len(header.get("reps", []))
-    return {
-        "path": str(path),
-        "store": header.get("store"),
-        "metrics": header.get("metrics"),
-        "pairs_total": n_reps * (n_reps - 1) // 2,
-        "preprocessing": header.get("preprocessing"),
-        "assembled": bool(header.get("assembled")),
-        "pairs_with_results": len(pairs),
-        "records": summary["n_records"],
-        "failed": summary["failed"],
-        "incomplete_parts": incomplete,
-        "running": holder,
-    }
+    if setup.against is not None:
+        attrs["against_store"] = config.redact(str(setup.against.store.path))
+        attrs["against_hashes"] = json.dumps(
+            {setup.chosen[k].rep_id: setup.chosen[k].content_hash for k in setup.cols.tolist()}
+        )
+    return attrs

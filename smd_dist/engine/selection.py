@@ -27,11 +27,14 @@ class InputError(ValueError):
     """Representations that cannot be compared, found before any pair is computed."""
 
 
-def select_reps(records: Sequence, patterns: Sequence[str] | str | None) -> list:
+def select_reps(
+    records: Sequence, patterns: Sequence[str] | str | None, *, min_reps: int = 2
+) -> list:
     """Pick reps by ``"model/layer"`` ids or glob patterns, in store order.
 
     A pattern without ``/`` that names a model selects all its layers. Patterns that
-    match nothing are errors, with the closest ids suggested.
+    match nothing are errors, with the closest ids suggested, as is a selection of fewer
+    than ``min_reps`` reps (an all-pairs run needs 2; each side of a rectangular run, 1).
     """
     if patterns is None:
         chosen = list(records)
@@ -53,10 +56,11 @@ def select_reps(records: Sequence, patterns: Sequence[str] | str | None) -> list
                 )
             keep |= hits
         chosen = [r for r in records if r.rep_id in keep]
-    if len(chosen) < 2:
+    if len(chosen) < min_reps:
         raise InputError(
             f"selection holds {len(chosen)} representation(s) "
-            f"({', '.join(r.rep_id for r in chosen) or 'none'}); at least 2 are needed"
+            f"({', '.join(r.rep_id for r in chosen) or 'none'}); at least {min_reps} "
+            f"{'is' if min_reps == 1 else 'are'} needed"
         )
     return chosen
 

@@ -1,9 +1,10 @@
-"""What runs on a worker: read and prepare reps, compare the pairs of one task.
+"""What runs on a worker: read and prepare reps, compare the pairs of one block.
 
-Pair tasks name their reps (:class:`RepSource`) and never carry their data: each worker
+Block tasks name their reps (:class:`RepSource`) and never carry their data: each worker
 reads and prepares a rep once and keeps the :class:`~smd_dist.kernel.prepared.PreparedRep`
-within a share of its memory (:mod:`smd_dist.engine.worker_cache`). A failure on one pair
-is recorded with the pair, never raised, so the run goes on.
+within a share of its memory (:mod:`smd_dist.engine.worker_cache`). A block returns arrays
+over its pairs (:class:`BlockResult`), never an object per pair. A failure on one pair is
+recorded with the pair, never raised, so the run goes on.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from smd_dist import metrics as metric_registry
 from smd_dist.engine.selection import InputError
 from smd_dist.store.activation_store import rep_id
 
-__all__ = ["KEEP_PREPARED_FRACTION", "RepSource", "check_rep", "compare_pairs", "prepare_rep"]
+__all__ = [
+    "KEEP_PREPARED_FRACTION",
+    "BlockResult",
+    "RepSource",
+    "check_rep",
+    "check_reps",
+    "compare_block",
+    "prepare_rep",
+]
 
 #: Each worker keeps the reps it has prepared (:mod:`smd_dist.engine.worker_cache`) within
 #: this fraction of its memory limit; beyond it, the least recently used are read again.
@@ -102,57 +111,107 @@ def check_rep(source: RepSource, keep_fraction: float) -> tuple[str | None, int]
     return None, max((int(rep.dropped.size) for rep in prepared.values()), default=0)
 
 
-def compare_pairs(
-    pairs: list, sources: dict, metric_specs: list, device, keep_fraction: float
-) -> list[dict]:
-    """Run every metric on every pair of one task; a failure is recorded, not raised."""
+def check_reps(sources: list, keep_fraction: float) -> list[tuple[str | None, int]]:
+    """:func:`check_rep` on each of ``sources`` (a batch: one task checks many small reps)."""
+    return [check_rep(source, keep_fraction) for source in sources]
+
+
+@dataclass(frozen=True, eq=False)
+class BlockResult:
+    """What one block task returns: arrays over its pairs (in the order given) and the
+    run's metrics (in the order of its specs).
+
+    Attributes
+    ----------
+    num : ndarray
+        float64, ``(pairs, metrics, 6)``: value, max_violation, gap, seconds, lower,
+        upper (NaN where not applicable).
+    solver : ndarray
+        int32 ``(pairs, metrics)``: entries of ``solvers``.
+    error : ndarray
+        int32 ``(pairs, metrics)``: entries of ``errors``, -1 where the metric succeeded.
+    solvers, errors : tuple of str
+    worker : str
+        The worker's address.
+    """
+
+    num: np.ndarray
+    solver: np.ndarray
+    error: np.ndarray
+    solvers: tuple[str, ...]
+    errors: tuple[str, ...]
+    worker: str
+
+
+def compare_block(
+    a, b, sources: dict, metric_specs: list, device, keep_fraction: float
+) -> BlockResult:
+    """Run every metric on the pairs ``(a[k], b[k])`` of one block; a pair's failure is
+    recorded with it, never raised, so the block goes on.
+
+    ``a`` and ``b`` are keys of ``sources`` (:class:`RepSource` of each rep the block
+    uses); each pair is solved in the order given (the engine gives the rep whose id sorts
+    first as ``a``: a value is the same bits in every run).
+    """
     from smd_dist.engine import worker_cache
     from smd_dist.kernel.allocator import reuse_freed_memory
 
     reuse_freed_memory()
     worker = _worker_name()
-    prepared = {rep: _prepared(source, keep_fraction) for rep, source in sources.items()}
+    prepared = {key: _prepared(source, keep_fraction) for key, source in sources.items()}
     try:
-        return _compare(pairs, prepared, metric_specs, device, worker)
+        return _compare(
+            np.asarray(a).tolist(), np.asarray(b).tolist(), prepared, sources, metric_specs,
+            device, worker,
+        )
     finally:
         # The solves may have made low-precision copies of the kept reps: count them.
         worker_cache.remeasure(sources.values())
 
 
-def _compare(pairs, prepared, metric_specs, device, worker) -> list[dict]:
+def _compare(a, b, prepared, sources, metric_specs, device, worker) -> BlockResult:
     from smd_dist.kernel.validation import check_same_stimuli
 
-    out = []
-    for rep_a, rep_b in pairs:
-        for name, prep, options in metric_specs:
-            metric = metric_registry.get(name)
-            xa, xb = prepared[rep_a][prep], prepared[rep_b][prep]
-            record = {"metric": name, "rep_a": rep_a, "rep_b": rep_b, "worker": worker}
+    metrics = [
+        (metric_registry.get(name), prep, options) for name, prep, options in metric_specs
+    ]
+    n, n_metrics = len(a), len(metrics)
+    num = np.full((n, n_metrics, 6), np.nan)
+    solver = np.zeros((n, n_metrics), dtype=np.int32)
+    error = np.full((n, n_metrics), -1, dtype=np.int32)
+    solvers: dict[str, int] = {}
+    errors: list[str] = []
+    timer = time.perf_counter
+    for k, (ia, ib) in enumerate(zip(a, b, strict=True)):
+        name_a, name_b = sources[ia].rep_id, sources[ib].rep_id
+        for m, (metric, prep, options) in enumerate(metrics):
+            xa, xb = prepared[ia][prep], prepared[ib][prep]
             if metric.equal_width_only and xa.shape[1] != xb.shape[1]:
-                record.update(value=float("nan"), solver="undefined: widths differ")
-                out.append(record)
+                solver[k, m] = solvers.setdefault("undefined: widths differ", len(solvers))
                 continue
-            start = time.perf_counter()
+            start = timer()
             try:
                 # Each rep passed check_array when it was prepared; per pair only the
                 # stimulus counts can disagree, and a full pass over both would cost more.
-                check_same_stimuli(xa.columns, xb.columns, names=(rep_a, rep_b))
+                check_same_stimuli(xa.columns, xb.columns, names=(name_a, name_b))
                 result = metric.compute(xa, xb, device=device, **options)
-            except Exception as err:  # recorded with the pair; the run goes on
-                record.update(value=float("nan"), error=f"{type(err).__name__}: {err}")
+            except Exception as err:  # recorded with the pair; the block goes on
+                error[k, m] = len(errors)
+                errors.append(f"{type(err).__name__}: {err}")
+                solver[k, m] = solvers.setdefault("", len(solvers))
             else:
                 cert = result.certificate or {}
-                record.update(
-                    value=float(result.value),
-                    solver=result.solver,
-                    max_violation=float(cert.get("max_violation", np.nan)),
-                    gap=float(cert.get("gap", np.nan)),
-                    lower=np.nan if result.lower is None else float(result.lower),
-                    upper=np.nan if result.upper is None else float(result.upper),
-                )
-            record["seconds"] = time.perf_counter() - start
-            out.append(record)
-    return out
+                row = num[k, m]
+                row[0] = result.value
+                row[1] = cert.get("max_violation", np.nan)
+                row[2] = cert.get("gap", np.nan)
+                if result.lower is not None:
+                    row[4] = result.lower
+                if result.upper is not None:
+                    row[5] = result.upper
+                solver[k, m] = solvers.setdefault(result.solver, len(solvers))
+            num[k, m, 3] = timer() - start
+    return BlockResult(num, solver, error, tuple(solvers), tuple(errors), worker)
 
 
 def _worker_name() -> str:

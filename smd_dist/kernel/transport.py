@@ -82,6 +82,7 @@ __all__ = [
     "SPARSE_MIN_ENTRIES",
     "Transport",
     "exact_costs",
+    "memory_bytes",
     "merging_can_pay",
     "plan_cost",
     "solve",
@@ -108,6 +109,50 @@ MERGE_MIN_WORK = 2_400_000
 #: the low-precision product before any bound is built.
 SPARSE_TIED_MIN_ENTRIES = 1024 * 1024
 SPARSE_TIED_LIMIT = 0.5
+
+
+#: Bytes per cost entry on the dense path: float64 costs, plan and reduced costs and the
+#: float32 product.
+DENSE_BYTES_PER_ENTRY = 28
+#: The blocked path (from :data:`~smd_dist.kernel.blocked.BLOCKED_MIN_ENTRIES` entries):
+#: 16-bit codes per entry, scratch per neuron for the row blocks of the product and the
+#: bound chunks, and a fixed part. Fitted with margin to the peak resident memory that
+#: preparing and solving a pair added over the caller's inputs (one thread, 2026-12-04):
+#: 49 MiB at 2048² (M = 100), 105 MiB (M = 2000), 115 MiB at 4096², 139 MiB at 6000²
+#: (M = 100), 0.96 GiB at 16384² and 2.9 GiB at 32768² (M = 2000), which :func:`memory_bytes`
+#: puts at 93, 182, 169, 255 MiB, 1.6 and 4.2 GiB.
+BLOCKED_BYTES_PER_ENTRY = 2
+BLOCKED_BYTES_PER_NEURON = 24 * 512
+BLOCKED_FIXED_BYTES = 32 * 2**20
+
+
+def memory_bytes(n_stimuli, nx, ny):
+    """Peak bytes one pair needs on the path :func:`solve` takes first (elementwise).
+
+    .. math::
+
+        12\\,M\\,(N_x + N_y) + \\begin{cases}
+            28\\,N_x N_y & N_x N_y < B \\\\
+            2\\,N_x N_y + 12288\\,(N_x + N_y) + 32\\,\\mathrm{MiB} & \\text{otherwise}
+        \\end{cases}
+
+    the prepared float64 inputs and their float32 copies, plus the dense path below
+    ``B =`` :data:`~smd_dist.kernel.blocked.BLOCKED_MIN_ENTRIES` entries (where a failed
+    sparse attempt falls back to the dense matrix, so the dense path is what to plan for)
+    and blocked bounds from there (no N x N float matrix). A wide pair whose sparse path
+    fails falls back to the dense path, which needs :data:`DENSE_BYTES_PER_ENTRY` per
+    entry; that fallback is not planned for.
+    """
+    nx, ny = np.asarray(nx, dtype=np.int64), np.asarray(ny, dtype=np.int64)
+    entries = nx * ny
+    blocked = (
+        BLOCKED_BYTES_PER_ENTRY * entries
+        + BLOCKED_BYTES_PER_NEURON * (nx + ny)
+        + BLOCKED_FIXED_BYTES
+    )
+    per_pair = np.where(entries >= BLOCKED_MIN_ENTRIES, blocked, DENSE_BYTES_PER_ENTRY * entries)
+    need = 12 * int(n_stimuli) * (nx + ny) + per_pair
+    return int(need) if need.ndim == 0 else need
 
 
 @dataclass(frozen=True)

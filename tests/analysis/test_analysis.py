@@ -477,3 +477,57 @@ def test_mds_joins_layers_in_depth_order():
     line = analysis.plot_mds(emb).axes[0].lines[0]
     x = emb.coords.sel(component=1).values
     assert line.get_xdata().tolist() == [x[1], x[3], x[0], x[2]]
+
+
+def rectangle_dataset(kind="distance"):
+    """Two models' layers (rep_a) against two recorded areas (rep_b), as a run with
+    against= writes them."""
+    layers_a = ["m1/conv", "m1/fc", "m2/conv", "m2/fc"]
+    areas = ["brain/V1", "brain/IT"]
+    values = np.array([[0.2, 0.9], [0.6, 0.4], [0.3, 0.5], [0.8, np.nan]])
+    if kind == "similarity":
+        values = 1 - values
+    return xr.Dataset(
+        {"soft_matching": (("rep_a", "rep_b"), values, {"kind": kind})},
+        coords={
+            "rep_a": layers_a, "rep_b": areas,
+            "model_a": ("rep_a", ["m1", "m1", "m2", "m2"]),
+            "layer_a": ("rep_a", ["conv", "fc", "conv", "fc"]),
+            "model_b": ("rep_b", ["brain", "brain"]),
+            "layer_b": ("rep_b", ["V1", "IT"]),
+        },
+        attrs={"against_store": "/data/brain"},
+    )
+
+
+def test_square_analyses_refuse_a_rectangle_by_name():
+    ds = rectangle_dataset()
+    for call in (analysis.dissimilarity, analysis.classical_mds, analysis.metric_mds,
+                 analysis.cluster):
+        with pytest.raises(ValueError, match="not a rectangle.*best_matches"):
+            call(ds)
+
+
+@pytest.mark.parametrize("kind", ["distance", "similarity"])
+def test_best_matches_ranks_models_by_their_best_layer_per_area(kind):
+    best = analysis.best_matches(rectangle_dataset(kind))
+    assert best.sizes == {"model": 2, "rep_b": 2}
+    assert best["layer"].values.tolist() == [["conv", "fc"], ["conv", "conv"]]
+    assert best["rep"].sel(model="m2", rep_b="brain/IT").item() == "m2/conv"
+    expected = [[0.2, 0.4], [0.3, 0.5]]
+    np.testing.assert_allclose(best["value"].values,
+                               expected if kind == "distance" else 1 - np.array(expected))
+    assert best["rank"].values.tolist() == [[1, 1], [2, 2]]
+
+
+def test_select_and_the_heatmap_take_a_rectangle(tmp_path):
+    ds = rectangle_dataset()
+    kept = analysis.select(ds, models="m2")
+    assert list(kept.rep_a.values) == ["m2/conv", "m2/fc"]
+    assert list(kept.rep_b.values) == ["brain/V1", "brain/IT"]
+    assert list(analysis.select(ds, "brain/IT").rep_b.values) == ["brain/IT"]
+    with pytest.raises(ValueError, match="unknown model pattern"):
+        analysis.select(ds, models="m3")
+    fig = analysis.plot_heatmap(ds, tmp_path / "rect.png")
+    assert (tmp_path / "rect.png").stat().st_size > 0
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["brain/V1", "brain/IT"]

@@ -235,7 +235,7 @@ def test_corrupt_output_is_detected_and_its_pairs_recomputed(workload, tmp_path)
         matrix_chunk.unlink()
         with pytest.raises(CorruptOutputError, match="soft_matching"):
             open_distances(output)
-        (part,) = ResultsOutput(output).part_names()
+        (part,) = ResultsOutput(output).ledger.part_names()
         chunk = next(
             p
             for p in (output / "ledger" / part / "num").rglob("*")
@@ -245,7 +245,7 @@ def test_corrupt_output_is_detected_and_its_pairs_recomputed(workload, tmp_path)
         data[-5] ^= 0xFF
         chunk.write_bytes(bytes(data))
         with pytest.raises(CorruptOutputError, match="pairs affected"):
-            ResultsOutput(output).records()
+            ResultsOutput(output).read()
         report = RunReport(0, 0, 0)
         ds = compute_distances(store, output=output, client=client, progress=False, report=report)
     assert report.corrupt_parts and report.n_computed == N_PAIRS
@@ -316,7 +316,7 @@ def test_losing_the_scheduler_mid_run_exits_2_with_one_line_saying_resume(worklo
 
         from smd_dist.engine import tasks
 
-        real = tasks.compare_pairs
+        real = tasks.compare_block
 
         def held(*args, **kwargs):
             deadline = time.monotonic() + 120
@@ -324,7 +324,7 @@ def test_losing_the_scheduler_mid_run_exits_2_with_one_line_saying_resume(worklo
                 time.sleep(0.05)
             return real(*args, **kwargs)
 
-        tasks.compare_pairs = held
+        tasks.compare_block = held
 
     store, _ = workload
     env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"}
@@ -357,7 +357,7 @@ def test_losing_the_scheduler_mid_run_exits_2_with_one_line_saying_resume(worklo
             run = cli("run", str(config), "--no-progress", env_extra=env)
             deadline = time.monotonic() + 120
             while run.poll() is None and time.monotonic() < deadline and not any(
-                    str(k).startswith("pairs-") for ks in client.processing().values()
+                    str(k).startswith("block-") for ks in client.processing().values()
                     for k in ks):
                 time.sleep(0.05)
             assert run.poll() is None, "the run ended before the scheduler could be lost"

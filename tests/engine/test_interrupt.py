@@ -32,13 +32,13 @@ N_PAIRS = N_REPS * (N_REPS - 1) // 2
 LET_THROUGH = 3
 
 PRELOAD = '''
-"""Test preload: pair tasks after the first {let} wait while the gate file exists."""
+"""Test preload: block tasks after the first {let} wait while the gate file exists."""
 import os
 import time
 
 from smd_dist.engine import tasks
 
-_real = tasks.compare_pairs
+_real = tasks.compare_block
 _calls = [0]
 
 
@@ -52,7 +52,7 @@ def _held(*args, **kwargs):
 
 
 def dask_setup(worker):
-    tasks.compare_pairs = _held
+    tasks.compare_block = _held
     open(os.path.join({pids!r}, str(os.getpid())), "w").close()
 '''
 
@@ -131,9 +131,10 @@ def test_ctrl_c_saves_what_is_done_and_the_same_command_resumes(tmp_path):
     assert "Traceback" not in out and "Aborted" not in out, out
     assert not alive(workers[0]), "the worker outlived the run"
     assert not Path(f"{output}.lock").exists() and not Path(f"{output}.lock.json").exists()
-    latest, incomplete, corrupt = ResultsOutput(output).records(on_corrupt="raise")
-    assert len(latest) == LET_THROUGH and corrupt == [] and incomplete == []
-    assert all(record.ok for record in latest.values())
+    read = ResultsOutput(output).read(on_corrupt="raise")
+    latest = read.records.latest()
+    assert len(latest) == LET_THROUGH and read.corrupt == () and read.incomplete == ()
+    assert latest.ok.all()
     rerun = subprocess.run(
         [sys.executable, "-m", "smd_dist", "run", "--no-progress", str(config)],
         capture_output=True, text=True, timeout=300,

@@ -7,36 +7,15 @@ import math
 import dask.config
 import numpy as np
 import pytest
-import zarr
 
-from smd_dist.engine import InputError, compute_distances
-from smd_dist.engine.output import (
-    LEDGER,
-    CorruptOutputError,
-    PairRecord,
-    ResultsOutput,
-    _part_checksum,
-    assemble,
-    open_distances,
-)
+from smd_dist.engine import IncompatibleOutputError, InputError, compute_distances
+from smd_dist.engine.assembly import assemble
+from smd_dist.engine.output import ResultsOutput, open_distances
 from smd_dist.metrics import get
 from smd_dist.store import ActivationStore
 
 WIDTHS = {"a/l1": 12, "a/l2": 20, "b/l1": 12, "b/l2": 7}
 SINKHORN = "soft_matching_sinkhorn"
-
-
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
 
 
 @pytest.fixture
@@ -82,9 +61,9 @@ def test_intervals_are_recorded_and_hold_the_exact_value(store, client, tmp_path
     assert certified > 0
     opened = open_distances(tmp_path / "out")
     np.testing.assert_array_equal(opened[f"{SINKHORN}_lower"].values, lower)
-    latest, _, _ = ResultsOutput(tmp_path / "out").records()
-    for record in latest.values():
-        assert math.isnan(record.lower) == (record.solver != "sinkhorn-certified")
+    records = ResultsOutput(tmp_path / "out").read().records.latest()
+    solvers = np.array(records.solvers)[records.column("solver")]
+    assert (np.isnan(records.column("lower")) == (solvers != "sinkhorn-certified")).all()
 
 
 @pytest.mark.parametrize(
@@ -122,35 +101,22 @@ def test_metric_options_reach_compute():
         get("soft_matching").compute(x, y, rtol=0.1)
 
 
-def _append_old_part(output: ResultsOutput, records) -> None:
-    """A ledger part as written before the interval fields: four numbers, no field names."""
-    num = np.array([[r.value, r.max_violation, r.gap, r.seconds] for r in records], dtype="f8")
-    fields = ("metric", "rep_a", "rep_b", "hash_a", "hash_b", "solver", "error", "worker")
-    txt = np.array([[getattr(r, f) for f in fields] for r in records], dtype=object)
-    ledger = zarr.open_group(output.path / LEDGER, mode="a", use_consolidated=False)
-    part = ledger.create_group("p00000000000000000001-1", attributes={"complete": False})
-    part.create_array("num", data=num, chunks=num.shape)
-    text = part.create_array("txt", shape=txt.shape, dtype=str, chunks=txt.shape)
-    text[...] = txt
-    part.attrs.update({"n": len(records), "sha256": _part_checksum(num, txt)})
-    part.attrs["complete"] = True
-
-
-def test_ledger_parts_without_the_interval_fields_still_load(tmp_path):
+def test_ledger_parts_without_the_interval_fields_still_load(tmp_path, ledger_helpers):
     output = ResultsOutput(tmp_path / "out")
     output.initialise({"format": 1, "preprocessing": {}, "version_series": "0.1"})
-    old = PairRecord("soft_matching", "a/l1", "a/l2", "h1", "h2", 1.5, "network-simplex",
-                     0.0, 0.0, 0.1)
-    _append_old_part(output, [old])
-    new = PairRecord(SINKHORN, "a/l1", "a/l2", "h1", "h2", 2.0, "sinkhorn-certified",
-                     0.0, 0.01, 0.2, lower=1.99, upper=2.0)
-    output.append([new])
-    latest, incomplete, corrupt = output.records()
-    assert not incomplete and not corrupt
-    loaded_old = latest[old.key]
-    assert loaded_old.value == 1.5
-    assert math.isnan(loaded_old.lower) and math.isnan(loaded_old.upper)
-    assert latest[new.key] == new
+    pair = {"rep_a": "a/l1", "rep_b": "a/l2", "hash_a": "h1", "hash_b": "h2"}
+    old = {**pair, "metric": "soft_matching", "value": 1.5, "solver": "network-simplex",
+           "max_violation": 0.0, "gap": 0.0, "seconds": 0.1}
+    ledger_helpers.write_format1(output.path, [old], num_fields=False)
+    new = {**pair, "metric": SINKHORN, "value": 2.0, "solver": "sinkhorn-certified",
+           "max_violation": 0.0, "gap": 0.01, "seconds": 0.2, "lower": 1.99, "upper": 2.0}
+    output.append(ledger_helpers.records([new]))
+    read = output.read()
+    assert not read.incomplete and not read.corrupt
+    loaded_old, loaded_new = ledger_helpers.rows(read.records.latest())
+    assert loaded_old["value"] == 1.5
+    assert math.isnan(loaded_old["lower"]) and math.isnan(loaded_old["upper"])
+    assert loaded_new == {**new, "error": "", "worker": ""}
 
     class Rep:
         def __init__(self, rep_id, content_hash):
@@ -158,12 +124,25 @@ def test_ledger_parts_without_the_interval_fields_still_load(tmp_path):
             self.model, self.layer = rep_id.split("/")
 
     reps = [Rep("a/l1", "h1"), Rep("a/l2", "h2")]
-    ds = assemble(latest, reps, [get("soft_matching"), get(SINKHORN)])
+    ds = assemble(read.records, reps, [get("soft_matching"), get(SINKHORN)])
     assert ds[f"{SINKHORN}_lower"].values[0, 1] == 1.99
     assert "soft_matching_lower" not in ds
-    # The field names are under the part's checksum: renaming the columns is caught.
-    name = output.part_names()[-1]  # the new part: numbered after the old one
-    part = zarr.open_group(output.path / LEDGER / name, mode="a", use_consolidated=False)
-    part.attrs["num_fields"] = ["value", "max_violation", "gap", "seconds", "upper", "lower"]
-    with pytest.raises(CorruptOutputError, match="checksum mismatch"):
-        output.read_part(name)
+
+
+def test_a_resume_with_other_metric_options_is_refused(store, client, tmp_path):
+    first = compute_distances(store, metrics=[SINKHORN], output=tmp_path / "out",
+                              client=client, progress=False)
+    header = ResultsOutput(tmp_path / "out").header()
+    assert header["metric_options"] == {SINKHORN: {"rtol": 1e-3}}
+    with dask.config.set({f"smd-dist.metric-options.{SINKHORN}": {"rtol": 0.05}}):
+        with pytest.raises(IncompatibleOutputError, match=r"rtol.*0\.001.*0\.05.*--fresh"):
+            compute_distances(store, metrics=[SINKHORN], output=tmp_path / "out",
+                              client=client, progress=False)
+        # a metric without options joins the output; the refused options never do
+        compute_distances(store, metrics=["soft_matching"], output=tmp_path / "out",
+                          client=client, progress=False)
+    again = compute_distances(store, metrics=[SINKHORN], output=tmp_path / "out",
+                              client=client, progress=False)
+    assert again[SINKHORN].values.tobytes() == first[SINKHORN].values.tobytes()
+    assert ResultsOutput(tmp_path / "out").header()["metric_options"] == {
+        SINKHORN: {"rtol": 1e-3}, "soft_matching": {}}

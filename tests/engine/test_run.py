@@ -46,19 +46,6 @@ def make_store(path, widths=WIDTHS, seed=0):
     return store
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
-
-
 @pytest.fixture
 def store(tmp_path):
     return make_store(tmp_path / "store")
@@ -139,13 +126,13 @@ def test_long_lived_objects_are_frozen_for_the_run_and_handed_back(store, client
 
     assert gc.get_freeze_count() == 0
     seen = []
-    real = run._run_pairs
+    real = run.dispatch.run_blocks
 
     def spy(*args, **kwargs):
         seen.append(gc.get_freeze_count())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(run, "_run_pairs", spy)
+    monkeypatch.setattr(run.dispatch, "run_blocks", spy)
     compute_distances(store, client=client, progress=False)
     assert seen and seen[0] > 1000  # the scheduler's process skips them in full collections
     assert gc.get_freeze_count() == 0
@@ -177,7 +164,8 @@ def test_a_prepared_rep_has_its_copies_last(tmp_path):
     assert value == pytest.approx(direct, rel=1e-12)
 
 
-def test_input_checks_are_submitted_widest_first_in_one_call(store, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 8])
+def test_input_checks_are_submitted_widest_first_in_one_call(store, monkeypatch, threads):
     import distributed
 
     calls = []
@@ -185,28 +173,37 @@ def test_input_checks_are_submitted_widest_first_in_one_call(store, monkeypatch)
     class Done:
         status = "finished"
 
+        def __init__(self, batch):
+            self.batch = batch
+
         def result(self):
-            return None, 0  # no problem, no neuron dropped as constant
+            return [(None, 0)] * len(self.batch)  # no problem, no neuron dropped as constant
 
         def release(self):
             pass
 
     class Recorder:
-        def map(self, func, *iterables, key):
-            calls.append(key)
-            return [Done() for _ in key]
+        def map(self, func, batches, fractions, key):
+            calls.append([[source.rep_id for source in batch] for batch in batches])
+            return [Done(batch) for batch in batches]
 
         def gather(self, futures):
             return [future.result() for future in futures]
 
     monkeypatch.setattr(distributed, "wait", lambda futures: None)
     chosen = store.list()
-    todo = [(i, j) for i in range(len(chosen)) for j in range(i + 1, len(chosen))]
     sources = run._sources(store, chosen, ["{}"])
-    run._check_inputs(Recorder(), chosen, todo, sources, token="t")
-    assert len(calls) == 1
-    widths = [chosen[int(k.split("-")[1])].n_neurons for k in calls[0]]
-    assert widths == sorted(widths, reverse=True) and len(widths) == len(chosen)
+    dropped = run._check_inputs(Recorder(), chosen, np.arange(len(chosen)), sources, token="t",
+                                threads=threads)
+    assert dropped == dict.fromkeys(range(len(chosen)), 0)
+    (batches,) = calls
+    width = {r.rep_id: r.n_neurons for r in chosen}
+    order = [width[rep] for batch in batches for rep in batch]
+    assert order == sorted(order, reverse=True) and len(order) == len(chosen)
+    # Batches of about a quarter of a thread's share of the neurons (33 in all): with one
+    # thread, at least 8.25 neurons each; with eight, one rep each.
+    sizes = [[width[rep] for rep in batch] for batch in batches]
+    assert sizes == ([[12], [9], [6], [6]] if threads == 8 else [[12], [9], [6, 6]])
 
 
 def test_the_keep_budget_follows_the_workers_memory_limit(client):
@@ -278,8 +275,7 @@ def test_bad_rep_is_refused_before_any_pair(tmp_path, client):
         compute_distances(
             store, output=tmp_path / "out", client=client, progress=False, normalize="unit"
         )
-    latest, _, _ = smd_dist.engine.output.ResultsOutput(tmp_path / "out").records()
-    assert latest == {}
+    assert not len(smd_dist.engine.output.ResultsOutput(tmp_path / "out").read().records)
 
 
 def test_failed_pair_is_recorded_and_retried_alone(store, client, tmp_path, monkeypatch):
@@ -521,7 +517,7 @@ def test_engine_settings_take_env_spelling_and_run_config_over_defaults():
     from smd_dist.config import ConfigError
 
     defaults = settings.engine_settings()
-    assert defaults["flush-seconds"] == 2.0 and defaults["task-entries"] == 2**19
+    assert defaults["flush-seconds"] == 2.0 and defaults["task-entries"] == 2**21
     # An environment variable reaches dask.config spelt with "_" (read at import).
     read = "from smd_dist.engine.settings import engine_settings as s; print(s()['flush-seconds'])"
     env = {**os.environ, "DASK_SMD_DIST__ENGINE__FLUSH_SECONDS": "0.5"}
@@ -541,30 +537,43 @@ def test_engine_settings_take_env_spelling_and_run_config_over_defaults():
             settings.engine_settings(bad)
 
 
-def test_tasks_cover_each_pair_once_largest_work_first():
-    from types import SimpleNamespace
-
-    widths = [300, 16, 2048, 8, 700, 16, 12, 1024]
-    reps = [SimpleNamespace(n_neurons=w) for w in widths]
-    todo = [(i, j) for i in range(len(reps)) for j in range(i + 1, len(reps))]
+def test_blocks_cover_each_pair_once_largest_work_first():
+    widths = np.array([300, 16, 2048, 8, 700, 16, 12, 1024])
+    a, b = np.triu_indices(len(widths), 1)
     entries = 64 * 64
-    tasks = planning.plan_tasks(reps, todo, task_entries=entries, per_task=4)
-    pairs = [pair for task in tasks for pair in task]
-    assert sorted(pairs) == todo
-    work = [sum(widths[i] * widths[j] for i, j in task) for task in tasks]
+    blocks = planning.plan_blocks(widths, a, b, task_entries=entries, max_pairs=4)
+    pairs = sorted((int(i), int(j)) for block in blocks
+                   for i, j in zip(block.a, block.b, strict=True))
+    assert pairs == sorted(zip(a.tolist(), b.tolist(), strict=True))
+    work = [block.work for block in blocks]
     assert work == sorted(work, reverse=True)
-    assert tasks[0] == [(2, 7)]
-    # a pair of task_entries or more is alone; smaller ones are batched, at most per_task
-    big = [(i, j) for i, j in todo if widths[i] * widths[j] >= entries]
-    assert all([pair] in tasks for pair in big)
-    batches = [task for task in tasks if len(task) > 1]
-    assert batches and max(len(task) for task in batches) == 4
-    assert all(widths[i] * widths[j] < entries for task in batches for i, j in task)
-    # every batch but the last one formed is full: enough entries, or per_task pairs
-    full = [w >= entries or len(t) == 4 for t, w in zip(tasks, work, strict=True) if len(t) > 1]
-    assert full.count(False) <= 1
-    # task_entries=0: one pair per task
-    assert all(len(t) == 1 for t in planning.plan_tasks(reps, todo, task_entries=0, per_task=4))
+    assert work == [int((widths[block.a] * widths[block.b]).sum()) for block in blocks]
+    assert (blocks[0].a.tolist(), blocks[0].b.tolist()) == ([2], [7])
+    # a pair of task_entries or more is alone; smaller ones are batched, at most max_pairs,
+    # within task_entries
+    alone = {(int(block.a[0]), int(block.b[0])) for block in blocks if len(block) == 1}
+    assert {(i, j) for i, j in pairs if widths[i] * widths[j] >= entries} <= alone
+    batches = [block for block in blocks if len(block) > 1]
+    assert batches and max(len(block) for block in batches) == 4
+    assert all(block.work <= entries for block in batches)
+    # task_entries=0: one pair per block
+    assert all(len(block) == 1 for block in
+               planning.plan_blocks(widths, a, b, task_entries=0, max_pairs=4))
+
+
+def test_blocks_are_tiles_of_few_reps():
+    widths = np.full(30, 8)
+    a, b = np.triu_indices(30, 1)
+    blocks = planning.plan_blocks(widths, a, b, task_entries=64 * 10, max_pairs=100)
+    # Bands of 3 reps (25 neurons: a band against a band is about 640 entries): each block
+    # is one tile, 3 pairs on the diagonal, 9 off it, so it reads and keeps 6 reps, where 9
+    # pairs in matrix order (one row) would touch 10.
+    assert sorted(len(block) for block in blocks) == [3] * 10 + [9] * 45
+    assert max(block.reps.size for block in blocks) == 6
+    # At least min_tasks blocks, so that every worker thread has work.
+    assert len(planning.plan_blocks(widths, a, b, task_entries=10**9, max_pairs=10**6,
+                                    min_tasks=8)) >= 8
+    assert planning.plan_blocks(widths, a[:0], b[:0], task_entries=64, max_pairs=4) == []
 
 
 # --- order, early refusals, --fresh, the lock, the user's client, dry runs ------------------
@@ -767,7 +776,8 @@ def test_an_output_reached_through_a_link_shares_its_lock(store, client, tmp_pat
         with pytest.raises(OutputLockedError, match="another run"):
             compute_distances(store, output=alias, client=client, progress=False)
     ds = compute_distances(store, output=alias, client=client, progress=False)
-    assert run.output_status(alias)["pairs_with_results"] == 6 and ds.sizes["rep_a"] == 4
+    assert smd_dist.engine.output_status(alias)["pairs_with_results"] == 6
+    assert ds.sizes["rep_a"] == 4
 
 
 def test_files_beside_the_output_are_never_written_through_links(store, client, tmp_path):

@@ -210,28 +210,28 @@ def written(monkeypatch):
     """Count, per pair key and output, the records the engine writes to the ledger.
 
     The engine compacts the ledger at the end of a run (one record per key survives), so
-    duplicates are counted as they are appended, not read back afterwards.
+    duplicates are counted as they are flushed, not read back afterwards.
     """
     from smd_dist.engine.output import ResultsOutput
 
     counts: dict[str, Counter] = {}
-    compacting = threading.local()
-    append, compact = ResultsOutput.append, ResultsOutput.compact
+    append = ResultsOutput.append
 
     def counting_append(self, records):
-        if not getattr(compacting, "on", False):
-            counts.setdefault(str(self.path), Counter()).update(r.key for r in records)
+        keys = zip(
+            (records.metrics[m] for m in records.column("metric")),
+            (records.reps[a] for a in records.column("rep_a")),
+            (records.hashes[a] for a in records.column("rep_a")),
+            (records.reps[b] for b in records.column("rep_b")),
+            (records.hashes[b] for b in records.column("rep_b")),
+            strict=True,
+        )
+        counts.setdefault(str(self.path), Counter()).update(keys)
         return append(self, records)
 
-    def flagged_compact(self):
-        compacting.on = True
-        try:
-            return compact(self)
-        finally:
-            compacting.on = False
-
+    # The run's flushes go through ResultsOutput.append; the compaction at its end writes
+    # through the ledger itself, and is not counted.
     monkeypatch.setattr(ResultsOutput, "append", counting_append)
-    monkeypatch.setattr(ResultsOutput, "compact", flagged_compact)
     return counts
 
 
@@ -277,7 +277,7 @@ def test_scancel_mid_run_loses_and_duplicates_nothing(demo, local_results, slurm
 
             from smd_dist.engine import tasks
 
-            real = tasks.compare_pairs
+            real = tasks.compare_block
 
             def held(*args, **kwargs):
                 deadline = time.monotonic() + 300
@@ -285,7 +285,7 @@ def test_scancel_mid_run_loses_and_duplicates_nothing(demo, local_results, slurm
                     time.sleep(0.05)
                 return real(*args, **kwargs)
 
-            tasks.compare_pairs = held
+            tasks.compare_block = held
 
         gate.touch()
         client.run(hold_pair_tasks_while, str(gate), workers=[victim_address])
@@ -306,7 +306,7 @@ def test_scancel_mid_run_loses_and_duplicates_nothing(demo, local_results, slurm
         while not ready and thread.is_alive() and time.monotonic() < deadline:
             held = client.processing().get(victim_address, ())
             ready = bool(written.get(str(output))) and any(
-                str(k).startswith("pairs-") for k in held
+                str(k).startswith("block-") for k in held
             )
             if not ready:
                 time.sleep(0.05)

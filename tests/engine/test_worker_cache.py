@@ -147,12 +147,12 @@ def test_kept_bytes_count_the_copies_a_prepared_rep_makes_after_it_is_kept(tmp_p
     for layer in ("a", "b"):
         store.write("m", layer, rng.normal(size=(40, 600)))  # the sparse path: 512² up
     prep = selection.prep_key({"center": True, "normalize": None})
-    sources = {r.rep_id: tasks.RepSource(store.path, r.model, r.layer, r.content_hash, (prep,))
-               for r in store.list()}
+    sources = {k: tasks.RepSource(store.path, r.model, r.layer, r.content_hash, (prep,))
+               for k, r in enumerate(store.list())}
     fraction = 0.25
-    records = tasks.compare_pairs([("m/a", "m/b")], sources, [("soft_matching", prep, {})],
-                                  "cpu", fraction)
-    assert records[0].get("error") is None and records[0]["solver"].startswith("sparse")
+    result = tasks.compare_block([0], [1], sources, [("soft_matching", prep, {})], "cpu",
+                                 fraction)
+    assert result.error[0, 0] == -1 and result.solvers[result.solver[0, 0]].startswith("sparse")
     budget = int(fraction * worker_cache.memory_limit())
     kept = [worker_cache.kept(s, lambda: pytest.fail("not kept"), budget=budget)
             for s in sources.values()]
