@@ -815,8 +815,9 @@ def _compute(
         report.failed = failures
         if setup.output is not None:
             sink.write_dataset(ds)
-            if written or read.old_layout or len(sink.ledger.part_names()) > 1:
-                sink.ledger.compact(final.pruned(), replaces=sink.ledger.part_names())
+            parts = sink.ledger.part_names()
+            if written or read.old_layout or len(parts) > 1:
+                sink.ledger.compact(final, replaces=parts)
             sink.consolidate()
         report.seconds_finish = time.perf_counter() - phase
     return ds
