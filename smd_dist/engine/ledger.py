@@ -62,6 +62,8 @@ QUARANTINE = "quarantine"
 NUM_FIELDS = ("value", "max_violation", "gap", "seconds", "lower", "upper")
 CODE_FIELDS = ("rep_a", "rep_b", "metric", "solver", "error", "worker")
 TABLES = ("reps", "hashes", "metrics", "solvers", "errors", "workers")
+#: The table each column of ``codes`` indexes (``hashes`` go with ``reps``).
+_CODE_TABLES = ("reps", "reps", "metrics", "solvers", "errors", "workers")
 #: The ``num`` columns of format-1 parts written before ``num_fields`` was recorded.
 _NUM_FIELDS_V1 = NUM_FIELDS[:4]
 _TXT_FIELDS_V1 = ("metric", "rep_a", "rep_b", "hash_a", "hash_b", "solver", "error", "worker")
@@ -146,13 +148,8 @@ class Records:
         """The same rows with only the table entries they use."""
         codes = self.codes.copy()
         tables = {}
-        for name, columns in (
-            ("reps", (0, 1)),
-            ("metrics", (2,)),
-            ("solvers", (3,)),
-            ("errors", (4,)),
-            ("workers", (5,)),
-        ):
+        for name in dict.fromkeys(_CODE_TABLES):
+            columns = [c for c, table in enumerate(_CODE_TABLES) if table == name]
             used_codes = np.concatenate([codes[:, c] for c in columns])
             used = np.unique(used_codes[used_codes >= 0])
             table = getattr(self, name)
@@ -177,13 +174,11 @@ class Records:
         codes = []
         for part in parts:
             remaps = {}
-            for name, entries in (
-                ("reps", list(zip(part.reps, part.hashes, strict=True))),
-                ("metrics", part.metrics),
-                ("solvers", part.solvers),
-                ("errors", part.errors),
-                ("workers", part.workers),
-            ):
+            for name in merged:
+                entries = (
+                    list(zip(part.reps, part.hashes, strict=True)) if name == "reps"
+                    else getattr(part, name)
+                )
                 index = merged[name]
                 remap = np.empty(len(entries) + 1, dtype=np.int32)
                 for k, entry in enumerate(entries):
@@ -191,7 +186,7 @@ class Records:
                 remap[-1] = -1
                 remaps[name] = remap
             part_codes = part.codes.copy()
-            for c, name in enumerate(("reps", "reps", "metrics", "solvers", "errors", "workers")):
+            for c, name in enumerate(_CODE_TABLES):
                 part_codes[:, c] = remaps[name][part.codes[:, c]]
             codes.append(part_codes)
         reps = list(merged["reps"])
@@ -495,10 +490,7 @@ def _split_tables(text: np.ndarray, sizes: dict) -> dict[str, tuple[str, ...]]:
 
 def _check_codes(records: Records) -> None:
     """Every code within its table (a part that passed its checksum always is)."""
-    limits = (
-        len(records.reps), len(records.reps), len(records.metrics),
-        len(records.solvers), len(records.errors), len(records.workers),
-    )
+    limits = [len(getattr(records, name)) for name in _CODE_TABLES]
     low = np.array([0, 0, 0, 0, -1, 0])
     if len(records) and (
         (records.codes < low).any() or (records.codes >= np.array(limits)).any()
