@@ -67,7 +67,8 @@ _CODE_TABLES = ("reps", "reps", "metrics", "solvers", "errors", "workers")
 #: The ``num`` columns of format-1 parts written before ``num_fields`` was recorded.
 _NUM_FIELDS_V1 = NUM_FIELDS[:4]
 _TXT_FIELDS_V1 = ("metric", "rep_a", "rep_b", "hash_a", "hash_b", "solver", "error", "worker")
-_CODECS = [ZstdCodec(level=3), Crc32cCodec()]
+#: Compression and a checksum per chunk, for every array an output writes (ledger and matrix).
+CODECS = [ZstdCodec(level=3), Crc32cCodec()]
 _PART = re.compile(r"p(\d+)-\d+")
 #: Errors of a file system that may pass (NFS handles gone stale, I/O hiccups).
 _TRANSIENT_ERRNOS = frozenset(
@@ -309,13 +310,13 @@ class Ledger:
         ledger = zarr.open_group(self.folder, mode="a", use_consolidated=False)
         part = ledger.create_group(name, attributes={"complete": False})
         for key, data in (("codes", records.codes), ("num", records.num)):
-            part.create_array(key, data=data, chunks=data.shape, compressors=_CODECS)
+            part.create_array(key, data=data, chunks=data.shape, compressors=CODECS)
         strings = part.create_array(
             "text",
             shape=text.shape,
             dtype=VariableLengthUTF8(),
             chunks=(max(text.size, 1),),
-            compressors=_CODECS,
+            compressors=CODECS,
         )
         strings[...] = text
         # zarr writes attributes one key at a time: the completion mark must come last.
