@@ -313,11 +313,7 @@ class _Setup:
 
 def _layer_index(records) -> dict:
     """``rep_id -> position of its layer in its model`` over a store's records."""
-    index, seen = {}, {}
-    for r in records:
-        index[r.rep_id] = seen.get(r.model, 0)
-        seen[r.model] = index[r.rep_id] + 1
-    return index
+    return dict(zip((r.rep_id for r in records), assembly.layer_positions(records), strict=True))
 
 
 def _setup(
