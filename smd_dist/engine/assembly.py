@@ -18,7 +18,13 @@ import xarray as xr
 from smd_dist.engine.ledger import NUM_FIELDS, Records
 
 __all__ = [
-    "assemble", "done_pairs", "failures", "pending_pairs", "positions", "wanted_pairs",
+    "assemble",
+    "done_pairs",
+    "failures",
+    "layer_positions",
+    "pending_pairs",
+    "positions",
+    "wanted_pairs",
 ]
 
 
@@ -63,6 +69,17 @@ def done_pairs(records: Records, reps: Sequence, metric_names: Sequence[str]) ->
     done = ok.all(axis=0)
     np.fill_diagonal(done, True)
     return done
+
+
+def layer_positions(reps: Sequence) -> list[int]:
+    """Per rep: how many reps of its model come before it, the position of its layer in
+    its model (0 for a model's first); ``reps`` have ``model``."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in reps:
+        out.append(seen.get(r.model, 0))
+        seen[r.model] = out[-1] + 1
+    return out
 
 
 def wanted_pairs(n: int, rows, cols) -> np.ndarray:
@@ -161,11 +178,7 @@ def assemble(
     """
     records = records.latest()
     if layer_index is None:
-        seen: dict[str, int] = {}
-        layer_index = []
-        for r in reps:
-            layer_index.append(seen.get(r.model, 0))
-            seen[r.model] = layer_index[-1] + 1
+        layer_index = layer_positions(reps)
     n = len(reps)
     square = rows is None and cols is None
     rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)

@@ -62,10 +62,13 @@ QUARANTINE = "quarantine"
 NUM_FIELDS = ("value", "max_violation", "gap", "seconds", "lower", "upper")
 CODE_FIELDS = ("rep_a", "rep_b", "metric", "solver", "error", "worker")
 TABLES = ("reps", "hashes", "metrics", "solvers", "errors", "workers")
+#: The table each column of ``codes`` indexes (``hashes`` go with ``reps``).
+_CODE_TABLES = ("reps", "reps", "metrics", "solvers", "errors", "workers")
 #: The ``num`` columns of format-1 parts written before ``num_fields`` was recorded.
 _NUM_FIELDS_V1 = NUM_FIELDS[:4]
 _TXT_FIELDS_V1 = ("metric", "rep_a", "rep_b", "hash_a", "hash_b", "solver", "error", "worker")
-_CODECS = [ZstdCodec(level=3), Crc32cCodec()]
+#: Compression and a checksum per chunk, for every array an output writes (ledger and matrix).
+CODECS = [ZstdCodec(level=3), Crc32cCodec()]
 _PART = re.compile(r"p(\d+)-\d+")
 #: Errors of a file system that may pass (NFS handles gone stale, I/O hiccups).
 _TRANSIENT_ERRNOS = frozenset(
@@ -146,13 +149,8 @@ class Records:
         """The same rows with only the table entries they use."""
         codes = self.codes.copy()
         tables = {}
-        for name, columns in (
-            ("reps", (0, 1)),
-            ("metrics", (2,)),
-            ("solvers", (3,)),
-            ("errors", (4,)),
-            ("workers", (5,)),
-        ):
+        for name in dict.fromkeys(_CODE_TABLES):
+            columns = [c for c, table in enumerate(_CODE_TABLES) if table == name]
             used_codes = np.concatenate([codes[:, c] for c in columns])
             used = np.unique(used_codes[used_codes >= 0])
             table = getattr(self, name)
@@ -177,13 +175,11 @@ class Records:
         codes = []
         for part in parts:
             remaps = {}
-            for name, entries in (
-                ("reps", list(zip(part.reps, part.hashes, strict=True))),
-                ("metrics", part.metrics),
-                ("solvers", part.solvers),
-                ("errors", part.errors),
-                ("workers", part.workers),
-            ):
+            for name in merged:
+                entries = (
+                    list(zip(part.reps, part.hashes, strict=True)) if name == "reps"
+                    else getattr(part, name)
+                )
                 index = merged[name]
                 remap = np.empty(len(entries) + 1, dtype=np.int32)
                 for k, entry in enumerate(entries):
@@ -191,7 +187,7 @@ class Records:
                 remap[-1] = -1
                 remaps[name] = remap
             part_codes = part.codes.copy()
-            for c, name in enumerate(("reps", "reps", "metrics", "solvers", "errors", "workers")):
+            for c, name in enumerate(_CODE_TABLES):
                 part_codes[:, c] = remaps[name][part.codes[:, c]]
             codes.append(part_codes)
         reps = list(merged["reps"])
@@ -314,13 +310,13 @@ class Ledger:
         ledger = zarr.open_group(self.folder, mode="a", use_consolidated=False)
         part = ledger.create_group(name, attributes={"complete": False})
         for key, data in (("codes", records.codes), ("num", records.num)):
-            part.create_array(key, data=data, chunks=data.shape, compressors=_CODECS)
+            part.create_array(key, data=data, chunks=data.shape, compressors=CODECS)
         strings = part.create_array(
             "text",
             shape=text.shape,
             dtype=VariableLengthUTF8(),
             chunks=(max(text.size, 1),),
-            compressors=_CODECS,
+            compressors=CODECS,
         )
         strings[...] = text
         # zarr writes attributes one key at a time: the completion mark must come last.
@@ -495,10 +491,7 @@ def _split_tables(text: np.ndarray, sizes: dict) -> dict[str, tuple[str, ...]]:
 
 def _check_codes(records: Records) -> None:
     """Every code within its table (a part that passed its checksum always is)."""
-    limits = (
-        len(records.reps), len(records.reps), len(records.metrics),
-        len(records.solvers), len(records.errors), len(records.workers),
-    )
+    limits = [len(getattr(records, name)) for name in _CODE_TABLES]
     low = np.array([0, 0, 0, 0, -1, 0])
     if len(records) and (
         (records.codes < low).any() or (records.codes >= np.array(limits)).any()

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from smd_dist.engine.ledger import (
+    CODECS,
     QUARANTINE,
     CorruptOutputError,
     Ledger,
@@ -60,7 +60,6 @@ __all__ = [
 OUTPUT_FORMAT = 2
 #: Formats this version reads and resumes (format 1's ledger is rewritten as format 2).
 READABLE_FORMATS = (1, 2)
-_CODECS = [ZstdCodec(level=3), Crc32cCodec()]
 
 
 class IncompatibleOutputError(OutputError):
@@ -286,7 +285,7 @@ class ResultsOutput:
         }
         ds = ds.copy()
         ds.attrs = {**ds.attrs, "checksums": json.dumps(checksums, sort_keys=True)}
-        encoding = {name: {"compressors": _CODECS} for name in ds.variables}
+        encoding = {name: {"compressors": CODECS} for name in ds.variables}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=UserWarning)
             ds.to_zarr(self.path, mode="a", consolidated=False, encoding=encoding)

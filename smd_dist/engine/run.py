@@ -128,7 +128,8 @@ class RunPlan:
         ``"new"``, ``"resumes"``, ``"empty: takes this run's settings"``,
         ``"discarded (fresh)"`` or ``"incompatible: ..."`` (the run would be refused).
     largest_pair : tuple of str
-        The pair left to compute with the most cost entries (``Nx·Ny``), or ``()``.
+        The pair left to compute that needs the most memory (``largest_pair_bytes``), or
+        ``()``.
     largest_pair_bytes : int
         Memory one worker thread needs to solve it, estimated
         (:func:`~smd_dist.engine.planning.pair_memory_bytes`).
@@ -312,11 +313,7 @@ class _Setup:
 
 def _layer_index(records) -> dict:
     """``rep_id -> position of its layer in its model`` over a store's records."""
-    index, seen = {}, {}
-    for r in records:
-        index[r.rep_id] = seen.get(r.model, 0)
-        seen[r.model] = index[r.rep_id] + 1
-    return index
+    return dict(zip((r.rep_id for r in records), assembly.layer_positions(records), strict=True))
 
 
 def _setup(
@@ -694,8 +691,7 @@ def plan_run(
     chosen = setup.chosen
     names = [m.name for m in setup.metric_objs]
     a, b = assembly.pending_pairs(assembly.done_pairs(before, chosen, names), setup.wanted)
-    widths = np.array([r.n_neurons for r in chosen], dtype=np.int64)
-    sizes = planning.pair_memory_bytes(setup.store.n_stimuli or 0, widths[a], widths[b])
+    sizes = _pair_bytes(setup.store, chosen, a, b)
     order = np.lexsort((b, a, sizes))
     largest = int(order[-1]) if a.size else None
     other = setup.against
@@ -815,8 +811,9 @@ def _compute(
         report.failed = failures
         if setup.output is not None:
             sink.write_dataset(ds)
-            if written or read.old_layout or len(sink.ledger.part_names()) > 1:
-                sink.ledger.compact(final.pruned(), replaces=sink.ledger.part_names())
+            parts = sink.ledger.part_names()
+            if written or read.old_layout or len(parts) > 1:
+                sink.ledger.compact(final, replaces=parts)
             sink.consolidate()
         report.seconds_finish = time.perf_counter() - phase
     return ds
@@ -1050,11 +1047,12 @@ def _check_memory(client, store, chosen, a, b) -> None:
     limit = min((m for m in limits if m), default=0)
     if not limit:
         return
-    n_stimuli = store.n_stimuli or 0
-    widths = np.array([r.n_neurons for r in chosen], dtype=np.int64)
-    worst = int(np.argmax(widths[a] * widths[b]))
+    sizes = _pair_bytes(store, chosen, a, b)
+    # By the estimate, not by N_a·N_b: a pair just below the blocked path's threshold
+    # needs more than one just above it.
+    worst = int(np.argmax(sizes))
     ra, rb = chosen[a[worst]], chosen[b[worst]]
-    need = planning.pair_memory_bytes(n_stimuli, ra.n_neurons, rb.n_neurons)
+    need = int(np.max(sizes))
     if need > 0.7 * limit:
         raise InputError(
             f"pair {ra.rep_id} ({ra.n_neurons} neurons) vs {rb.rep_id} ({rb.n_neurons} "
@@ -1064,6 +1062,13 @@ def _check_memory(client, store, chosen, a, b) -> None:
             "memory (cluster.memory-limit, or fewer workers or threads per node), or leave "
             "these reps out (reps: ...)"
         )
+
+
+def _pair_bytes(store, chosen, a, b) -> np.ndarray:
+    """Memory one worker thread needs for each pair ``(a[k], b[k])``
+    (:func:`~smd_dist.engine.planning.pair_memory_bytes`)."""
+    widths = np.array([r.n_neurons for r in chosen], dtype=np.int64)
+    return planning.pair_memory_bytes(store.n_stimuli or 0, widths[a], widths[b])
 
 
 def _dataset_attrs(setup: _Setup, run_config) -> dict:

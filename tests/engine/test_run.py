@@ -443,6 +443,24 @@ def test_a_pair_must_fit_in_a_worker_threads_share_of_memory(store, client, monk
         compute_distances(store, client=client, progress=False)
 
 
+def test_the_memory_check_takes_the_pair_that_needs_the_most_not_the_widest():
+    """Just below the blocked path's threshold a pair needs more than one just above it."""
+    from types import SimpleNamespace
+
+    class Client:
+        def scheduler_info(self):
+            return {"workers": {"w": {"memory_limit": 150 * 2**20, "nthreads": 1}}}
+
+    chosen = [SimpleNamespace(rep_id=f"m/{w}", n_neurons=w) for w in (2047, 2048, 2048)]
+    store = SimpleNamespace(n_stimuli=100)
+    a, b = np.array([0, 1]), np.array([1, 2])
+    assert planning.pair_memory_bytes(100, 2047, 2048) > planning.pair_memory_bytes(
+        100, 2048, 2048
+    )
+    with pytest.raises(InputError, match="pair m/2047 "):
+        run._check_memory(Client(), store, chosen, a, b)
+
+
 def test_cli_run_and_status(store, tmp_path, monkeypatch):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(
