@@ -66,6 +66,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -393,6 +394,25 @@ def quoted_worker_args(args: list[str]) -> list[str]:
     ]
 
 
+def dashboard_link(client: Client, cfg: Mapping[str, Any]) -> str:
+    """The dashboard's link where a cluster smd-dist started binds it to one host.
+
+    Dask builds the link from the scheduler's host; a scheduler in this process
+    (``inproc://``) names the machine's network address there, where a dashboard bound to
+    ``127.0.0.1`` does not answer. The port is Dask's (it picks another when one is taken).
+    """
+    link = client.dashboard_link
+    if cfg.get("kind") != "local" or cfg.get("dashboard-address", "") is None:
+        return link
+    host = dashboard_address(cfg.get("dashboard-address")).rpartition(":")[0]
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        return link
+    parts = urllib.parse.urlsplit(link)
+    if parts.port is None:
+        return link
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{host}:{parts.port}"))
+
+
 def dashboard_address(value: str | int | None) -> str:
     """Where a dashboard listens: ``value`` with ``127.0.0.1`` as its host when it names
     none (``":8787"``, ``"8787"``, ``":0"``); ``None`` gives ``127.0.0.1:8787``.
@@ -671,6 +691,10 @@ def _make_local(cfg: dict, security=None):
         "processes": processes,
         "memory_limit": cfg.get("memory-limit", "auto"),
     }
+    if not processes:
+        # A worker in this process talks to the scheduler in memory (inproc://), so it has no
+        # host to bind its HTTP server (health, metrics) to, and Dask takes every interface.
+        kwargs["worker_dashboard_address"] = f"{LOCALHOST}:0"
     kwargs["dashboard_address"] = _dashboard_option(cfg)
     if security is None and cfg.get("security"):
         security = True
@@ -1122,7 +1146,7 @@ def _client(cfg: dict, *, quiet: bool, security, here: bool) -> Iterator[Client]
                     "slurm": "SLURM cluster, " + _slurm_size(cfg),
                 }[cfg["kind"]]
                 print(
-                    f"smd-dist: {where}; dashboard {client.dashboard_link}",
+                    f"smd-dist: {where}; dashboard {dashboard_link(client, cfg)}",
                     file=sys.stderr,
                     flush=True,
                 )

@@ -370,16 +370,25 @@ def refused(address: str, security=None) -> bool:
     return False
 
 
-def test_a_local_cluster_listens_on_localhost_only():
+@pytest.mark.parametrize("layout", [
+    {"n-workers": 1, "threads-per-worker": 1},
+    {"worker-processes": False},  # the worker in this process has no host of its own
+])
+def test_a_local_cluster_listens_on_localhost_only(layout, capsys):
     """Defect 8: the local dashboard listened on every interface."""
+    from urllib.request import urlopen
+
     before = _listening()
-    with make_client({"kind": "local", "n-workers": 1, "threads-per-worker": 1,
-                      "dashboard-address": ":0"}, quiet=True) as client:
+    cfg = {"kind": "local", "dashboard-address": ":0", **layout}
+    with make_client(cfg, quiet=False):
         opened = _listening() - before
-        dashboard = client.dashboard_link
+        printed = capsys.readouterr().err
+        link = printed.split("dashboard ")[-1].strip()
+        with urlopen(link, timeout=30) as page:  # the link printed is where it answers
+            assert page.status == 200
     assert opened, "no listening socket found"
     assert {ip for _, ip, _ in opened} <= {"127.0.0.1", "::1"}, opened
-    assert dashboard.startswith("http://127.0.0.1:")
+    assert link.startswith("http://127.0.0.1:"), printed
 
 
 @pytest.mark.parametrize(("given", "bound"), [
