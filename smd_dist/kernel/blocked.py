@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 from smd_dist.kernel.bounds import (
-    _U32,
     CostBounds,
     LowPrecision,
     bound_terms,
@@ -172,10 +171,8 @@ class BlockedBounds(CostBounds):
         complete : bool
             False when the budget left entries out (nothing is proven about those).
         """
-        if not cushion >= 0:
-            raise ValueError(f"cushion must be >= 0, got {cushion!r}")
         q = self.quantum
-        margin = 4 * _U32 * (self._abs_bound + np.abs(u).max() + np.abs(v).max()) + cushion
+        margin = self.pricing_margin(u, v, cushion)
         dev = self.codes.device
         # In units of the quantum (a power of two, so the scaling is exact): the codes are
         # read as they are, and a hit is K_ij - v_j < threshold + u_i.

@@ -435,6 +435,13 @@ class CostBounds:
         threshold = float(torch.kthvalue(R.ravel().cpu(), kth).values)
         return self._select(u, v, np.nextafter(np.float32(threshold), np.float32(np.inf)))[0]
 
+    def pricing_margin(self, u: np.ndarray, v: np.ndarray, cushion) -> float:
+        """What a float32 reduced cost ``L_ij - u_i - v_j`` must clear to prove the exact
+        one ``>= 0``: four float32 roundings of its largest terms, plus ``cushion`` (>= 0)."""
+        if not cushion >= 0:
+            raise ValueError(f"cushion must be >= 0, got {cushion!r}")
+        return 4 * _U32 * (self._abs_bound + np.abs(u).max() + np.abs(v).max()) + cushion
+
     def below(
         self, u: np.ndarray, v: np.ndarray, *, budget=None, per_row: int = 32, cushion=0.0
     ):
@@ -452,9 +459,7 @@ class CostBounds:
         complete : bool
             False when the budget left entries out (nothing is proven about those).
         """
-        if not cushion >= 0:
-            raise ValueError(f"cushion must be >= 0, got {cushion!r}")
-        margin = 4 * _U32 * (self._abs_bound + np.abs(u).max() + np.abs(v).max()) + cushion
+        margin = self.pricing_margin(u, v, cushion)
         dev = self.lower.device
         return self._select(
             torch.from_numpy(u.astype(np.float32)).to(dev),
